@@ -1,0 +1,446 @@
+"""MEO: Merging Experts into One (He et al., EMNLP 2023).
+
+Every linear layer of the FFN is a `MEOLinear`: E affine experts (W_i, b_i) and its own gate.
+A group of tokens (a whole sequence, or a causal segment) shares one gate vector g, and instead
+of running k experts per token, MEO merges first, W^ = sum_i g_i W_i, b^ = sum_i g_i b_i, and
+runs one batched matmul per group. For one affine layer this equals the vanilla per-linear MoE
+y = sum_i g_i (W_i x + b_i) exactly (`vanilla_moe_linear` is that reference).
+
+Choices (documented here once):
+- Gate input: each linear's gate reads the masked mean of *that linear's own input* (fc1/w1/w3:
+  the layer input x; fc2/w2: the hidden activation), as the paper computes each layer's gate from
+  its input's summary. A group with no real token (an all-padding sequence) has summary 0.
+- Causal mode (decoders): sequences are cut into segments of cfg.segment_len; the gate of segment
+  s reads the mean of the real tokens of segments < s; when there are none (the first segment, or
+  only padding before it) it reads a learned default vector. With `state` (one dict per layer,
+  kept by the caller) incremental decoding computes exactly what the full forward computes.
+- Gate weights are zero-initialised (paper). Then all logits tie at step 0: with noisy_gating the
+  noise breaks the tie per group; without it every group takes the same k experts (torch.topk's
+  tie order, which is unspecified) with g = 1/k, and other experts enter only once a chosen
+  logit is pushed below 0 by training. Use noisy_gating=True (the paper's gate) for training.
+- Aux loss: per linear cv2(importance) + cv2(load) over the groups that hold a real token
+  (importance = sum of gates per expert, load = number of selections; the count carries no
+  gradient), *averaged* over the layer's linears, times cfg.aux_loss_coef (paper: 0.01).
+- Stats: expert_load is token-weighted (each real token counts once for each of its group's k
+  experts), averaged over the linears, so it sums to k * num_tokens like the top-k layers'.
+- Merging is a dense [N, E] x [E, d_out*d_in] GEMM (2 E d_in d_out per group; the paper counts
+  2 k d_in d_out for a sparse merge). Both are small when the group is long; see `flops_per_token`.
+- Padding positions get a zero output.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig, MoEConfigError
+from .routing import cv_squared, noisy_logits
+from .types import MoEOutput, RoutingStats
+
+# Upper bound on one chunk of merged weights W^ materialised at a time by the recomputing path.
+MERGED_CHUNK_BYTES = 128 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# merged linear: functional core
+
+
+def merge_weights(gates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W^_n = sum_e gates[n, e] * weight[e]: [N, E] x [E, d_out, d_in] -> [N, d_out, d_in]."""
+    num_experts, d_out, d_in = weight.shape
+    return (gates.to(weight.dtype) @ weight.reshape(num_experts, -1)).view(-1, d_out, d_in)
+
+
+def _merged_forward(x, gates, weight, bias):
+    w_hat = merge_weights(gates, weight)
+    if bias is None:
+        return torch.bmm(x, w_hat.transpose(1, 2))
+    b_hat = gates.to(bias.dtype) @ bias
+    return torch.baddbmm(b_hat.unsqueeze(1), x, w_hat.transpose(1, 2))
+
+
+def _chunks(num_groups: int, d_out: int, d_in: int, itemsize: int) -> list[slice]:
+    per_chunk = max(1, MERGED_CHUNK_BYTES // max(1, d_out * d_in * itemsize))
+    return [slice(s, min(s + per_chunk, num_groups)) for s in range(0, num_groups, per_chunk)]
+
+
+class _RecomputedMergedLinear(torch.autograd.Function):
+    """y_n = x_n W^_n^T + b^_n without storing W^: rebuilt chunk by chunk in backward.
+
+    With dW^_n = dY_n^T X_n and db^_n = sum_t dY_nt:  dX_n = dY_n W^_n,
+    dW_e = sum_n g_ne dW^_n,  db_e = sum_n g_ne db^_n,  dg_ne = <W_e, dW^_n> + <b_e, db^_n>.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gates, weight, bias):
+        ctx.save_for_backward(x, gates, weight, bias)
+        chunks = _chunks(x.shape[0], weight.shape[1], weight.shape[2], weight.element_size())
+        return torch.cat([_merged_forward(x[c], gates[c], weight, bias) for c in chunks])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gates, weight, bias = ctx.saved_tensors
+        num_experts = weight.shape[0]
+        w_flat = weight.reshape(num_experts, -1)
+        need_x, need_g, need_w, need_b = ctx.needs_input_grad[:4]
+        dx = torch.empty_like(x) if need_x else None
+        dg = torch.zeros_like(gates) if need_g else None
+        dw = torch.zeros_like(w_flat) if need_w else None
+        db = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        for c in _chunks(x.shape[0], weight.shape[1], weight.shape[2], weight.element_size()):
+            g = gates[c].to(weight.dtype)
+            dy_c = dy[c]
+            if need_x:
+                dx[c] = torch.bmm(dy_c, merge_weights(gates[c], weight))
+            if need_w or need_g:
+                dw_hat = torch.bmm(dy_c.transpose(1, 2), x[c]).flatten(1)  # [n, d_out*d_in]
+                if need_w:
+                    dw += g.t() @ dw_hat
+                if need_g:
+                    dg[c] += (dw_hat @ w_flat.t()).to(dg.dtype)
+            if bias is not None and (need_b or need_g):
+                db_hat = dy_c.sum(dim=1)  # [n, d_out]
+                if need_b:
+                    db += g.t() @ db_hat
+                if need_g:
+                    dg[c] += (db_hat @ bias.t()).to(dg.dtype)
+        return dx, dg, (dw.view_as(weight) if dw is not None else None), db
+
+
+def merged_linear(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    recompute: bool = True,
+) -> torch.Tensor:
+    """MEO affine layer for N groups: y_n = x_n (sum_e g_ne W_e)^T + sum_e g_ne b_e.
+
+    x: [N, T, d_in]; gates: [N, E] (dense, zeros for unselected experts); weight: [E, d_out, d_in];
+    bias: [E, d_out] or None. recompute=True keeps W^ out of the autograd graph (rebuilt in
+    backward, at most MERGED_CHUNK_BYTES of it at a time); False is plain autograd.
+    """
+    if recompute:
+        return _RecomputedMergedLinear.apply(x, gates, weight, bias)
+    return _merged_forward(x, gates, weight, bias)
+
+
+def vanilla_moe_linear(
+    x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Reference per-linear MoE: y_n = sum_{e: g_ne != 0} g_ne (x_n W_e^T + b_e), expert by expert."""
+    y = x.new_zeros(x.shape[0], x.shape[1], weight.shape[1])
+    for e in range(weight.shape[0]):
+        rows = gates[:, e].nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        out = x[rows] @ weight[e].t()
+        if bias is not None:
+            out = out + bias[e]
+        y[rows] += gates[rows, e].to(x.dtype)[:, None, None] * out
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counting
+
+
+def meo_flops_per_sequence(d_in: int, d_out: int, seq_len: int, k: int) -> dict:
+    """FLOPs of one d_in x d_out affine MoE layer on one sequence of seq_len tokens (ALGORITHMS.md).
+
+    vanilla: every token runs k experts, 2 k L d_in d_out.
+    meo:     merge k experts once (2 k d_in d_out), then one matmul, 2 L d_in d_out.
+    """
+    if min(d_in, d_out, seq_len, k) < 1:
+        raise ValueError(f"d_in, d_out, seq_len and k must be >= 1, got {(d_in, d_out, seq_len, k)}")
+    return {
+        "vanilla": 2 * k * seq_len * d_in * d_out,
+        "meo": 2 * seq_len * d_in * d_out + 2 * k * d_in * d_out,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+
+class MEOLinear(nn.Module):
+    """E affine experts merged per group by their own noisy top-k gate (gate computed in fp32)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        num_experts: int,
+        top_k: int,
+        bias: bool = True,
+        noisy_gating: bool = False,
+        recompute: bool = True,
+        default_summary: bool = False,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise MoEConfigError(f"MEOLinear: top_k={top_k} must be between 1 and num_experts={num_experts}")
+        self.d_in, self.d_out, self.num_experts, self.top_k = d_in, d_out, num_experts, top_k
+        self.recompute = recompute
+        bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init, independently per expert
+        self.weight = nn.Parameter(torch.empty(num_experts, d_out, d_in).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_experts, d_out).uniform_(-bound, bound)) if bias else None
+        self.gate_weight = nn.Parameter(torch.zeros(num_experts, d_in))
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_in)) if noisy_gating else None
+        # Learned gate input for a causal segment with no real token before it.
+        self.default_summary = nn.Parameter(torch.zeros(d_in)) if default_summary else None
+
+    def route(self, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """summary [N, d_in] -> (dense fp32 gates [N, E], chosen expert ids [N, k]).
+
+        Noisy top-k (noise in training only), softmax over the k chosen logits.
+        """
+        summary = summary.float()
+        logits = summary @ self.gate_weight.float().t()
+        logits = noisy_logits(logits, summary, self.noise_weight, self.training)
+        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_logits, dim=-1))
+        return gates, top_idx
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x [N, T, d_in] with per-group gates [N, E] -> [N, T, d_out]."""
+        return merged_linear(x, gates, self.weight, self.bias, recompute=self.recompute)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, experts={self.num_experts}, top_k={self.top_k}"
+
+
+class _Groups:
+    """Tokens [B, L] laid out as N groups of T tokens that share one gate.
+
+    Sequence mode: N = B, T = L. Causal mode: the chunk starts at absolute position `start`;
+    it is padded in front to a segment boundary and at the back to whole segments, N = B * S,
+    T = segment_len (padded slots are masked out).
+    """
+
+    def __init__(self, mask: torch.Tensor, causal: bool, segment_len: int, start: int):
+        self.batch, self.length = mask.shape
+        self.causal = causal
+        if causal:
+            self.front = start % segment_len
+            total = self.front + self.length
+            self.num_segments = -(-total // segment_len)
+            self.back = self.num_segments * segment_len - total
+            self.group_len = segment_len
+            # The last segment is complete: its sums move from "current" to "done" in the state.
+            self.ends_on_boundary = (start + self.length) % segment_len == 0
+        else:
+            self.front = self.back = 0
+            self.num_segments = 1
+            self.group_len = self.length
+        self.mask = self.to_groups(mask.unsqueeze(-1)).squeeze(-1)  # [N, T] bool
+        self.tokens = self.mask.sum(dim=1)  # [N] real tokens per group
+
+    def to_groups(self, u: torch.Tensor) -> torch.Tensor:
+        if self.front or self.back:
+            u = F.pad(u, (0, 0, self.front, self.back))
+        return u.reshape(self.batch * self.num_segments, self.group_len, u.shape[-1])
+
+    def from_groups(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.reshape(self.batch, self.num_segments * self.group_len, y.shape[-1])
+        return y[:, self.front : self.front + self.length]
+
+
+class MEOLayer(nn.Module):
+    """MEO FFN: each of its linears is a MEOLinear with its own gate (see the module docstring).
+
+    gelu:   y = fc2(gelu(fc1 x)), with biases (the paper's BERT FFN).
+    swiglu: y = w2(silu(w1 x) * w3 x), without biases (like our top-k experts).
+    meo_level="token" first applies x <- x + W_up relu(W_down x) per token (W_up zero-initialised).
+    """
+
+    def __init__(self, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False):
+        super().__init__()
+        cfg.validate()
+        if cfg.kind != "meo":
+            raise MoEConfigError(f"MEOLayer needs MoEConfig.kind='meo', got kind={cfg.kind!r}")
+        if d_model < 1 or d_ff < 1:
+            raise MoEConfigError(f"MEOLayer: d_model={d_model} and d_ff={d_ff} must be >= 1")
+        self.cfg, self.d_model, self.causal = cfg, d_model, causal
+        self.hidden = cfg.expert_hidden or d_ff
+        use_bias = cfg.activation == "gelu"
+
+        def linear(d_in: int, d_out: int) -> MEOLinear:
+            return MEOLinear(
+                d_in, d_out, cfg.num_experts, cfg.top_k, bias=use_bias, noisy_gating=cfg.noisy_gating,
+                recompute=cfg.recompute_merged, default_summary=causal,
+            )
+
+        if cfg.activation == "gelu":
+            self.linears = nn.ModuleDict({"fc1": linear(d_model, self.hidden), "fc2": linear(self.hidden, d_model)})
+        else:
+            self.linears = nn.ModuleDict(
+                {"w1": linear(d_model, self.hidden), "w3": linear(d_model, self.hidden), "w2": linear(self.hidden, d_model)}
+            )
+        self.token_block = None
+        if cfg.meo_level == "token":
+            width = max(1, d_model // cfg.token_bottleneck_ratio)
+            self.token_block = nn.Sequential(nn.Linear(d_model, width), nn.ReLU(), nn.Linear(width, d_model))
+            nn.init.zeros_(self.token_block[2].weight)
+            nn.init.zeros_(self.token_block[2].bias)
+
+    # --- input checks -------------------------------------------------------------------------
+
+    def _check(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], state: Optional[dict]) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MEOLayer: x must be [batch, seq, {self.d_model}], got shape {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"MEOLayer: x has an empty batch or sequence, shape {tuple(x.shape)}")
+        param_dtype = self.linears[next(iter(self.linears))].weight.dtype
+        if x.dtype != param_dtype:
+            raise TypeError(
+                f"MEOLayer: x has dtype {x.dtype} but the layer's weights are {param_dtype}; "
+                f"cast one to the other (e.g. layer.to({x.dtype}))"
+            )
+        if padding_mask is not None:
+            if padding_mask.dtype != torch.bool or padding_mask.shape != x.shape[:2]:
+                raise ValueError(
+                    f"MEOLayer: padding_mask must be a bool tensor of shape {tuple(x.shape[:2])} "
+                    f"(True = real token), got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+                )
+        if state is not None and not self.causal:
+            raise ValueError(
+                "MEOLayer: incremental decoding (state) needs causal=True; the sequence-level gate "
+                "reads the whole sequence, which a decoder does not have yet"
+            )
+
+    # --- gating -------------------------------------------------------------------------------
+
+    def _summaries(self, name: str, u: torch.Tensor, groups: _Groups, state: Optional[dict]) -> torch.Tensor:
+        """Gate input per group [N, d_in] from this linear's input u [N, T, d_in] (grouped)."""
+        m = groups.mask.unsqueeze(-1)
+        sums = torch.where(m, u, torch.zeros((), dtype=u.dtype, device=u.device)).float().sum(dim=1)
+        counts = groups.tokens.float()
+        if not self.causal:
+            return sums / counts.clamp_min(1.0).unsqueeze(-1)  # all-padding sequence -> 0
+        batch, segs = groups.batch, groups.num_segments
+        sums, counts = sums.view(batch, segs, -1), counts.view(batch, segs)
+        prior = self._prior(name, state, batch, u.shape[-1], u.device)
+        # The chunk's first segment continues the partial segment left by the previous call.
+        sums = torch.cat([sums[:, :1] + prior["cur_sum"].unsqueeze(1), sums[:, 1:]], dim=1)
+        counts = torch.cat([counts[:, :1] + prior["cur_cnt"].unsqueeze(1), counts[:, 1:]], dim=1)
+        before_sum = prior["done_sum"].unsqueeze(1) + sums.cumsum(1) - sums  # segments < s
+        before_cnt = prior["done_cnt"].unsqueeze(1) + counts.cumsum(1) - counts
+        default = self.linears[name].default_summary.float()
+        summary = torch.where(
+            (before_cnt > 0).unsqueeze(-1), before_sum / before_cnt.clamp_min(1.0).unsqueeze(-1), default
+        )
+        if state is not None:
+            self._update_prior(state, name, sums, counts, groups.ends_on_boundary)
+        return summary.reshape(batch * segs, -1)
+
+    @staticmethod
+    def _prior(name: str, state: Optional[dict], batch: int, dim: int, device) -> dict:
+        if state is not None and name in state.get("sums", {}):
+            prior = state["sums"][name]
+            if prior["done_sum"].shape != (batch, dim):
+                raise ValueError(
+                    f"MEOLayer: state holds a batch of {prior['done_sum'].shape[0]} sequences but x has "
+                    f"{batch}; pass a fresh state dict for a new batch"
+                )
+            return prior
+        zeros = torch.zeros(batch, dim, device=device)
+        return {"done_sum": zeros, "done_cnt": zeros.new_zeros(batch), "cur_sum": zeros, "cur_cnt": zeros.new_zeros(batch)}
+
+    @staticmethod
+    def _update_prior(state: dict, name: str, sums, counts, ends_on_boundary: bool) -> None:
+        prior = MEOLayer._prior(name, state, sums.shape[0], sums.shape[-1], sums.device)
+        total_sum, total_cnt = sums.sum(1).detach(), counts.sum(1).detach()
+        if ends_on_boundary:
+            cur_sum, cur_cnt = torch.zeros_like(total_sum), torch.zeros_like(total_cnt)
+        else:
+            cur_sum, cur_cnt = sums[:, -1].detach(), counts[:, -1].detach()
+        state.setdefault("sums", {})[name] = {
+            "done_sum": prior["done_sum"] + total_sum - cur_sum,
+            "done_cnt": prior["done_cnt"] + total_cnt - cur_cnt,
+            "cur_sum": cur_sum,
+            "cur_cnt": cur_cnt,
+        }
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, state: Optional[dict] = None
+    ) -> MoEOutput:
+        """x [B, L, d] -> MoEOutput. `state`: one dict per layer for incremental decoding (causal only)."""
+        self._check(x, padding_mask, state)
+        mask = padding_mask if padding_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        start = int(state.get("pos", 0)) if state is not None else 0
+        groups = _Groups(mask, self.causal, self.cfg.segment_len, start)
+        if self.token_block is not None:
+            x = x + self.token_block(x)
+        u = groups.to_groups(x)
+        gate_log = []
+
+        def run(name: str, inp: torch.Tensor) -> torch.Tensor:
+            gates, top_idx = self.linears[name].route(self._summaries(name, inp, groups, state))
+            gate_log.append((gates, top_idx))
+            return self.linears[name](inp, gates)
+
+        if self.cfg.activation == "gelu":
+            h = F.gelu(run("fc1", u))
+            y = run("fc2", h)
+        else:
+            h = F.silu(run("w1", u)) * run("w3", u)
+            y = run("w2", h)
+        y = torch.where(groups.mask.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+        if state is not None:
+            state["pos"] = start + x.shape[1]
+        aux, stats = self._aux_and_stats(gate_log, groups)
+        return MoEOutput(groups.from_groups(y).to(x.dtype), aux, stats)
+
+    def _aux_and_stats(self, gate_log: list, groups: _Groups) -> tuple[torch.Tensor, RoutingStats]:
+        real = groups.tokens > 0
+        tokens = groups.tokens.float()
+        losses, loads, group_loads = [], [], []
+        for gates, top_idx in gate_log:
+            selected = torch.zeros_like(gates).scatter(-1, top_idx, 1.0)
+            importance = gates[real].sum(dim=0)
+            load = selected[real].sum(dim=0)
+            losses.append(cv_squared(importance) + cv_squared(load))
+            loads.append((selected * tokens.unsqueeze(-1)).sum(dim=0))
+            group_loads.append(load)
+        balance = torch.stack(losses).mean()
+        num_tokens = int(groups.tokens.sum())
+        hist = torch.zeros(self.cfg.num_experts + 1)
+        hist[self.cfg.top_k] = num_tokens
+        stats = RoutingStats(
+            expert_load=torch.stack(loads).mean(dim=0).detach().cpu(),
+            num_tokens=num_tokens,
+            dropped_fraction=0.0,
+            experts_per_token_mean=float(self.cfg.top_k),
+            experts_per_token_hist=hist,
+            balance_loss=float(balance.detach()),
+            a2a_bytes=0,
+            extra={"group_load_per_linear": torch.stack(group_loads).detach().cpu(), "num_groups": int(real.sum())},
+        )
+        return self.cfg.aux_loss_coef * balance, stats
+
+    # --- accounting ---------------------------------------------------------------------------
+
+    def flops_per_token(self, seq_len: int, executed: bool = False) -> float:
+        """Forward FLOPs per token of this layer on sequences of seq_len tokens (matmuls and gates).
+
+        Each group (the sequence, or a causal segment) merges every linear once. executed=False
+        counts the paper's sparse merge (2 k d_in d_out); executed=True counts what this code runs
+        (dense merge over all E experts, 2 E d_in d_out).
+        """
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len} must be >= 1")
+        groups = -(-seq_len // self.cfg.segment_len) if self.causal else 1
+        merged = self.cfg.num_experts if executed else self.cfg.top_k
+        total = 0.0
+        for lin in self.linears.values():
+            total += 2 * seq_len * lin.d_in * lin.d_out  # one merged matmul per token
+            total += groups * (2 * merged * lin.d_in * lin.d_out + 2 * lin.d_in * lin.num_experts)  # merge + gate
+        if self.token_block is not None:
+            total += seq_len * 4 * self.d_model * self.token_block[0].out_features
+        return total / seq_len
