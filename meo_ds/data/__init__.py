@@ -1,0 +1,38 @@
+"""meo_ds.data: tokenizers, prepared token corpora and the loaders the trainer iterates.
+
+Preparing (also `meo-prepare tokenizer|lm|mt|demo`)::
+
+    train_tokenizer(sentences, "tok.model", vocab_size=8000)       # pad=0 unk=1 bos=2 eos=3
+    prepare_lm(["corpus.jsonl"], "tok.model", "data/lm")           # -> train/validation shards
+    prepare_mt(["train.de", "train.en"], "tok.model", "data/mt")   # -> train/validation/test
+
+Language modelling (one loader per data-parallel rank)::
+
+    loader = LMLoader("data/lm", seq_len=512, micro_batch_size=8,
+                      dp_rank=rank, dp_world_size=world, seed=1234)
+    for batch in loader:           # one epoch; batch["input_ids"], batch["labels"]: int64 [B, L]
+        ...                        # reset_at_doc_boundaries=True adds position_ids/segment_ids
+    ckpt["data"] = loader.state_dict(); loader.load_state_dict(ckpt["data"])   # exact resume
+    len(loader)                    # batches per epoch, equal on every rank
+    loader.forever()               # endless iterator over epochs
+
+Translation::
+
+    loader = MTLoader("data/mt", max_tokens=4096, dp_rank=rank, dp_world_size=world, seed=1234)
+    batch = next(iter(loader))     # src_ids [B,S] (source + eos), src_mask [B,S] bool (True = token),
+                                   # decoder_input_ids [B,T] (bos + target), labels [B,T]
+                                   # (target + eos, padding = -100), tgt_mask [B,T], index [B]
+    pad id: loader.tokenizer.pad_id; same state_dict()/load_state_dict()/forever()/len().
+
+Tokenizer: `Tokenizer(path)` (encode/decode/pad_id/bos_id/eos_id/vocab_size); `hf_tokenizer(path)`
+and `save_hf_tokenizer(path, out_dir)` give a transformers tokenizer that encodes identically.
+"""
+from meo_ds.data.lm import LMDataset, LMLoader, prepare_lm
+from meo_ds.data.readers import CorpusError, read_documents, read_pairs
+from meo_ds.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, hf_tokenizer, save_hf_tokenizer,
+                                   train_tokenizer)
+
+__all__ = [
+    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "CorpusError", "LMDataset", "LMLoader", "Tokenizer",
+    "hf_tokenizer", "prepare_lm", "read_documents", "read_pairs", "save_hf_tokenizer", "train_tokenizer",
+]

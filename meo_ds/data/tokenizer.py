@@ -1,0 +1,161 @@
+"""SentencePiece tokenizers: training, a small wrapper, and a HuggingFace (tokenizers) conversion.
+
+Special ids are fixed for every tokenizer meo_ds trains: pad=0, unk=1, bos=2, eos=3.
+"""
+from __future__ import annotations
+
+import io
+import os
+import types
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+from meo_ds.data.io import atomic_write_bytes, sha256_file
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with the ids the loaders and models need."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {self.path}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids, dropping pad/bos/eos (sentencepiece skips control ids)."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def checksum(self) -> str:
+        return sha256_file(self.path)
+
+    def special_ids(self) -> dict[str, int]:
+        return {"pad": self.pad_id, "unk": self.unk_id, "bos": self.bos_id, "eos": self.eos_id}
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+
+def train_tokenizer(
+    sentences: Iterable[str],
+    model_path: str | os.PathLike,
+    vocab_size: int = 8000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = True,
+    max_sentences: int = 2_000_000,
+    seed_sentencepiece_size: int = 1_000_000,
+) -> Tokenizer:
+    """Train a SentencePiece model on `sentences` and write it atomically to `model_path`.
+
+    `max_sentences` caps (by uniform sampling inside sentencepiece) how many sentences the
+    trainer keeps in memory. The vocabulary is a soft limit: tiny corpora get fewer pieces.
+    """
+    if model_type not in ("unigram", "bpe", "char", "word"):
+        raise ValueError(f"model_type must be unigram, bpe, char or word, not {model_type!r}")
+    counted = _CountingIterator(s for s in sentences if s.strip())
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=counted, model_writer=buffer, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage,
+            byte_fallback=byte_fallback, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+            eos_id=EOS_ID, pad_piece=SPECIAL_TOKENS["pad"], unk_piece=SPECIAL_TOKENS["unk"],
+            bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            seed_sentencepiece_size=seed_sentencepiece_size, hard_vocab_limit=False,
+            max_sentence_length=1 << 16, train_extremely_large_corpus=False,
+            num_threads=os.cpu_count() or 1, minloglevel=2,
+        )
+    except RuntimeError as err:
+        if counted.count == 0:
+            raise ValueError("tokenizer training input holds no non-empty text") from None
+        raise ValueError(f"sentencepiece training failed: {err}") from None
+    atomic_write_bytes(Path(model_path), buffer.getvalue())
+    return Tokenizer(model_path)
+
+
+class _CountingIterator:
+    def __init__(self, it: Iterator[str]):
+        self.it, self.count = it, 0
+
+    def __iter__(self) -> "_CountingIterator":
+        return self
+
+    def __next__(self) -> str:
+        item = next(self.it)
+        self.count += 1
+        return item
+
+
+def hf_tokenizer(model_path: str | os.PathLike):
+    """A transformers `PreTrainedTokenizerFast` that encodes exactly like the SentencePiece model.
+
+    Built with transformers' own `SpmConverter` (needs the `protobuf` package). Decoding handles
+    byte-fallback pieces. `add_special_tokens` adds nothing; callers add bos/eos explicitly.
+    """
+    try:
+        from google import protobuf  # noqa: F401
+    except ImportError:
+        raise ImportError("building a HuggingFace tokenizer needs the 'protobuf' package: pip install protobuf") from None
+    from tokenizers import decoders
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    class _Converter(SpmConverter):
+        handle_byte_fallback = True
+
+    backend = _Converter(types.SimpleNamespace(vocab_file=str(model_path))).converted()
+    backend.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(content=" ", left=1),
+    ])
+    backend.post_processor = None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"],
+        bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"],
+    )
+
+
+def save_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Write the HuggingFace files (tokenizer.json, tokenizer_config.json) plus the original
+    `tokenizer.model` into `out_dir`; returns the written file names."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list(hf_tokenizer(model_path).save_pretrained(str(out)))
+    atomic_write_bytes(out / "tokenizer.model", Path(model_path).read_bytes())
+    return sorted({Path(f).name for f in files} | {"tokenizer.model"})
