@@ -166,6 +166,10 @@ def meo_flops_per_sequence(d_in: int, d_out: int, seq_len: int, k: int) -> dict:
 # modules
 
 
+def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 class MEOLinear(nn.Module):
     """E affine experts merged per group by their own noisy top-k gate (gate computed in fp32)."""
 
@@ -196,11 +200,14 @@ class MEOLinear(nn.Module):
     def route(self, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """summary [N, d_in] -> (dense fp32 gates [N, E], chosen expert ids [N, k]).
 
-        Noisy top-k (noise in training only), softmax over the k chosen logits.
+        Noisy top-k (noise in training only), softmax over the k chosen logits. Computed in fp32
+        (in fp64 for a fp64 layer).
         """
-        summary = summary.float()
-        logits = summary @ self.gate_weight.float().t()
-        logits = noisy_logits(logits, summary, self.noise_weight, self.training)
+        dtype = _gate_dtype(self.gate_weight.dtype)
+        summary = summary.to(dtype)
+        logits = summary @ self.gate_weight.to(dtype).t()
+        if self.noise_weight is not None:
+            logits = noisy_logits(logits, summary, self.noise_weight.to(dtype), self.training).to(dtype)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_logits, dim=-1))
         return gates, top_idx
@@ -317,19 +324,20 @@ class MEOLayer(nn.Module):
     def _summaries(self, name: str, u: torch.Tensor, groups: _Groups, state: Optional[dict]) -> torch.Tensor:
         """Gate input per group [N, d_in] from this linear's input u [N, T, d_in] (grouped)."""
         m = groups.mask.unsqueeze(-1)
-        sums = torch.where(m, u, torch.zeros((), dtype=u.dtype, device=u.device)).float().sum(dim=1)
-        counts = groups.tokens.float()
+        dtype = _gate_dtype(u.dtype)
+        sums = torch.where(m, u, torch.zeros((), dtype=u.dtype, device=u.device)).to(dtype).sum(dim=1)
+        counts = groups.tokens.to(dtype)
         if not self.causal:
             return sums / counts.clamp_min(1.0).unsqueeze(-1)  # all-padding sequence -> 0
         batch, segs = groups.batch, groups.num_segments
         sums, counts = sums.view(batch, segs, -1), counts.view(batch, segs)
-        prior = self._prior(name, state, batch, u.shape[-1], u.device)
+        prior = self._prior(name, state, batch, u.shape[-1], u.device, dtype)
         # The chunk's first segment continues the partial segment left by the previous call.
         sums = torch.cat([sums[:, :1] + prior["cur_sum"].unsqueeze(1), sums[:, 1:]], dim=1)
         counts = torch.cat([counts[:, :1] + prior["cur_cnt"].unsqueeze(1), counts[:, 1:]], dim=1)
         before_sum = prior["done_sum"].unsqueeze(1) + sums.cumsum(1) - sums  # segments < s
         before_cnt = prior["done_cnt"].unsqueeze(1) + counts.cumsum(1) - counts
-        default = self.linears[name].default_summary.float()
+        default = self.linears[name].default_summary.to(dtype)
         summary = torch.where(
             (before_cnt > 0).unsqueeze(-1), before_sum / before_cnt.clamp_min(1.0).unsqueeze(-1), default
         )
@@ -338,7 +346,7 @@ class MEOLayer(nn.Module):
         return summary.reshape(batch * segs, -1)
 
     @staticmethod
-    def _prior(name: str, state: Optional[dict], batch: int, dim: int, device) -> dict:
+    def _prior(name: str, state: Optional[dict], batch: int, dim: int, device, dtype) -> dict:
         if state is not None and name in state.get("sums", {}):
             prior = state["sums"][name]
             if prior["done_sum"].shape != (batch, dim):
@@ -347,12 +355,12 @@ class MEOLayer(nn.Module):
                     f"{batch}; pass a fresh state dict for a new batch"
                 )
             return prior
-        zeros = torch.zeros(batch, dim, device=device)
+        zeros = torch.zeros(batch, dim, device=device, dtype=dtype)
         return {"done_sum": zeros, "done_cnt": zeros.new_zeros(batch), "cur_sum": zeros, "cur_cnt": zeros.new_zeros(batch)}
 
     @staticmethod
     def _update_prior(state: dict, name: str, sums, counts, ends_on_boundary: bool) -> None:
-        prior = MEOLayer._prior(name, state, sums.shape[0], sums.shape[-1], sums.device)
+        prior = MEOLayer._prior(name, state, sums.shape[0], sums.shape[-1], sums.device, sums.dtype)
         total_sum, total_cnt = sums.sum(1).detach(), counts.sum(1).detach()
         if ends_on_boundary:
             cur_sum, cur_cnt = torch.zeros_like(total_sum), torch.zeros_like(total_cnt)

@@ -1,0 +1,419 @@
+"""MEO: merged experts equal the per-linear vanilla MoE, causal segment gating, decoding, FLOPs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import meo_ds.moe.meo as meo
+from meo_ds.moe.config import MoEConfig, MoEConfigError
+from meo_ds.moe.meo import MEOLayer, MEOLinear, meo_flops_per_sequence, merged_linear, vanilla_moe_linear
+
+
+def random_topk_gates(n: int, num_experts: int, k: int, dtype=torch.float64) -> torch.Tensor:
+    logits = torch.randn(n, num_experts, dtype=dtype)
+    top, idx = logits.topk(k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+
+
+def make_layer(activation="gelu", causal=False, segment_len=3, level="sequence", experts=4, k=2, d=6, hidden=10,
+               recompute=True, noisy=False, dtype=torch.float64, seed=0) -> MEOLayer:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(kind="meo", num_experts=experts, top_k=k, activation=activation, meo_level=level,
+                    segment_len=segment_len, recompute_merged=recompute, noisy_gating=noisy,
+                    token_bottleneck_ratio=2)
+    layer = MEOLayer(cfg, d, hidden, causal=causal).to(dtype)
+    # Random gates (zero-initialised by default) so that routing depends on the input.
+    for lin in layer.linears.values():
+        torch.nn.init.normal_(lin.gate_weight, std=1.0)
+        if lin.default_summary is not None:
+            torch.nn.init.normal_(lin.default_summary)
+    return layer.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# merged linear == vanilla per-linear MoE
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_merged_linear_equals_vanilla_moe(with_bias, recompute):
+    torch.manual_seed(1)
+    n, t, d_in, d_out, experts, k = 5, 7, 6, 4, 8, 3
+    x = torch.randn(n, t, d_in, dtype=torch.float64)
+    w = torch.randn(experts, d_out, d_in, dtype=torch.float64)
+    b = torch.randn(experts, d_out, dtype=torch.float64) if with_bias else None
+    g = random_topk_gates(n, experts, k)
+    y = merged_linear(x, g, w, b, recompute=recompute)
+    ref = vanilla_moe_linear(x, g, w, b)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    # Not trivially equal: a different gate gives a different output.
+    assert not torch.allclose(merged_linear(x, random_topk_gates(n, experts, k), w, b), ref)
+
+
+def test_recomputed_gradients_equal_plain_autograd(monkeypatch):
+    torch.manual_seed(2)
+    n, t, d_in, d_out, experts = 6, 5, 4, 3, 4
+
+    def grads(recompute: bool):
+        torch.manual_seed(3)
+        x = torch.randn(n, t, d_in, dtype=torch.float64, requires_grad=True)
+        g = random_topk_gates(n, experts, 2).requires_grad_()
+        w = torch.randn(experts, d_out, d_in, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(experts, d_out, dtype=torch.float64, requires_grad=True)
+        y = merged_linear(x, g, w, b, recompute=recompute)
+        (y * torch.randn_like(y)).sum().backward()
+        return [y.detach(), x.grad, g.grad, w.grad, b.grad]
+
+    plain = grads(False)
+    # Force several chunks of W^ so the chunked backward is exercised too.
+    monkeypatch.setattr(meo, "MERGED_CHUNK_BYTES", 2 * d_out * d_in * 8)
+    for got, want in zip(grads(True), plain):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_recomputed_merged_linear_gradcheck():
+    torch.manual_seed(4)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: merged_linear(*a, recompute=True), (x, g, w, b))
+    assert torch.autograd.gradcheck(lambda *a: merged_linear(*a, recompute=True), (x, g, w, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# full layer == naive per-token reference
+
+
+def _vanilla_token(lin: MEOLinear, v: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    gates, _ = lin.route(summary.unsqueeze(0))
+    out = torch.zeros(lin.d_out, dtype=v.dtype)
+    for e in gates[0].nonzero().flatten().tolist():
+        y = lin.weight[e] @ v + (lin.bias[e] if lin.bias is not None else 0)
+        out = out + gates[0, e].to(v.dtype) * y
+    return out
+
+
+def _naive_ffn(layer: MEOLayer, v: torch.Tensor, summary_of) -> torch.Tensor:
+    """One token through the FFN; summary_of(name, input vector) gives that linear's gate input."""
+    lins = layer.linears
+
+    def run(name, inp):
+        return _vanilla_token(lins[name], inp, summary_of(name, inp))
+
+    if layer.cfg.activation == "gelu":
+        return run("fc2", F.gelu(run("fc1", v)))
+    return run("w2", F.silu(run("w1", v)) * run("w3", v))
+
+
+def naive_layer(layer: MEOLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if layer.token_block is not None:
+        x = x + layer.token_block(x)
+    out = torch.zeros_like(x)
+    seg = layer.cfg.segment_len
+    for b in range(x.shape[0]):
+        real = [t for t in range(x.shape[1]) if mask[b, t]]
+        if layer.causal:
+            seen = {name: [] for name in layer.linears}  # (position, input) of real tokens so far
+
+            for t in real:
+                def summary_of(name, inp, t=t):
+                    prev = [u for (p, u) in seen[name] if p < (t // seg) * seg]
+                    seen[name].append((t, inp))
+                    return torch.stack(prev).mean(0) if prev else layer.linears[name].default_summary
+                out[b, t] = _naive_ffn(layer, x[b, t], summary_of)
+        else:
+            # Sequence-level: each linear's gate reads the mean of its input over the whole
+            # sequence. Pass i computes the inputs of linear i exactly (earlier linears' means are
+            # already right), so after one pass per linear all means are the true ones.
+            means = {}
+            for _ in layer.linears:
+                inputs = {name: [] for name in layer.linears}
+                for t in real:
+                    def summary_of(name, inp):
+                        inputs[name].append(inp)
+                        return means.get(name, torch.zeros_like(inp))
+                    _naive_ffn(layer, x[b, t], summary_of)
+                means = {name: torch.stack(v).mean(0) for name, v in inputs.items()}
+            for t in real:
+                out[b, t] = _naive_ffn(layer, x[b, t], lambda name, inp: means[name])
+    return out
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_equals_naive_per_token_reference(activation, causal):
+    layer = make_layer(activation, causal=causal, level="token")
+    torch.nn.init.normal_(layer.token_block[2].weight)  # make the token block non-trivial
+    torch.manual_seed(5)
+    x = torch.randn(3, 8, 6, dtype=torch.float64)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, 6:] = False  # right padding
+    mask[2, :2] = False  # left padding
+    mask[2, 4] = False  # a hole
+    with torch.no_grad():
+        got = layer(x, mask).hidden
+        want = naive_layer(layer, x, mask)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert (got[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_recompute_layer_matches_plain_layer(causal):
+    def run(recompute):
+        layer = make_layer("swiglu", causal=causal, recompute=recompute)
+        x = torch.randn(2, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        out = layer(x)
+        (out.hidden.square().sum() + out.aux_loss).backward()
+        return [out.hidden.detach(), x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+
+    for got, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# padding, causality, decoding
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_positions_change_nothing(causal):
+    layer = make_layer("gelu", causal=causal)
+    torch.manual_seed(7)
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[1, :3] = False
+    out = layer(x, mask)
+    x2 = x.clone()
+    x2[~mask] = 100.0 * torch.randn_like(x2[~mask])
+    out2 = layer(x2, mask)
+    torch.testing.assert_close(out.hidden, out2.hidden, rtol=0, atol=0)
+    torch.testing.assert_close(out.aux_loss, out2.aux_loss)
+    # Without the mask the same change does alter the real tokens' outputs.
+    assert not torch.allclose(layer(x).hidden[mask], layer(x2).hidden[mask])
+
+
+def test_all_padding_sequence_is_finite_and_excluded():
+    layer = make_layer("gelu")
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False
+    out = layer(x, mask)
+    assert torch.isfinite(out.hidden).all() and torch.isfinite(out.aux_loss)
+    assert (out.hidden[1] == 0).all()
+    assert out.stats.num_tokens == 10 and out.stats.extra["num_groups"] == 2
+    # The other sequences are unaffected by the empty one.
+    torch.testing.assert_close(out.hidden[[0, 2]], layer(x[[0, 2]]).hidden)
+
+
+def _input_jacobian_rows(layer, x):
+    """grads[t] = d(sum of output at position t) / d input, for every t."""
+    x = x.clone().requires_grad_()
+    y = layer(x).hidden
+    return [torch.autograd.grad(y[:, t].sum(), x, retain_graph=True)[0] for t in range(x.shape[1])]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_causal_segment_gating_has_no_future_dependence(activation):
+    layer = make_layer(activation, causal=True, segment_len=3, level="token")
+    torch.nn.init.normal_(layer.token_block[2].weight)
+    x = torch.randn(2, 10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    grads = _input_jacobian_rows(layer, x)
+    for t, g in enumerate(grads):
+        assert (g[:, t + 1 :] == 0).all(), f"output {t} depends on a later input"
+        assert g[:, t].abs().sum() > 0
+        if t >= 3:  # gates read earlier segments, so earlier inputs matter
+            assert g[:, : (t // 3) * 3].abs().sum() > 0
+
+
+def test_sequence_level_gating_does_depend_on_the_future():
+    layer = make_layer("gelu", causal=False)
+    x = torch.randn(2, 10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    grads = _input_jacobian_rows(layer, x)
+    assert grads[0][:, 1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_incremental_decoding_equals_full_forward(activation):
+    layer = make_layer(activation, causal=True, segment_len=3, level="token")
+    torch.manual_seed(9)
+    x = torch.randn(2, 11, 6, dtype=torch.float64)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, :2] = False  # left-padded prompt
+    with torch.no_grad():
+        full = layer(x, mask).hidden
+        for chunks in ([(t, t + 1) for t in range(11)], [(0, 4), (4, 5), (5, 9), (9, 11)]):
+            state = {}
+            steps = [layer(x[:, a:b], mask[:, a:b], state=state).hidden for a, b in chunks]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
+            assert state["pos"] == 11
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flops_meo_flat_in_k_vanilla_linear_in_k():
+    d_in, d_out, seq = 768, 3072, 256
+    counts = {k: meo_flops_per_sequence(d_in, d_out, seq, k) for k in (1, 2, 4, 8)}
+    for k, c in counts.items():
+        assert c["vanilla"] == k * counts[1]["vanilla"]
+        assert c["meo"] <= counts[1]["meo"] * (1 + 2 * k / seq)  # merge adds 2k d_in d_out only
+    assert counts[8]["vanilla"] / counts[8]["meo"] > 7.5
+
+
+def test_layer_flops_per_token_matches_formula():
+    cfg = MoEConfig(kind="meo", num_experts=16, top_k=4, activation="gelu", segment_len=64)
+    seq = MEOLayer(cfg, 32, 64)
+    per_linear = [meo_flops_per_sequence(32, 64, 128, 4)["meo"], meo_flops_per_sequence(64, 32, 128, 4)["meo"]]
+    gate = 2 * (32 + 64) * 16
+    assert seq.flops_per_token(128) == pytest.approx((sum(per_linear) + gate) / 128)
+    causal = MEOLayer(cfg, 32, 64, causal=True)  # two segments: two merges per linear
+    merge = 2 * 4 * 32 * 64 * 2
+    assert causal.flops_per_token(128) == pytest.approx(seq.flops_per_token(128) + (merge + gate) / 128)
+    assert seq.flops_per_token(128, executed=True) > seq.flops_per_token(128)
+
+
+def test_bert_base_flops_against_the_paper():
+    """The paper: BERT-base, MoE in every FFN, 16 experts, k=4, L=128: 72.0 (vanilla) vs 28.6 GFLOPs (MEO)."""
+    layers, d, d_ff, length, k, vocab = 12, 768, 3072, 128, 4, 30522
+    attention = layers * (4 * 2 * length * d * d + 2 * 2 * length * length * d)
+    mlm_head = 2 * length * d * d + 2 * length * d * vocab
+
+    def total(kind):
+        ffn = sum(meo_flops_per_sequence(a, b, length, k)[kind] for a, b in ((d, d_ff), (d_ff, d)))
+        return (layers * ffn + attention + mlm_head) / 1e9
+
+    vanilla, merged = total("vanilla"), total("meo")
+    print(f"BERT-base GFLOPs: vanilla {vanilla:.2f} (paper 72.0), MEO {merged:.2f} (paper 28.6)")
+    assert vanilla == pytest.approx(72.0, rel=0.005)
+    assert merged == pytest.approx(28.6, rel=0.015)
+    assert vanilla - merged == pytest.approx(72.0 - 28.6, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# training, token block, aux loss, stats
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_a_few_optimizer_steps_reduce_the_loss(noisy):
+    torch.manual_seed(10)
+    cfg = MoEConfig(kind="meo", num_experts=4, top_k=2, activation="gelu", noisy_gating=noisy)
+    layer = MEOLayer(cfg, 8, 16).train()  # default (zero) gate init
+    target = torch.nn.Linear(8, 8).requires_grad_(False)
+    x = torch.randn(16, 12, 8)
+    y = torch.tanh(target(x)) * x.mean(dim=1, keepdim=True)  # sequence-dependent target
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        out = layer(x)
+        loss = F.mse_loss(out.hidden, y)
+        (loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert any(lin.gate_weight.abs().sum() > 0 for lin in layer.linears.values())
+
+
+def test_noise_breaks_the_zero_init_tie():
+    torch.manual_seed(11)
+    cfg = MoEConfig(kind="meo", num_experts=8, top_k=2, noisy_gating=True)
+    layer = MEOLayer(cfg, 8, 16).train()
+    out = layer(torch.randn(32, 4, 8))
+    assert (out.stats.extra["group_load_per_linear"] > 0).sum(dim=1).min() > 2
+
+
+def test_token_block_starts_as_identity():
+    seq_layer = make_layer("swiglu", level="sequence", dtype=torch.float32)
+    tok_layer = make_layer("swiglu", level="token", dtype=torch.float32)
+    tok_layer.load_state_dict(seq_layer.state_dict(), strict=False)
+    assert tok_layer.token_block[0].out_features == 3  # d // ratio = 6 // 2
+    x = torch.randn(2, 5, 6)
+    out = tok_layer(x)
+    torch.testing.assert_close(out.hidden, seq_layer(x).hidden, rtol=0, atol=0)
+    out.hidden.square().sum().backward()
+    assert tok_layer.token_block[2].weight.grad.abs().sum() > 0  # it can learn away from identity
+
+
+def test_aux_loss_and_stats(monkeypatch):
+    layer = make_layer("gelu", experts=4, k=2)
+    routed = []
+    for lin in layer.linears.values():
+        route = lin.route
+        monkeypatch.setattr(lin, "route", lambda s, route=route: routed.append(route(s)) or routed[-1])
+    x = torch.randn(5, 6, 6, dtype=torch.float64)
+    out = layer(x)
+
+    def cv2(v):
+        return v.var() / v.mean() ** 2
+
+    by_hand = []
+    for gates, idx in routed:
+        load = torch.zeros_like(gates).scatter(-1, idx, 1.0).sum(0)
+        by_hand.append(cv2(gates.sum(0)) + cv2(load))
+    # Averaged over the layer's two linears, times the coefficient.
+    expected = layer.cfg.aux_loss_coef * (by_hand[0] + by_hand[1]) / 2
+    assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.stats.balance_loss == pytest.approx(expected.item() / layer.cfg.aux_loss_coef, rel=1e-5)
+    loads = out.stats.extra["group_load_per_linear"]
+    assert loads.shape == (2, 4) and (loads.sum(dim=1) == 5 * 2).all()
+    assert out.stats.expert_load.sum().item() == pytest.approx(2 * 30)  # k * tokens
+    assert out.stats.num_tokens == 30 and out.stats.experts_per_token_mean == 2.0
+    assert out.stats.experts_per_token_hist[2] == 30 and out.stats.a2a_bytes == 0
+    out.aux_loss.backward()
+    assert layer.linears["fc1"].gate_weight.grad.abs().sum() > 0  # the importance term is differentiable
+
+
+def test_bf16_output_dtype_and_finite():
+    layer = make_layer("swiglu", causal=True, dtype=torch.bfloat16)
+    out = layer(torch.randn(2, 7, 6, dtype=torch.bfloat16))
+    assert out.hidden.dtype == torch.bfloat16 and torch.isfinite(out.hidden.float()).all()
+    assert out.aux_loss.dtype == torch.float32
+
+
+def test_experts_are_plain_data_parallel_parameters():
+    layer = make_layer("gelu")
+    for p in layer.parameters():
+        assert getattr(p, "allreduce", True) and not hasattr(p, "group_name")
+    with pytest.raises(MoEConfigError, match="ep_size"):
+        MEOLayer(MoEConfig(kind="meo", num_experts=4, ep_size=2), 6, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_raises_clear_errors():
+    layer = make_layer("gelu", dtype=torch.float32)
+    x = torch.randn(2, 5, 6)
+    with pytest.raises(ValueError, match=r"x must be \[batch, seq, 6\]"):
+        layer(torch.randn(5, 6))
+    with pytest.raises(ValueError, match=r"x must be \[batch, seq, 6\]"):
+        layer(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="empty"):
+        layer(torch.randn(2, 0, 6))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(x.double())
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.ones(2, 5, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="padding_mask"):
+        layer(x, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="padding_mask"):
+        layer(x, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="causal=True"):
+        layer(x, state={})
+    with pytest.raises(MoEConfigError, match="kind='meo'"):
+        MEOLayer(MoEConfig(kind="topk"), 6, 10)
+    with pytest.raises(MoEConfigError, match="top_k"):
+        MEOLayer(MoEConfig(kind="meo", num_experts=2, top_k=3), 6, 10)
+    causal = make_layer("gelu", causal=True, dtype=torch.float32)
+    state = {}
+    causal(x, state=state)
+    with pytest.raises(ValueError, match="fresh state"):
+        causal(torch.randn(3, 1, 6), state=state)
+    with pytest.raises(ValueError, match="seq_len"):
+        layer.flops_per_token(0)
+    with pytest.raises(ValueError, match=">= 1"):
+        meo_flops_per_sequence(8, 8, 0, 2)
