@@ -25,6 +25,11 @@ Choices (documented here once):
   experts), averaged over the linears, so it sums to k * num_tokens like the top-k layers'.
 - Merging is a dense [N, E] x [E, d_out*d_in] GEMM (2 E d_in d_out per group; the paper counts
   2 k d_in d_out for a sparse merge). Both are small when the group is long; see `flops_per_token`.
+- Causal cost: merged weights exist per (sequence, segment), N = B * ceil(L / segment_len) groups
+  of W^ [d_out, d_in]; the merge adds about E / segment_len of the token matmul's FLOPs and the
+  matmuls are per-segment (M = segment_len), so prefer segment_len >= 64. With recompute_merged
+  W^ is never stored for backward and is built at most MERGED_CHUNK_BYTES at a time.
+- Dtypes: x must have the weights' dtype (or run under torch.autocast); output has x's dtype.
 - Padding positions get a zero output.
 """
 from __future__ import annotations
@@ -46,6 +51,11 @@ MERGED_CHUNK_BYTES = 128 * 2**20
 
 # ----------------------------------------------------------------------------------------------
 # merged linear: functional core
+
+
+def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gates and summaries run in fp32 at least (fp64 for a fp64 layer)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def merge_weights(gates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -78,6 +88,8 @@ class _RecomputedMergedLinear(torch.autograd.Function):
     def forward(ctx, x, gates, weight, bias):
         ctx.save_for_backward(x, gates, weight, bias)
         chunks = _chunks(x.shape[0], weight.shape[1], weight.shape[2], weight.element_size())
+        if len(chunks) == 1:
+            return _merged_forward(x, gates, weight, bias)
         return torch.cat([_merged_forward(x[c], gates[c], weight, bias) for c in chunks])
 
     @staticmethod
@@ -88,8 +100,9 @@ class _RecomputedMergedLinear(torch.autograd.Function):
         need_x, need_g, need_w, need_b = ctx.needs_input_grad[:4]
         dx = torch.empty_like(x) if need_x else None
         dg = torch.zeros_like(gates) if need_g else None
-        dw = torch.zeros_like(w_flat) if need_w else None
-        db = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        acc = _gate_dtype(weight.dtype)  # accumulate expert grads over chunks in >= fp32
+        dw = torch.zeros_like(w_flat, dtype=acc) if need_w else None
+        db = torch.zeros_like(bias, dtype=acc) if (need_b and bias is not None) else None
         for c in _chunks(x.shape[0], weight.shape[1], weight.shape[2], weight.element_size()):
             g = gates[c].to(weight.dtype)
             dy_c = dy[c]
@@ -107,7 +120,8 @@ class _RecomputedMergedLinear(torch.autograd.Function):
                     db += g.t() @ db_hat
                 if need_g:
                     dg[c] += (db_hat @ bias.t()).to(dg.dtype)
-        return dx, dg, (dw.view_as(weight) if dw is not None else None), db
+        dw = dw.view_as(weight).to(weight.dtype) if dw is not None else None
+        return dx, dg, dw, (db.to(bias.dtype) if db is not None else None)
 
 
 def merged_linear(
@@ -166,10 +180,6 @@ def meo_flops_per_sequence(d_in: int, d_out: int, seq_len: int, k: int) -> dict:
 # modules
 
 
-def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 class MEOLinear(nn.Module):
     """E affine experts merged per group by their own noisy top-k gate (gate computed in fp32)."""
 
@@ -214,7 +224,14 @@ class MEOLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, T, d_in] with per-group gates [N, E] -> [N, T, d_out]."""
-        return merged_linear(x, gates, self.weight, self.bias, recompute=self.recompute)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return merged_linear(x, gates, self.weight, self.bias, recompute=self.recompute)
+        # Under autocast run the matmuls in its dtype (as nn.Linear would); grads reach fp32 params.
+        dtype = torch.get_autocast_dtype(device)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        with torch.autocast(device, enabled=False):
+            return merged_linear(x.to(dtype), gates, self.weight.to(dtype), bias, recompute=self.recompute)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, experts={self.num_experts}, top_k={self.top_k}"
@@ -302,10 +319,10 @@ class MEOLayer(nn.Module):
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"MEOLayer: x has an empty batch or sequence, shape {tuple(x.shape)}")
         param_dtype = self.linears[next(iter(self.linears))].weight.dtype
-        if x.dtype != param_dtype:
+        if not x.is_floating_point() or (x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type)):
             raise TypeError(
                 f"MEOLayer: x has dtype {x.dtype} but the layer's weights are {param_dtype}; "
-                f"cast one to the other (e.g. layer.to({x.dtype}))"
+                f"cast one to the other (e.g. layer.to(torch.bfloat16)) or run under torch.autocast"
             )
         if padding_mask is not None:
             if padding_mask.dtype != torch.bool or padding_mask.shape != x.shape[:2]:
@@ -381,6 +398,7 @@ class MEOLayer(nn.Module):
         """x [B, L, d] -> MoEOutput. `state`: one dict per layer for incremental decoding (causal only)."""
         self._check(x, padding_mask, state)
         mask = padding_mask if padding_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        in_dtype = x.dtype
         start = int(state.get("pos", 0)) if state is not None else 0
         groups = _Groups(mask, self.causal, self.cfg.segment_len, start)
         if self.token_block is not None:
@@ -403,7 +421,7 @@ class MEOLayer(nn.Module):
         if state is not None:
             state["pos"] = start + x.shape[1]
         aux, stats = self._aux_and_stats(gate_log, groups)
-        return MoEOutput(groups.from_groups(y).to(x.dtype), aux, stats)
+        return MoEOutput(groups.from_groups(y).to(in_dtype), aux, stats)
 
     def _aux_and_stats(self, gate_log: list, groups: _Groups) -> tuple[torch.Tensor, RoutingStats]:
         real = groups.tokens > 0

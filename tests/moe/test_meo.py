@@ -82,6 +82,31 @@ def test_recomputed_merged_linear_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: merged_linear(*a, recompute=True), (x, g, w, None))
 
 
+def _saved_activation_numel(recompute: bool, n=8, t=2, d=16, experts=4) -> int:
+    """Elements autograd keeps for backward of one merged linear, parameters not counted."""
+    w = torch.randn(experts, d, d, requires_grad=True)
+    b = torch.randn(experts, d, requires_grad=True)
+    x = torch.randn(n, t, d, requires_grad=True)
+    g = random_topk_gates(n, experts, 2, dtype=torch.float32).requires_grad_()
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in (w.data_ptr(), b.data_ptr()):
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        merged_linear(x, g, w, b, recompute=recompute).sum().backward()
+    return sum(saved)
+
+
+def test_recompute_does_not_keep_merged_weights():
+    n, d = 8, 16
+    plain, recomputed = _saved_activation_numel(False), _saved_activation_numel(True)
+    assert plain - recomputed >= n * d * d  # W^ ([N, d_out, d_in]) is kept only by the plain path
+    assert recomputed <= n * 2 * d + n * 4  # x and the gates
+
+
 # ---------------------------------------------------------------------------------------------
 # full layer == naive per-token reference
 
@@ -371,6 +396,18 @@ def test_bf16_output_dtype_and_finite():
     out = layer(torch.randn(2, 7, 6, dtype=torch.bfloat16))
     assert out.hidden.dtype == torch.bfloat16 and torch.isfinite(out.hidden.float()).all()
     assert out.aux_loss.dtype == torch.float32
+
+
+def test_autocast_bf16_on_fp32_layer():
+    layer = make_layer("gelu", causal=True, dtype=torch.float32)
+    x = torch.randn(2, 7, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.hidden.dtype == torch.float32
+    torch.testing.assert_close(out.hidden, layer(x).hidden, rtol=0.1, atol=0.05)
+    out.hidden.sum().backward()
+    assert layer.linears["fc1"].weight.grad.dtype == torch.float32
+    assert layer.linears["fc1"].weight.grad.abs().sum() > 0
 
 
 def test_experts_are_plain_data_parallel_parameters():
