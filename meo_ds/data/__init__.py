@@ -2,9 +2,11 @@
 
 Preparing (also `meo-prepare tokenizer|lm|mt|demo`)::
 
+    prepare_tokenizer(["corpus.txt"], "tok")                       # tok/tokenizer.model, tok/hf/
     train_tokenizer(sentences, "tok.model", vocab_size=8000)       # pad=0 unk=1 bos=2 eos=3
-    prepare_lm(["corpus.jsonl"], "tok.model", "data/lm")           # -> train/validation shards
-    prepare_mt(["train.de", "train.en"], "tok.model", "data/mt")   # -> train/validation/test
+    prepare_lm(["corpus.jsonl"], "tok", "data/lm")                 # -> train/validation shards
+    prepare_mt(["train.de", "train.en"], "tok", "data/mt")         # -> train/validation/test
+    build_demo("lm", "demo")     # demo/corpus, demo/tokenizer, demo/shards (the loader's directory)
 
 Language modelling (one loader per data-parallel rank)::
 
@@ -27,12 +29,15 @@ Translation::
 Tokenizer: `Tokenizer(path)` (encode/decode/pad_id/bos_id/eos_id/vocab_size); `hf_tokenizer(path)`
 and `save_hf_tokenizer(path, out_dir)` give a transformers tokenizer that encodes identically.
 """
+from meo_ds.data.demo import build_demo
 from meo_ds.data.lm import LMDataset, LMLoader, prepare_lm
+from meo_ds.data.mt import MTDataset, MTLoader, prepare_mt
 from meo_ds.data.readers import CorpusError, read_documents, read_pairs
-from meo_ds.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, hf_tokenizer, save_hf_tokenizer,
-                                   train_tokenizer)
+from meo_ds.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, hf_tokenizer, prepare_tokenizer,
+                                   save_hf_tokenizer, train_tokenizer)
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "CorpusError", "LMDataset", "LMLoader", "Tokenizer",
-    "hf_tokenizer", "prepare_lm", "read_documents", "read_pairs", "save_hf_tokenizer", "train_tokenizer",
+    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "CorpusError", "build_demo", "LMDataset", "LMLoader", "MTDataset", "MTLoader",
+    "Tokenizer", "hf_tokenizer", "prepare_lm", "prepare_mt", "prepare_tokenizer", "read_documents", "read_pairs",
+    "save_hf_tokenizer", "train_tokenizer",
 ]

@@ -68,9 +68,10 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 
 def check_output_dir(out: Path, corpus_key: str, overwrite: bool) -> bool:
-    """Return True if `out` already holds this exact corpus (nothing to do).
+    """Return True if `out` already holds this exact corpus (same key: nothing to do).
 
-    A directory holding a different corpus, or other files, is an error unless `overwrite`.
+    A directory holding a different corpus, or other files, is an error unless `overwrite`
+    (then the caller rebuilds and replaces it).
     """
     if not out.exists():
         return False
@@ -81,7 +82,7 @@ def check_output_dir(out: Path, corpus_key: str, overwrite: bool) -> bool:
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if old.get("corpus_key") == corpus_key and not overwrite:
+        if old.get("corpus_key") == corpus_key:
             return True
     if overwrite:
         return False

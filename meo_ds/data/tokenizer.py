@@ -22,7 +22,10 @@ class Tokenizer:
     """A loaded SentencePiece model with the ids the loaders and models need."""
 
     def __init__(self, model_path: str | os.PathLike):
+        """`model_path`: a SentencePiece .model file, or a directory holding tokenizer.model."""
         self.path = Path(model_path)
+        if self.path.is_dir():
+            self.path = self.path / "tokenizer.model"
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.path}")
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
@@ -159,3 +162,51 @@ def save_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike)
     files = list(hf_tokenizer(model_path).save_pretrained(str(out)))
     atomic_write_bytes(out / "tokenizer.model", Path(model_path).read_bytes())
     return sorted({Path(f).name for f in files} | {"tokenizer.model"})
+
+
+def prepare_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, parallel: bool = False,
+                      fmt: str = "auto", field: str = "text", doc_sep: str = "line", source_field: str = "source",
+                      target_field: str = "target", vocab_size: int = 8000, model_type: str = "unigram",
+                      character_coverage: float = 0.9995, byte_fallback: bool = True,
+                      max_sentences: int = 2_000_000, overwrite: bool = False) -> dict:
+    """Train a tokenizer into directory `out`: tokenizer.model, hf/ (HuggingFace files), manifest.json.
+
+    With `parallel`, `inputs` is a parallel corpus (as for prepare_mt) and both sides feed one
+    joint vocabulary. Returns the manifest; re-running with identical inputs is a no-op.
+    """
+    import time
+
+    from meo_ds.data.io import check_output_dir, read_manifest, staging_dir, write_manifest
+    from meo_ds.data.prepare import corpus_key, describe_inputs
+    from meo_ds.data.readers import read_documents, read_pairs
+
+    start = time.time()
+    described = describe_inputs(inputs)
+    options = {"parallel": parallel, "format": fmt, "field": field, "doc_sep": doc_sep,
+               "source_field": source_field, "target_field": target_field, "vocab_size": vocab_size,
+               "model_type": model_type, "character_coverage": character_coverage,
+               "byte_fallback": byte_fallback, "max_sentences": max_sentences}
+    key = corpus_key(described, "", options)
+    out = Path(out)
+    if check_output_dir(out, key, overwrite):
+        print(f"{out}: already holds this tokenizer (same inputs and options); nothing to do")
+        return read_manifest(out)
+    if parallel:
+        sentences = (text for pair in read_pairs(inputs, fmt, source_field, target_field) for text in pair)
+    else:
+        sentences = read_documents(inputs, fmt, field, doc_sep)
+    with staging_dir(out) as tmp:
+        tok = train_tokenizer(sentences, tmp / "tokenizer.model", vocab_size, model_type, character_coverage,
+                              byte_fallback, max_sentences)
+        try:
+            hf_files = save_hf_tokenizer(tmp / "tokenizer.model", tmp / "hf")
+        except ImportError as err:
+            print(f"warning: HuggingFace tokenizer files not written: {err}")
+            hf_files = []
+        manifest = {"format": "meo_ds.tokenizer/1", "task": "tokenizer", "corpus_key": key, "inputs": described,
+                    "options": options, "file": "tokenizer.model", "sha256": tok.checksum(),
+                    "vocab_size": tok.vocab_size, "special_ids": tok.special_ids(),
+                    "hf_dir": "hf" if hf_files else None, "hf_files": hf_files,
+                    "seconds": round(time.time() - start, 3)}
+        write_manifest(tmp, manifest)
+    return manifest

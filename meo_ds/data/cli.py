@@ -1,0 +1,153 @@
+"""`meo-prepare tokenizer|lm|mt|demo`: command-line front end of meo_ds.data."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from meo_ds.data.readers import CorpusError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory holding another corpus")
+
+
+def _add_shard_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory or .model file")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meo-prepare", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer (also writes HuggingFace files)")
+    tok.add_argument("inputs", nargs="+", type=Path)
+    _add_common(tok)
+    tok.add_argument("--parallel", action="store_true", help="inputs are a parallel corpus: joint vocabulary")
+    tok.add_argument("--format", default="auto", help="text|jsonl|parquet|hf (or aligned|tsv|jsonl with --parallel)")
+    tok.add_argument("--field", default="text")
+    tok.add_argument("--doc-sep", default="line", choices=["line", "blank"])
+    tok.add_argument("--source-field", default="source")
+    tok.add_argument("--target-field", default="target")
+    tok.add_argument("--vocab-size", type=int, default=8000)
+    tok.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
+    tok.add_argument("--character-coverage", type=float, default=0.9995)
+    tok.add_argument("--no-byte-fallback", action="store_true")
+    tok.add_argument("--max-sentences", type=int, default=2_000_000, help="sentences sampled for training")
+
+    lm = sub.add_parser("lm", help="tokenize a corpus into LM shards (train/validation)")
+    lm.add_argument("inputs", nargs="+", type=Path)
+    _add_common(lm)
+    _add_shard_options(lm)
+    lm.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"])
+    lm.add_argument("--field", default="text", help="JSON/parquet/dataset text field")
+    lm.add_argument("--doc-sep", default="line", choices=["line", "blank"], help="plain text: document separator")
+    lm.add_argument("--valid-fraction", type=float, default=0.01)
+
+    mt = sub.add_parser("mt", help="clean and tokenize a parallel corpus into paired shards (train/validation/test)")
+    mt.add_argument("inputs", nargs="+", type=Path, help="SRC TGT aligned files, one TSV, or one JSON lines file")
+    _add_common(mt)
+    _add_shard_options(mt)
+    mt.add_argument("--format", default="auto", choices=["auto", "aligned", "tsv", "jsonl"])
+    mt.add_argument("--source-field", default="source")
+    mt.add_argument("--target-field", default="target")
+    mt.add_argument("--max-len", type=int, default=256, help="drop pairs with a side longer (tokens); 0 = off")
+    mt.add_argument("--max-ratio", type=float, default=3.0, help="drop pairs with a length ratio above; 0 = off")
+    mt.add_argument("--no-dedup", action="store_true", help="keep exact duplicate pairs")
+    mt.add_argument("--valid-fraction", type=float, default=0.01)
+    mt.add_argument("--test-fraction", type=float, default=0.01)
+
+    demo = sub.add_parser("demo", help="build a demo corpus, tokenizer and shards without any download")
+    demo.add_argument("--task", required=True, choices=["lm", "mt"])
+    _add_common(demo)
+    demo.add_argument("--num-proc", type=int, default=1)
+    demo.add_argument("--vocab-size", type=int, default=None, help="default 8000 (lm) / 1000 (mt)")
+    demo.add_argument("--pairs", type=int, default=20_000, help="mt: number of synthetic pairs")
+    demo.add_argument("--max-chars", type=int, default=3_000_000, help="lm: docstring characters at most")
+    return parser
+
+
+def run_tokenizer(args: argparse.Namespace) -> dict:
+    from meo_ds.data.tokenizer import prepare_tokenizer
+
+    m = prepare_tokenizer(args.inputs, args.out, parallel=args.parallel, fmt=args.format, field=args.field,
+                          doc_sep=args.doc_sep, source_field=args.source_field, target_field=args.target_field,
+                          vocab_size=args.vocab_size, model_type=args.model_type,
+                          character_coverage=args.character_coverage, byte_fallback=not args.no_byte_fallback,
+                          max_sentences=args.max_sentences, overwrite=args.overwrite)
+    print(f"tokenizer: {args.out / m['file']}  vocab {m['vocab_size']}  special ids {m['special_ids']}  "
+          f"HuggingFace files: {m['hf_dir'] or 'none'}")
+    return m
+
+
+def run_lm(args: argparse.Namespace) -> dict:
+    from meo_ds.data.lm import prepare_lm
+
+    m = prepare_lm(args.inputs, args.tokenizer, args.out, fmt=args.format, field=args.field, doc_sep=args.doc_sep,
+                   valid_fraction=args.valid_fraction, num_proc=args.num_proc, dtype=args.dtype,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+    print_lm_summary(m, args.out)
+    return m
+
+
+def print_lm_summary(m: dict, out: Path) -> None:
+    print(f"lm corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
+    for name, s in m["splits"].items():
+        print(f"  {name:<11} {s['sequences']:>10,} documents {s['tokens']:>14,} tokens")
+    print(f"  total       {m['documents']:>10,} documents {m['tokens']:>14,} tokens  ({m['seconds']:.1f} s)")
+
+
+def run_mt(args: argparse.Namespace) -> dict:
+    from meo_ds.data.mt import prepare_mt
+
+    m = prepare_mt(args.inputs, args.tokenizer, args.out, fmt=args.format, source_field=args.source_field,
+                   target_field=args.target_field, max_len=args.max_len, max_ratio=args.max_ratio,
+                   dedup=not args.no_dedup, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
+                   num_proc=args.num_proc, dtype=args.dtype, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    print_mt_summary(m, args.out)
+    return m
+
+
+def print_mt_summary(m: dict, out: Path) -> None:
+    pairs = m["pairs"]
+    print(f"translation corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
+    print(f"  pairs read {pairs['read']:,}  kept {pairs['kept']:,}  dropped {pairs['read'] - pairs['kept']:,}")
+    for name, count in pairs["removed"].items():
+        print(f"    removed by {name:<13} {count:>10,}")
+    for name, s in m["splits"].items():
+        print(f"  {name:<11} {s['pairs']:>10,} pairs {s['source']['tokens']:>12,} source tokens "
+              f"{s['target']['tokens']:>12,} target tokens")
+    print(f"  time {m['seconds']:.1f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    try:
+        if args.command == "tokenizer":
+            run_tokenizer(args)
+        elif args.command == "lm":
+            run_lm(args)
+        elif args.command == "mt":
+            run_mt(args)
+        else:
+            from meo_ds.data.demo import build_demo
+
+            build_demo(args.task, args.out, num_proc=args.num_proc, vocab_size=args.vocab_size,
+                       pairs=args.pairs, max_chars=args.max_chars, overwrite=args.overwrite)
+    except (CorpusError, ValueError, FileExistsError, FileNotFoundError, KeyError) as err:
+        print(f"meo-prepare {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"done in {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Translation corpora: `prepare_mt` cleans, tokenizes and splits pairs; `MTDataset`/`MTLoader` read them.
+
+On disk: for each split ``{split}.src.bin``/``{split}.tgt.bin`` (raw ids, no bos/eos) with offsets
+``{split}.src.idx.npy``/``{split}.tgt.idx.npy`` (pair i is ids[off[i]:off[i+1]]; lengths are
+the offset differences), ``tokenizer.model`` and ``manifest.json`` (written last).
+
+Batches (see MTLoader): the encoder reads source + eos; the decoder reads bos + target and is
+trained to predict target + eos (labels), so decoder_input_ids[:, t+1] == labels[:, t].
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from meo_ds.data.io import (TokenFileWriter, check_output_dir, open_tokens, read_manifest, staging_dir,
+                            token_dtype, write_manifest)
+from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, tokenize_stream
+from meo_ds.data.readers import read_pairs
+from meo_ds.data.tokenizer import Tokenizer
+
+MT_FORMAT = "meo_ds.mt/1"
+SPLITS = ("train", "validation", "test")
+FILTERS = ("empty", "duplicate", "max_length", "length_ratio")
+IGNORE_INDEX = -100
+
+
+def _text_filters(pairs: Iterable[tuple[str, str]], removed: dict, dedup: bool) -> Iterator[tuple[str, str]]:
+    seen: set[bytes] = set()
+    for src, tgt in pairs:
+        removed["read"] += 1
+        src, tgt = src.strip(), tgt.strip()
+        if not src or not tgt:
+            removed["empty"] += 1
+            continue
+        if dedup:
+            digest = hashlib.blake2b(f"{src}\t{tgt}".encode(), digest_size=16).digest()
+            if digest in seen:
+                removed["duplicate"] += 1
+                continue
+            seen.add(digest)
+        yield src, tgt
+
+
+def _length_ok(src: list[int], tgt: list[int], removed: dict, max_len: int, max_ratio: float) -> bool:
+    if max_len and max(len(src), len(tgt)) > max_len:
+        removed["max_length"] += 1
+        return False
+    if max_ratio and max(len(src), len(tgt)) > max_ratio * max(1, min(len(src), len(tgt))):
+        removed["length_ratio"] += 1
+        return False
+    return True
+
+
+class _Splitter:
+    """Held-out items by stride (exact counts): floor(n*(v+t)) held out, floor(held*t/(v+t)) of them test."""
+
+    def __init__(self, valid_fraction: float, test_fraction: float):
+        held = valid_fraction + test_fraction
+        self.held = StrideSplitter(held)
+        self.test = StrideSplitter(test_fraction / held if held else 0.0)
+
+    def split(self) -> str:
+        if not self.held.take():
+            return "train"
+        return "test" if self.test.take() else "validation"
+
+
+def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | Path, *, fmt: str = "auto",
+               source_field: str = "source", target_field: str = "target", max_len: int = 256,
+               max_ratio: float = 3.0, dedup: bool = True, valid_fraction: float = 0.01,
+               test_fraction: float = 0.01, num_proc: int = 1, dtype: str = "auto", overwrite: bool = False,
+               progress: bool = True) -> dict:
+    """Clean, tokenize and split a parallel corpus into `out`; returns the manifest.
+
+    Filters, in order (a pair counts against the first that removes it): `empty` (either side
+    blank), `duplicate` (exact pair seen before), `max_length` (either side > max_len tokens; 0 =
+    off), `length_ratio` (longer side > max_ratio x shorter; 0 = off).
+    """
+    start = time.time()
+    tok = Tokenizer(tokenizer)
+    np_dtype = token_dtype(tok.vocab_size, dtype)
+    described = describe_inputs(inputs)
+    options = {"format": fmt, "source_field": source_field, "target_field": target_field, "max_len": max_len,
+               "max_ratio": max_ratio, "dedup": dedup, "valid_fraction": valid_fraction,
+               "test_fraction": test_fraction, "dtype": np_dtype.name}
+    key = corpus_key(described, tok.checksum(), options)
+    out = Path(out)
+    if check_output_dir(out, key, overwrite):
+        print(f"{out}: already holds this corpus (same inputs, tokenizer and options); nothing to do")
+        return read_manifest(out)
+    removed = dict.fromkeys(("read",) + FILTERS, 0)
+    splitter = _Splitter(valid_fraction, test_fraction)
+    with staging_dir(out) as tmp:
+        writers = {s: (TokenFileWriter(tmp, f"{s}.src", np_dtype), TokenFileWriter(tmp, f"{s}.tgt", np_dtype))
+                   for s in SPLITS}
+        pairs = _text_filters(read_pairs(inputs, fmt, source_field, target_field), removed, dedup)
+        for src, tgt in tqdm(tokenize_stream(pairs, tok.path, num_proc), desc="tokenize", unit="pair",
+                             disable=not progress):
+            if _length_ok(src, tgt, removed, max_len, max_ratio):
+                src_writer, tgt_writer = writers[splitter.split()]
+                src_writer.add(src)
+                tgt_writer.add(tgt)
+        splits = {}
+        for name, (src_writer, tgt_writer) in writers.items():
+            source, target = src_writer.close(), tgt_writer.close()
+            splits[name] = {"pairs": source["sequences"], "source": source, "target": target}
+        if splits["train"]["pairs"] == 0:
+            raise ValueError(f"no training pairs left after filtering: {removed}")
+        shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        kept = sum(s["pairs"] for s in splits.values())
+        manifest = {
+            "format": MT_FORMAT, "task": "mt", "corpus_key": key, "inputs": described, "options": options,
+            "tokenizer": {"file": "tokenizer.model", "source": str(tok.path.resolve()), "sha256": tok.checksum(),
+                          "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()},
+            "dtype": np_dtype.name, "splits": splits,
+            "pairs": {"read": removed["read"], "kept": kept, "removed": {f: removed[f] for f in FILTERS}},
+            "tokens": {side: sum(s[side]["tokens"] for s in splits.values()) for side in ("source", "target")},
+            "seconds": round(time.time() - start, 3),
+        }
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+class MTDataset:
+    """A memory-mapped split of a prepared translation directory."""
+
+    def __init__(self, directory: str | Path, split: str = "train"):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        if self.manifest.get("format") != MT_FORMAT:
+            raise ValueError(f"{self.directory}: not a translation corpus (format {self.manifest.get('format')!r})")
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"{self.directory}: no split {split!r}")
+        self.split, self.entry = split, self.manifest["splits"][split]
+        dtype = np.dtype(self.manifest["dtype"])
+        self.src, self.src_offsets = open_tokens(self.directory, self.entry["source"], dtype)
+        self.tgt, self.tgt_offsets = open_tokens(self.directory, self.entry["target"], dtype)
+        self.src_lens = np.diff(self.src_offsets)
+        self.tgt_lens = np.diff(self.tgt_offsets)
+
+    def __len__(self) -> int:
+        return len(self.src_lens)
+
+    def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source ids, target ids) of pair i, without bos/eos."""
+        return (np.asarray(self.src[self.src_offsets[i]:self.src_offsets[i + 1]]),
+                np.asarray(self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]]))
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.directory / self.manifest["tokenizer"]["file"])
+
+
+class MTLoader:
+    """Token-budget batches of translation pairs with length bucketing, sharded over dp ranks.
+
+    Per epoch: pairs are sorted by padded length max(src+1, tgt+1) (ties broken by a permutation
+    seeded by (seed, epoch)), cut greedily into batches of at most `max_tokens` padded tokens
+    (batch size x longest padded side; and at most `max_sentences` pairs), and the batch order is
+    shuffled with the same generator. Global step g gives rank r batch g*world + r; every rank
+    yields len(loader) batches per epoch and the < world leftover batches are skipped that epoch.
+    The number of batches depends only on the lengths, so it is the same every epoch.
+
+    Each batch: src_ids [B,S] = source + eos, src_mask (True = real token); decoder_input_ids
+    [B,T] = bos + target, labels [B,T] = target + eos with padding -100, tgt_mask; index [B] =
+    pair ids in the split. Padding uses the tokenizer's pad id. Resumable like LMLoader.
+    """
+
+    def __init__(self, dataset: MTDataset | str | Path, max_tokens: int, *, dp_rank: int = 0,
+                 dp_world_size: int = 1, seed: int = 0, shuffle: bool = True, split: str = "train",
+                 max_sentences: int | None = None):
+        self.dataset = dataset if isinstance(dataset, MTDataset) else MTDataset(dataset, split)
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_world_size})")
+        self.max_tokens, self.max_sentences = max_tokens, max_sentences
+        self.dp_rank, self.dp_world_size, self.seed, self.shuffle = dp_rank, dp_world_size, seed, shuffle
+        self.tokenizer = self.dataset.tokenizer()
+        self.cost = np.maximum(self.dataset.src_lens, self.dataset.tgt_lens) + 1
+        if len(self.cost) and self.cost.max() > max_tokens:
+            raise ValueError(f"{int((self.cost > max_tokens).sum())} pairs need more than max_tokens={max_tokens} "
+                             f"(longest side + 1 = {int(self.cost.max())}); raise max_tokens or prepare with a "
+                             f"smaller --max-len")
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self.num_global_batches = len(self.batches(0))
+        if len(self) == 0:
+            raise ValueError(f"{self.dataset.directory} [{self.dataset.split}]: {self.num_global_batches} batches "
+                             f"cannot give each of {dp_world_size} ranks one")
+        self.epoch, self.step = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_global_batches // self.dp_world_size
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """Every global batch of `epoch` (pair ids), in the order they are served."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.cost)
+        ties = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = np.lexsort((ties, self.cost))
+        batches = self._cut(order)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._cache = (epoch, batches)
+        return batches
+
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        cost, limit = self.cost[order], self.max_sentences or len(order)
+        bounds, start = [], 0
+        for i, c in enumerate(cost.tolist()):
+            if (i + 1 - start) * c > self.max_tokens or i - start >= limit:
+                bounds.append(i)
+                start = i
+        return np.split(order, bounds) if len(order) else []
+
+    def pair_indices(self, epoch: int, step: int) -> np.ndarray:
+        return self.batches(epoch)[step * self.dp_world_size + self.dp_rank]
+
+    def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        index = self.pair_indices(epoch, step)
+        pairs = [self.dataset.pair(int(i)) for i in index]
+        tok = self.tokenizer
+        src = _pad([np.append(s, tok.eos_id) for s, _ in pairs], tok.pad_id)
+        dec = _pad([np.insert(t, 0, tok.bos_id) for _, t in pairs], tok.pad_id)
+        labels = _pad([np.append(t, tok.eos_id) for _, t in pairs], IGNORE_INDEX)
+        src_lens = torch.as_tensor([len(s) + 1 for s, _ in pairs])
+        tgt_lens = torch.as_tensor([len(t) + 1 for _, t in pairs])
+        return {"src_ids": src, "src_mask": torch.arange(src.shape[1]) < src_lens[:, None],
+                "decoder_input_ids": dec, "labels": labels,
+                "tgt_mask": torch.arange(dec.shape[1]) < tgt_lens[:, None], "index": torch.from_numpy(index)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, n = self.epoch, len(self)
+        for step in range(self.step, n):
+            batch = self.batch(epoch, step)
+            self.epoch, self.step = (epoch + 1, 0) if step + 1 == n else (epoch, step + 1)
+            yield batch
+
+    def forever(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield from self
+
+    def _identity(self) -> dict:
+        return {"seed": self.seed, "max_tokens": self.max_tokens, "max_sentences": self.max_sentences,
+                "shuffle": self.shuffle, "num_pairs": len(self.cost),
+                "corpus_sha256": self.dataset.entry["source"]["sha256"] + self.dataset.entry["target"]["sha256"]}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.step * self.dp_world_size, **self._identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in self._identity().items():
+            if state.get(key) != value:
+                raise ValueError(f"loader state does not match this loader: {key} is {state.get(key)!r}, "
+                                 f"this loader has {value!r}")
+        consumed = state["batches_consumed"]
+        if consumed % self.dp_world_size:
+            raise ValueError(f"cannot resume: {consumed} global batches consumed is not a multiple of "
+                             f"dp_world_size {self.dp_world_size}")
+        self.epoch, self.step = state["epoch"], consumed // self.dp_world_size
+        if self.step >= len(self):
+            self.epoch, self.step = self.epoch + 1, 0
+
+
+def _pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
+    out = np.full((len(rows), max(len(r) for r in rows)), value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return torch.from_numpy(out)
