@@ -124,6 +124,18 @@ class _RecomputedMergedLinear(torch.autograd.Function):
         return dx, dg, dw, (db.to(bias.dtype) if db is not None else None)
 
 
+def _check_merged_shapes(x, gates, weight, bias) -> None:
+    if weight.dim() != 3:
+        raise ValueError(f"merged_linear: weight must be [experts, d_out, d_in], got {tuple(weight.shape)}")
+    num_experts, d_out, d_in = weight.shape
+    if x.dim() != 3 or x.shape[-1] != d_in:
+        raise ValueError(f"merged_linear: x must be [groups, tokens, {d_in}], got {tuple(x.shape)}")
+    if gates.shape != (x.shape[0], num_experts):
+        raise ValueError(f"merged_linear: gates must be [{x.shape[0]}, {num_experts}], got {tuple(gates.shape)}")
+    if bias is not None and bias.shape != (num_experts, d_out):
+        raise ValueError(f"merged_linear: bias must be [{num_experts}, {d_out}], got {tuple(bias.shape)}")
+
+
 def merged_linear(
     x: torch.Tensor,
     gates: torch.Tensor,
@@ -137,6 +149,7 @@ def merged_linear(
     bias: [E, d_out] or None. recompute=True keeps W^ out of the autograd graph (rebuilt in
     backward, at most MERGED_CHUNK_BYTES of it at a time); False is plain autograd.
     """
+    _check_merged_shapes(x, gates, weight, bias)
     if recompute:
         return _RecomputedMergedLinear.apply(x, gates, weight, bias)
     return _merged_forward(x, gates, weight, bias)
@@ -325,10 +338,11 @@ class MEOLayer(nn.Module):
                 f"cast one to the other (e.g. layer.to(torch.bfloat16)) or run under torch.autocast"
             )
         if padding_mask is not None:
-            if padding_mask.dtype != torch.bool or padding_mask.shape != x.shape[:2]:
+            if padding_mask.dtype != torch.bool or padding_mask.shape != x.shape[:2] or padding_mask.device != x.device:
                 raise ValueError(
                     f"MEOLayer: padding_mask must be a bool tensor of shape {tuple(x.shape[:2])} "
-                    f"(True = real token), got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+                    f"on {x.device} (True = real token), got {padding_mask.dtype} {tuple(padding_mask.shape)} "
+                    f"on {padding_mask.device}"
                 )
         if state is not None and not self.causal:
             raise ValueError(

@@ -1,5 +1,4 @@
 """MEO: merged experts equal the per-linear vanilla MoE, causal segment gating, decoding, FLOPs."""
-import math
 
 import pytest
 import torch
@@ -454,3 +453,10 @@ def test_bad_input_raises_clear_errors():
         layer.flops_per_token(0)
     with pytest.raises(ValueError, match=">= 1"):
         meo_flops_per_sequence(8, 8, 0, 2)
+    w = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match=r"x must be \[groups, tokens, 5\]"):
+        merged_linear(torch.randn(2, 3, 4), torch.rand(2, 4), w)
+    with pytest.raises(ValueError, match=r"gates must be \[2, 4\]"):
+        merged_linear(torch.randn(2, 3, 5), torch.rand(2, 3), w)
+    with pytest.raises(ValueError, match=r"bias must be \[4, 3\]"):
+        merged_linear(torch.randn(2, 3, 5), torch.rand(2, 4), w, torch.randn(3))
