@@ -141,6 +141,7 @@ def hf_tokenizer(model_path: str | os.PathLike):
 
     class _Converter(SpmConverter):
         handle_byte_fallback = True
+        SpmExtractor = _BpeMergeExtractor
 
     backend = _Converter(types.SimpleNamespace(vocab_file=str(model_path))).converted()
     backend.decoder = decoders.Sequence([
@@ -152,6 +153,19 @@ def hf_tokenizer(model_path: str | os.PathLike):
         tokenizer_object=backend, pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"],
         bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"],
     )
+
+
+class _BpeMergeExtractor:
+    """BPE merges from piece scores (transformers 5.23's default extractor mis-handles BPE models)."""
+
+    def __init__(self, vocab_file: str):
+        self.vocab_file = vocab_file
+
+    def extract(self, vocab_scores: list[tuple[str, float]]) -> tuple[dict[str, int], list]:
+        from transformers.convert_slow_tokenizer import generate_merges
+
+        vocab = {piece: i for i, (piece, _) in enumerate(vocab_scores)}
+        return vocab, generate_merges(vocab, vocab_scores)
 
 
 def save_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
