@@ -1,0 +1,98 @@
+"""Evaluation: validation loss/perplexity (LM and translation) and BLEU/chrF with beam search.
+
+All functions are collective: every rank calls them. Validation batches are split over the
+ranks and their token-weighted losses summed with all_reduce. Beam search runs the same
+sentences on every rank (with expert parallelism every rank must take part in every forward,
+and identical inputs make every rank stop at the same step); rank 0 scores them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from meo_ds.config import RunConfig
+
+
+def evaluate(engine: Any, cfg: RunConfig, val_loader: Any, device: torch.device) -> dict:
+    was_training = engine.module.training
+    engine.eval()
+    try:
+        with torch.no_grad():
+            result = validation_loss(engine, val_loader, cfg.eval.max_batches, device)
+            if cfg.task == "translation" and cfg.eval.bleu:
+                result.update(bleu_chrf(engine.module, cfg, device))
+    finally:
+        if was_training:
+            engine.train()
+    return result
+
+
+def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.device) -> dict:
+    """Token-weighted mean task loss over the first `max_batches` validation batches of every rank."""
+    from meo_ds.train import model_inputs, target_tokens
+
+    sums = torch.zeros(2, dtype=torch.float64)
+    for step in range(min(len(loader), max_batches)):
+        batch = loader.batch(0, step)
+        out = engine(**model_inputs(batch, device))
+        tokens = target_tokens(batch)
+        sums += torch.tensor([out.loss.double().item() * tokens, tokens], dtype=torch.float64)
+    dist.all_reduce(sums)
+    loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
+
+
+def bleu_chrf(model: torch.nn.Module, cfg: RunConfig, device: torch.device, batch_size: int = 64) -> dict:
+    """sacrebleu BLEU and chrF of beam-search translations of the first N validation pairs."""
+    import sacrebleu
+
+    from meo_ds.data.mt import MTDataset
+
+    dataset = MTDataset(cfg.data.path, cfg.data.val_split)
+    tok = dataset.tokenizer()
+    n = min(len(dataset), cfg.eval.bleu_sentences)
+    hyps, refs = [], []
+    for start in range(0, n, batch_size):
+        pairs = [dataset.pair(i) for i in range(start, min(n, start + batch_size))]
+        src_ids, src_mask = source_batch([s for s, _ in pairs], tok.eos_id, tok.pad_id)
+        out = translate(model, src_ids.to(device), src_mask.to(device), cfg, tok)
+        hyps += [tok.decode(strip_special(ids, tok)) for ids in out]
+        refs += [tok.decode([int(t) for t in tgt]) for _, tgt in pairs]
+    bleu = sacrebleu.corpus_bleu(hyps, [refs])
+    chrf = sacrebleu.corpus_chrf(hyps, [refs])
+    samples = [{"hyp": h, "ref": r} for h, r in list(zip(hyps, refs))[:3]]
+    return {"bleu": float(bleu.score), "chrf": float(chrf.score), "bleu_sentences": n, "samples": samples}
+
+
+def source_batch(sources: list, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source ids (+ eos) padded to one tensor, and the mask (True = real token)."""
+    lens = [len(s) + 1 for s in sources]
+    ids = torch.full((len(sources), max(lens)), pad_id, dtype=torch.long)
+    for i, s in enumerate(sources):
+        ids[i, : len(s)] = torch.as_tensor([int(t) for t in s], dtype=torch.long)
+        ids[i, len(s)] = eos_id
+    mask = torch.arange(ids.shape[1]) < torch.as_tensor(lens)[:, None]
+    return ids, mask
+
+
+def strip_special(ids: Any, tok: Any) -> list[int]:
+    """Token ids up to the first eos, without bos/pad."""
+    out = []
+    for t in (ids.tolist() if torch.is_tensor(ids) else ids):
+        if t == tok.eos_id:
+            break
+        if t not in (tok.bos_id, tok.pad_id):
+            out.append(int(t))
+    return out
+
+
+def translate(model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor, cfg: RunConfig, tok: Any) -> list:
+    """Beam-search translations (one id sequence per source) through the model's generate()."""
+    from meo_ds.models import generation
+
+    return generation.translate(model, src_ids, src_mask, beam_size=cfg.eval.beam_size,
+                                max_new_tokens=cfg.eval.max_new_tokens, length_penalty=cfg.eval.length_penalty,
+                                bos_id=tok.bos_id, eos_id=tok.eos_id)

@@ -1,0 +1,120 @@
+"""Training metrics: peak-FLOPS table and MFU, routing-statistics summaries, the log line."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+
+# Dense peak FLOP/s per device (vendor datasheets, no sparsity). Keys are matched as
+# substrings of the accelerator's device name, most specific first.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
+    "GH200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "B200": {"bf16": 2250e12, "fp16": 2250e12, "fp32": 80e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "A800": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+    "MI300X": {"bf16": 1307e12, "fp16": 1307e12, "fp32": 163e12},
+    "MI250X": {"bf16": 383e12, "fp16": 383e12, "fp32": 47.9e12},
+}
+
+
+def device_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return "cpu"
+    try:
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else acc.device_name()
+    except Exception:  # noqa: BLE001 - any accelerator without a name lookup
+        return acc.device_name()
+
+
+def peak_flops(name: str, precision: str) -> Optional[float]:
+    """Per-device peak FLOP/s for `precision`, or None (CPU, unknown device): MFU is n/a."""
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return PEAK_FLOPS[key].get(precision)
+    return None
+
+
+def mfu(tokens_per_s: float, train_flops_per_token: Optional[float], peak: Optional[float], world: int) -> Optional[float]:
+    if not train_flops_per_token or not peak or tokens_per_s <= 0:
+        return None
+    return tokens_per_s * train_flops_per_token / (peak * world)
+
+
+class RoutingAccumulator:
+    """Sums per-layer routing statistics over a logging interval (one entry per MoE layer)."""
+
+    def __init__(self) -> None:
+        self.loads: list[torch.Tensor] = []
+        self.dropped: list[float] = []
+        self.ept: list[float] = []
+        self.count = 0
+
+    def add(self, stats: Optional[Sequence[Any]]) -> None:
+        if not stats:
+            return
+        stats = [s for s in stats if s is not None]
+        if not self.loads:
+            self.loads = [torch.zeros_like(s.expert_load, dtype=torch.float64) for s in stats]
+            self.dropped = [0.0] * len(stats)
+            self.ept = [0.0] * len(stats)
+        for i, s in enumerate(stats[: len(self.loads)]):
+            self.loads[i] += s.expert_load.detach().to("cpu", torch.float64)
+            self.dropped[i] += float(s.dropped_fraction)
+            self.ept[i] += float(s.experts_per_token_mean)
+        self.count += 1
+
+    def summary(self, global_loads: Optional[list[torch.Tensor]] = None) -> list[dict]:
+        """Per layer: balance = max/mean expert load (1.0 is perfect), drop rate, experts/token."""
+        out = []
+        loads = global_loads if global_loads is not None else self.loads
+        for i, load in enumerate(loads):
+            mean = float(load.mean())
+            out.append(
+                {
+                    "balance": float(load.max()) / mean if mean > 0 else float("nan"),
+                    "drop": self.dropped[i] / max(1, self.count),
+                    "experts_per_token": self.ept[i] / max(1, self.count),
+                }
+            )
+        return out
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+def format_line(m: dict) -> str:
+    """One log line; `m` holds the interval's metrics."""
+    mfu_text = "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
+    tps = m.get("tokens_per_s")
+    parts = [
+        f"step {m['step']:>6d}",
+        f"loss {m['loss']:.4f}",
+        f"ppl {m['ppl']:.2f}",
+        f"aux {m['aux']:.4f}",
+        f"lr {m['lr']:.3e}",
+        f"gnorm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "gnorm n/a",
+        f"tok/s {tps:,.0f}" if tps else "tok/s warm-up",
+        f"mfu {mfu_text}",
+    ]
+    routing = m.get("routing") or []
+    if routing:
+        parts.append(
+            "moe[" + " ".join(f"L{i}:bal {r['balance']:.2f} drop {r['drop']:.3f} k {r['experts_per_token']:.2f}" for i, r in enumerate(routing)) + "]"
+        )
+    if m.get("skipped"):
+        parts.append(f"skipped {m['skipped']}")
+    return " | ".join(parts)
+
+
+def safe_ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan")

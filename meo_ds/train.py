@@ -1,0 +1,494 @@
+"""The DeepSpeed trainer for MoE language models and translation models.
+
+    deepspeed --num_gpus 8 --module meo_ds.train --config run.yaml \\
+        --deepspeed_config ds_configs/zero2_bf16.json --set model.moe.kind=xmoe
+    meo-train ...            # the same, on the ranks the environment already describes
+
+Every rank reads and checks both configs first (`ConfigError` -> exit status 2 on every rank,
+before the process group exists). Then `Trainer` owns the run: setup (process group with a
+timeout, model, parameter groups, engine, loaders, resume), the step loop, evaluation,
+checkpoints, and stopping (SIGTERM/SIGINT, non-finite losses, a dead rank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from meo_ds import checkpoint as ckpt
+from meo_ds import metrics
+from meo_ds.config import ConfigError, RunConfig, load_ds_config, load_run_config, reconcile_ds_config
+from meo_ds.optim import SkippableAdamW, lr_at, param_groups, set_lr
+
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+
+
+# --------------------------------------------------------------------------- arguments
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="meo-train", description="Train an MoE model with DeepSpeed (LM or translation).")
+    p.add_argument("--config", required=True, help="run config (YAML/JSON): task, model preset, data, train, ...")
+    p.add_argument("--deepspeed_config", "--ds_config", dest="ds_config", required=True, help="DeepSpeed JSON config (ds_configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.moe.kind=xmoe (repeatable)")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", "0")), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def accelerator_kind() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def load_configs(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, dict]:
+    """Both configs, checked against each other and the world size. Raises ConfigError."""
+    cfg = load_run_config(args.config, args.set)
+    cfg.validate(world_size)
+    ds = reconcile_ds_config(cfg, load_ds_config(args.ds_config), world_size, accelerator_kind())
+    check_data(cfg)
+    return cfg, ds
+
+
+def check_data(cfg: RunConfig) -> None:
+    path = Path(cfg.data.path)
+    if not (path / "manifest.json").is_file():
+        raise ConfigError(
+            f"data.path={str(path)!r} holds no prepared corpus (no manifest.json); prepare one with "
+            f"`meo-prepare demo --task {'lm' if cfg.task == 'lm' else 'mt'} --out {path}` or `meo-prepare lm|mt ...`"
+        )
+
+
+# --------------------------------------------------------------------------- models / data integration
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    from meo_ds import models
+
+    return models.build_model(cfg.model)
+
+
+def train_flops_per_token(model: torch.nn.Module, cfg: RunConfig) -> Optional[float]:
+    """Training FLOPs per (target) token: 3x the forward FLOPs the model reports, if it does."""
+    fn = getattr(model, "flops_per_token", None)
+    if fn is None:
+        return None
+    try:
+        return 3.0 * float(fn(cfg.data.seq_len))
+    except TypeError:
+        return 3.0 * float(fn())
+
+
+def build_loader(cfg: RunConfig, split: str, rank: int, world: int, shuffle: bool = True) -> Any:
+    from meo_ds import data
+
+    if cfg.task == "lm":
+        return data.LMLoader(cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                             dp_rank=rank, dp_world_size=world, seed=cfg.data.seed, shuffle=shuffle, split=split)
+    return data.MTLoader(cfg.data.path, max_tokens=cfg.data.max_tokens, dp_rank=rank, dp_world_size=world,
+                         seed=cfg.data.seed, shuffle=shuffle, split=split)
+
+
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "segment_ids", "src_ids", "src_mask",
+                "decoder_input_ids", "tgt_mask")
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and torch.is_tensor(v)}
+
+
+def target_tokens(batch: dict) -> int:
+    return int((batch["labels"] != -100).sum())
+
+
+# --------------------------------------------------------------------------- stopping
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the ranks agree on it at the next step (all_reduce)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.name = ""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.name = signal.Signals(signum).name
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean task loss per target token over all ranks (nan when skipped)
+    aux: float
+    tokens: int
+    skipped: bool
+    stop: bool
+    grad_norm: Optional[float]
+
+
+# --------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config: dict) -> None:
+        self.cfg, self.ds_config = cfg, ds_config
+        self.out_dir = Path(cfg.logging.out_dir)
+        self.stop_signal = StopSignal()
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.start_time = time.time()
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        cfg = self.cfg
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(get_accelerator().device_name(), get_accelerator().current_device()) \
+            if get_accelerator().device_name() != "cpu" else torch.device("cpu")
+        self._prepare_dirs()
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg)
+        self.optimizer = SkippableAdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                        betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        self.flops_per_token = train_flops_per_token(model, cfg)
+        self.loader = build_loader(cfg, "train", self.rank, self.world)
+        self.val_loader = build_loader(cfg, cfg.data.val_split, self.rank, self.world, shuffle=False)
+        self._seed_rank()
+        self._resume_or_init()
+        self.log(f"run {cfg.name}: task={cfg.task} world={self.world} ep={cfg.ep_size} "
+                 f"zero={self.engine.zero_optimization_stage()} precision={cfg.train.precision} "
+                 f"params={sum(p.numel() for p in model.parameters()):,} (this rank) device={metrics.device_name()}")
+
+    def _prepare_dirs(self) -> None:
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            removed = ckpt.remove_incomplete(self.cfg.checkpoint_dir)
+            if removed:
+                self.log(f"removed incomplete checkpoint(s) {removed} left by an interrupted save")
+            (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        dist.barrier()
+
+    def _seed_rank(self) -> None:
+        import random
+
+        import numpy as np
+
+        seed = self.cfg.train.seed + 1000 * (self.rank + 1)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ---------------------------------------------------------------- resume
+    def _resume_or_init(self) -> None:
+        cfg = self.cfg
+        point = ckpt.resolve(cfg.checkpoint.resume, cfg.checkpoint_dir)
+        if point is not None:
+            self._resume(point)
+        elif cfg.checkpoint.init_from:
+            init = ckpt.resolve(cfg.checkpoint.init_from, cfg.checkpoint_dir)
+            self.engine.load_checkpoint(str(init.load_dir), tag=init.tag, load_module_only=True,
+                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+            self.log(f"initialised model weights from {init.path}")
+
+    def _resume(self, point: ckpt.ResumePoint) -> None:
+        info = json.loads((point.path / ckpt.COMPLETE).read_text())
+        same_layout = info.get("world_size") == self.world and info.get("ep_size") == self.cfg.ep_size
+        if same_layout:
+            self.engine.load_checkpoint(str(point.load_dir), tag=point.tag)
+        else:
+            self.engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_only=True,
+                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+        state = ckpt.load_rank_state(point, self.rank) if same_layout else None
+        self.step = int(info["step"])
+        if state is not None:
+            self.loader.load_state_dict(state["data"])
+            self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+            ckpt.set_rng_state(state["rng"])
+            self.log(f"resumed exactly from {point.path} at step {self.step}")
+            return
+        self._carry_data_position(point)
+        self.log(
+            f"resumed model weights from {point.path} (step {self.step}), saved at world size "
+            f"{info.get('world_size')} / ep {info.get('ep_size')}, now {self.world} / ep {self.cfg.ep_size}. "
+            f"NOT carried over: optimizer state (AdamW moments; the schedule continues at step {self.step}), "
+            f"per-rank RNG streams"
+        )
+
+    def _carry_data_position(self, point: ckpt.ResumePoint) -> None:
+        state = ckpt.load_rank_state(point, 0)
+        try:
+            self.loader.load_state_dict(state["data"])
+        except (ValueError, KeyError, TypeError) as err:
+            self.log(f"data position NOT carried over ({err}); the data stream restarts")
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> int:
+        cfg = self.cfg
+        self.routing = metrics.RoutingAccumulator()
+        self.window = {"loss_tokens": 0.0, "aux": 0.0, "tokens": 0, "n": 0, "skipped": 0, "gnorm": None}
+        self.timed_tokens, self.timed_since, self.steps_this_run = 0, None, 0
+        self.data_iter: Iterator[dict] = self.loader.forever()
+        if cfg.checkpoint.save_initial and self.step == 0:
+            self.save()
+        while self.step < cfg.train.steps:
+            self.step += 1
+            self._debug_die(cfg.debug.die_at_step)
+            result = self.train_step()
+            self._after_step(result)
+            if result.stop:
+                self.log(f"stopping on {self.stop_signal.name or 'a signal on another rank'} after step {self.step}")
+                self.save()
+                return 0
+        self._finish()
+        return 0
+
+    def train_step(self) -> StepResult:
+        cfg, engine = self.cfg, self.engine
+        set_lr(self.optimizer, self.lr())
+        sums = torch.zeros(5, dtype=torch.float64)
+        for micro in range(cfg.train.grad_accum):
+            batch = next(self.data_iter)
+            out = engine(**model_inputs(batch, self.device))
+            loss, aux = out.loss.float(), out.aux_loss.float()
+            if self.step in cfg.debug.nan_at_steps:
+                loss = loss * float("nan")
+            tokens = target_tokens(batch)
+            flags = torch.tensor([float(not torch.isfinite(loss + aux)), float(self.stop_signal.requested),
+                                  loss.item() * tokens, tokens, aux.item()], dtype=torch.float64)
+            dist.all_reduce(flags)
+            bad = flags[0].item() > 0
+            engine.backward(self._zero_loss() if bad else loss + aux)
+            if micro == cfg.train.grad_accum - 1:
+                self.optimizer.skip_next_step = bool(sums[0].item() > 0 or bad)
+                gnorm = self._grad_norm_before_step()
+            engine.step()
+            sums += flags if not bad else torch.tensor([1.0, flags[1].item(), 0, 0, 0], dtype=torch.float64)
+            self.routing.add(getattr(out, "stats", None))
+        return self._step_result(sums, gnorm)
+
+    def _step_result(self, sums: torch.Tensor, gnorm: Optional[float]) -> StepResult:
+        skipped = sums[0].item() > 0
+        tokens = int(sums[3].item())
+        if gnorm is None and not skipped:
+            value = self.engine.get_global_grad_norm()
+            gnorm = float(value) if value is not None else None
+        return StepResult(
+            loss=sums[2].item() / tokens if tokens and not skipped else float("nan"),
+            aux=sums[4].item() / (self.world * self.cfg.train.grad_accum),
+            tokens=tokens, skipped=skipped, stop=sums[1].item() > 0, grad_norm=gnorm,
+        )
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A zero loss touching every parameter: keeps the collectives of backward in step."""
+        return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
+
+    def _grad_norm_before_step(self) -> Optional[float]:
+        """Stage 0 fp32 keeps no norm; compute it (expert grads summed over the EP group)."""
+        if self.engine.zero_optimization() or self.engine.bfloat16_enabled() or self.engine.fp16_enabled():
+            return None
+        from deepspeed.moe.utils import is_moe_param
+        from deepspeed.utils import groups
+
+        dense, expert = torch.zeros((), dtype=torch.float64), {}
+        for p in self.engine.module.parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if is_moe_param(p):
+                expert[p.group_name] = expert.get(p.group_name, 0.0) + sq
+            else:
+                dense += sq
+        for name, sq in sorted(expert.items()):
+            sq = torch.as_tensor(sq, dtype=torch.float64)
+            dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
+            dense += sq
+        return float(dense.sqrt())
+
+    def lr(self) -> float:
+        t = self.cfg.train
+        return lr_at(self.step, schedule=self.cfg.schedule, lr=t.lr, warmup=t.warmup_steps, total=t.steps,
+                     min_ratio=t.min_lr_ratio)
+
+    # ---------------------------------------------------------------- after a step
+    def _after_step(self, r: StepResult) -> None:
+        cfg = self.cfg
+        self._account(r)
+        self._record_step(r)
+        if r.skipped:
+            self.nonfinite_in_a_row += 1
+            self.log(f"non-finite loss at step {self.step}: step skipped (no update; "
+                     f"{self.nonfinite_in_a_row} in a row, limit {cfg.train.max_nonfinite_in_a_row})")
+            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                raise NonFiniteLoss(f"stopping: {self.nonfinite_in_a_row} consecutive steps with a non-finite loss "
+                                    f"(last at step {self.step}); lower train.lr, check the data, or resume "
+                                    f"from an earlier checkpoint")
+        else:
+            self.nonfinite_in_a_row = 0
+        if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+            self._log_interval()
+        if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step != cfg.train.steps:
+            self.evaluate()
+        if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step != cfg.train.steps and not r.stop:
+            self.save()
+        if cfg.debug.step_sleep_s:
+            time.sleep(cfg.debug.step_sleep_s)
+
+    def _account(self, r: StepResult) -> None:
+        w = self.window
+        if not r.skipped:
+            w["loss_tokens"] += r.loss * r.tokens
+            w["tokens"] += r.tokens
+            w["aux"] += r.aux
+            w["n"] += 1
+            w["gnorm"] = r.grad_norm
+        else:
+            w["skipped"] += 1
+        self.steps_this_run += 1
+        if self.timed_since is not None:
+            self.timed_tokens += r.tokens
+        elif self.steps_this_run >= self.cfg.logging.throughput_warmup_steps:
+            self.timed_since, self.timed_tokens = time.time(), 0  # the clock starts after the warm-up steps
+
+    def _record_step(self, r: StepResult) -> None:
+        if self.rank != 0:
+            return
+        rec = {"step": self.step, "loss": r.loss if not r.skipped else None, "aux": r.aux, "lr": self.lr(),
+               "grad_norm": r.grad_norm, "tokens": r.tokens, "skipped": r.skipped, "time": time.time() - self.start_time}
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def tokens_per_s(self) -> Optional[float]:
+        if self.timed_since is None or self.timed_tokens == 0:
+            return None
+        return self.timed_tokens / max(1e-9, time.time() - self.timed_since)
+
+    def _log_interval(self) -> None:
+        w, cfg = self.window, self.cfg
+        global_loads = self._global_routing_loads()
+        loss = w["loss_tokens"] / w["tokens"] if w["tokens"] else float("nan")
+        tps = self.tokens_per_s()
+        peak = metrics.peak_flops(metrics.device_name() if cfg.logging.peak_flops_device == "auto"
+                                  else cfg.logging.peak_flops_device, cfg.train.precision)
+        m = {"step": self.step, "loss": loss, "ppl": metrics.safe_ppl(loss), "aux": w["aux"] / max(1, w["n"]),
+             "lr": self.lr(), "grad_norm": w["gnorm"], "tokens_per_s": tps,
+             "mfu": metrics.mfu(tps or 0.0, self.flops_per_token, peak, self.world),
+             "routing": self.routing.summary(global_loads), "skipped": w["skipped"]}
+        self.log(metrics.format_line(m))
+        self._monitor(m)
+        self.routing.reset()
+        self.window = {"loss_tokens": 0.0, "aux": 0.0, "tokens": 0, "n": 0, "skipped": 0, "gnorm": None}
+
+    def _global_routing_loads(self) -> Optional[list[torch.Tensor]]:
+        loads = self.routing.loads
+        if not loads:
+            return None
+        flat = torch.cat([l.flatten() for l in loads])
+        dist.all_reduce(flat)
+        return list(flat.split([l.numel() for l in loads]))
+
+    def _monitor(self, m: dict, prefix: str = "Train") -> None:
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is None or not getattr(monitor, "enabled", False):
+            return
+        events = [(f"{prefix}/{k}", float(v), self.step) for k, v in m.items()
+                  if isinstance(v, (int, float)) and v is not None and k != "step" and math.isfinite(float(v))]
+        for i, r in enumerate(m.get("routing") or []):
+            events += [(f"{prefix}/moe_layer{i}/{k}", float(v), self.step) for k, v in r.items() if math.isfinite(v)]
+        monitor.write_events(events)
+
+    # ---------------------------------------------------------------- evaluation, checkpoints, end
+    def evaluate(self) -> dict:
+        from meo_ds import evaluate as ev
+
+        rng = ckpt.rng_state()  # evaluation never changes the training trajectory
+        try:
+            result = ev.evaluate(self.engine, self.cfg, self.val_loader, self.device)
+        finally:
+            ckpt.set_rng_state(rng)
+        self.log("eval  | step " + str(self.step) + " | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                               for k, v in result.items() if k != "samples"))
+        self._monitor({k: v for k, v in result.items() if isinstance(v, (int, float))}, prefix="Eval")
+        if self.rank == 0:
+            with open(self.out_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **result}) + "\n")
+        return result
+
+    def save(self) -> None:
+        cfg = self.cfg
+        client = {"trainer_step": self.step, "config": cfg.to_dict(), "world_size": self.world, "ep_size": cfg.ep_size}
+        rank_state = {"step": self.step, "data": self.loader.state_dict(), "rng": ckpt.rng_state(),
+                      "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        hook = None
+        if cfg.debug.die_in_save_at_step == self.step:
+            hook = lambda: self._debug_die(self.step)  # noqa: E731
+        result = ckpt.save(self.engine, cfg.checkpoint_dir, self.step, client, rank_state, cfg.checkpoint.keep_last,
+                           mid_save_hook=hook, info={"ep_size": cfg.ep_size})
+        self.log(f"saved checkpoint {result.path}" + (f" (removed {result.removed})" if result.removed else ""))
+
+    def _finish(self) -> None:
+        cfg = self.cfg
+        if cfg.eval.at_end:
+            self.evaluate()
+        if cfg.checkpoint.save_at_end:
+            self.save()
+        elapsed = time.time() - self.start_time
+        tps = self.tokens_per_s()
+        self.log(f"done: {self.step} steps in {elapsed:.1f} s"
+                 + (f", {tps:,.0f} tokens/s after warm-up" if tps else "")
+                 + f"; logs in {self.out_dir}, checkpoints in {cfg.checkpoint_dir}")
+
+    def _debug_die(self, step: int) -> None:
+        if step and step == self.step and self.rank == self.cfg.debug.die_rank:
+            print(f"[rank {self.rank}] debug: dying at step {self.step}", file=sys.stderr, flush=True)
+            os._exit(17)
+
+    def log(self, text: str) -> None:
+        if getattr(self, "rank", 0) != 0:
+            return
+        line = f"[meo-train] {text}"
+        print(line, flush=True)
+        if self.out_dir.is_dir():
+            with open(self.out_dir / "train.log", "a") as f:
+                f.write(line + "\n")
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg, ds = load_configs(args, world)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"[meo-train] configuration error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    trainer = Trainer(cfg, ds)
+    trainer.setup()
+    try:
+        code = trainer.train()
+    except NonFiniteLoss as err:
+        trainer.log(str(err))
+        print(f"[meo-train] {err}", file=sys.stderr, flush=True)
+        code = EXIT_NONFINITE
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
