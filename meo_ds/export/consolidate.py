@@ -17,6 +17,8 @@ tensor/pipeline parallelism), all under `<dir>/<tag>/`:
 - `zero_pp_rank_*_mp_rank_00_optim_states.pt` / `expp_rank_*_..._optim_states.pt`: optimizer
   state, ignored.
 - `<dir>/latest`: the tag of the newest complete checkpoint (written last by rank 0).
+- meo-train adds `trainer_state_rank*.pt` and, once every rank is done, `COMPLETE`; a tag with
+  trainer state but no `COMPLETE` is an interrupted save and is refused.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ MAIN_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 _EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 _DROPPED_KEYS = ("module", "optimizer")
+# meo-train (meo_ds/checkpoint.py) writes per-rank trainer state, then COMPLETE once all ranks are done.
+TRAINER_STATE_PREFIX = "trainer_state_rank"
+COMPLETE_MARKER = "COMPLETE"
 
 
 class CheckpointError(ValueError):
@@ -100,6 +105,11 @@ def _load(path: Path) -> Any:
 
 def _check_layout(tag_dir: Path) -> None:
     names = {p.name for p in tag_dir.iterdir()}
+    if any(n.startswith(TRAINER_STATE_PREFIX) for n in names) and COMPLETE_MARKER not in names:
+        raise CheckpointError(
+            f"{tag_dir} has no {COMPLETE_MARKER} marker: meo-train did not finish writing this checkpoint; "
+            f"export another tag"
+        )
     if MAIN_FILE in names:
         if any(n.startswith("mp_rank_") and n != MAIN_FILE and n.endswith("_model_states.pt") for n in names):
             raise CheckpointError(f"{tag_dir} holds tensor-parallel shards (mp_rank_01...); only mp size 1 is supported")

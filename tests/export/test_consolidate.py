@@ -105,3 +105,12 @@ def test_corrupt_file(runs: Path, tmp_path: Path) -> None:
     (ckpt / "global_step3" / "layer_0_expert_0_mp_rank_00_model_states.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read .*layer_0_expert_0"):
         consolidate(ckpt)
+
+
+def test_interrupted_trainer_save(runs: Path, tmp_path: Path) -> None:
+    ckpt = _copy(runs, tmp_path)
+    (ckpt / "global_step3" / "trainer_state_rank00000.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        consolidate(ckpt)
+    (ckpt / "global_step3" / "COMPLETE").write_text("{}")
+    assert consolidate(ckpt).num_experts == [4, 4]
