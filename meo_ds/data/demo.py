@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import random
 import sysconfig
 from pathlib import Path
@@ -18,13 +19,19 @@ from typing import Iterator
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
 
 
+def _stdlib_sources(root: Path) -> Iterator[Path]:
+    """Standard-library .py files in sorted order, without tests and installed packages."""
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        for name in sorted(files):
+            if name.endswith(".py"):
+                yield Path(directory) / name
+
+
 def stdlib_docstrings(max_chars: int = 3_000_000) -> Iterator[str]:
     """Docstrings (module, class, function) of the standard library, at most `max_chars` in all."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     total = 0
-    for path in sorted(root.rglob("*.py")):
-        if SKIP_DIRS.intersection(path.relative_to(root).parts):
-            continue
+    for path in _stdlib_sources(Path(sysconfig.get_paths()["stdlib"])):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
