@@ -324,6 +324,9 @@ def iter_moe_configs(obj: Any) -> Iterator[MoEConfig]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from iter_moe_configs(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from iter_moe_configs(v)
 
 
 # --------------------------------------------------------------------------- files and overrides

@@ -1,0 +1,80 @@
+"""Helpers for the trainer tests: write run configs, launch meo_ds.train on CPU ranks, read metrics."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import psutil
+import yaml
+
+from distributed import REPO_ROOT, free_port, launch_env
+
+TRAIN_SCRIPT = REPO_ROOT / "tests" / "workers" / "train_worker.py"
+CPU_DS = str(REPO_ROOT / "ds_configs" / "cpu_fp32.json")
+CPU_DS_ZERO0 = str(REPO_ROOT / "ds_configs" / "cpu_fp32_zero0.json")
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def launch_cmd(config: Path, ds_config: str, overrides: Sequence[str] = (), num_ranks: int = 2,
+               script: Optional[Path] = None) -> list[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
+           "--master_port", str(free_port()), str(script or TRAIN_SCRIPT), "--config", str(config), "--deepspeed_config", ds_config]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def train(config: Path, ds_config: str = CPU_DS, overrides: Sequence[str] = (), num_ranks: int = 2,
+          timeout: float = 240, expect_rc: Optional[int] = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launch_cmd(config, ds_config, overrides, num_ranks), env=launch_env(), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if expect_rc is not None and (proc.returncode == 0) != (expect_rc == 0):
+        tail = (proc.stdout + "\n" + proc.stderr)[-6000:]
+        raise AssertionError(f"training exited {proc.returncode}, expected {expect_rc}:\n{tail}")
+    return proc
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(out_dir)}
+
+
+def rank_pids(launcher_pid: int, rank: int) -> list[int]:
+    procs = psutil.Process(launcher_pid).children(recursive=True)
+    return [p.pid for p in procs if f"--local_rank={rank}" in " ".join(p.cmdline())]
+
+
+def train_and_signal(config: Path, out_dir: Path, at_step: int, rank: int = 1, sig: int = signal.SIGTERM,
+                     ds_config: str = CPU_DS, overrides: Sequence[str] = (), timeout: float = 240) -> subprocess.CompletedProcess:
+    """Launch, wait until step `at_step` is logged, send `sig` to one rank only, wait for the end."""
+    proc = subprocess.Popen(launch_cmd(config, ds_config, overrides), env=launch_env(), cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    try:
+        while not any(m["step"] >= at_step for m in metrics(out_dir)):
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"run ended or timed out before step {at_step}:\n{proc.communicate()[0][-5000:]}")
+            time.sleep(0.05)
+        for pid in rank_pids(proc.pid, rank):
+            os.kill(pid, sig)
+        out, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
