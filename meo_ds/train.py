@@ -299,7 +299,9 @@ class Trainer:
         return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
 
     def _grad_norm_before_step(self) -> Optional[float]:
-        """Stage 0 fp32 keeps no norm; compute it (expert grads summed over the EP group)."""
+        """Stage 0 fp32: DeepSpeed keeps no norm and its clip averages per-rank norms, which is not
+        the global norm under expert parallelism; compute the exact one (expert grads summed over
+        the EP group) and clip with it."""
         if self.engine.zero_optimization() or self.engine.bfloat16_enabled() or self.engine.fp16_enabled():
             return None
         from deepspeed.moe.utils import is_moe_param
@@ -318,7 +320,13 @@ class Trainer:
             sq = torch.as_tensor(sq, dtype=torch.float64)
             dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
             dense += sq
-        return float(dense.sqrt())
+        norm = float(dense.sqrt())
+        clip = self.cfg.train.grad_clip
+        if clip > 0 and norm > clip:  # exact global clip; DeepSpeed's stage-0 clip then finds nothing to do
+            for p in self.engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(clip / (norm + 1e-6))
+        return norm
 
     def lr(self) -> float:
         t = self.cfg.train
