@@ -224,16 +224,19 @@ class MTLoader:
 
     def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         index = self.pair_indices(epoch, step)
-        pairs = [self.dataset.pair(int(i)) for i in index]
-        tok = self.tokenizer
-        src = _pad([np.append(s, tok.eos_id) for s, _ in pairs], tok.pad_id)
-        dec = _pad([np.insert(t, 0, tok.bos_id) for _, t in pairs], tok.pad_id)
-        labels = _pad([np.append(t, tok.eos_id) for _, t in pairs], IGNORE_INDEX)
-        src_lens = torch.as_tensor([len(s) + 1 for s, _ in pairs])
-        tgt_lens = torch.as_tensor([len(t) + 1 for _, t in pairs])
-        return {"src_ids": src, "src_mask": torch.arange(src.shape[1]) < src_lens[:, None],
-                "decoder_input_ids": dec, "labels": labels,
-                "tgt_mask": torch.arange(dec.shape[1]) < tgt_lens[:, None], "index": torch.from_numpy(index)}
+        ds, tok = self.dataset, self.tokenizer
+        src_lens, tgt_lens = ds.src_lens[index], ds.tgt_lens[index]
+        rows = np.arange(len(index))
+        src = _gather(ds.src, ds.src_offsets[index], src_lens, int(src_lens.max()) + 1, tok.pad_id)
+        src[rows, src_lens] = tok.eos_id
+        labels = _gather(ds.tgt, ds.tgt_offsets[index], tgt_lens, int(tgt_lens.max()) + 1, IGNORE_INDEX)
+        labels[rows, tgt_lens] = tok.eos_id
+        dec = np.where(labels == IGNORE_INDEX, tok.pad_id, labels)
+        dec[rows, tgt_lens] = tok.pad_id
+        dec = np.concatenate([np.full((len(index), 1), tok.bos_id), dec[:, :-1]], axis=1)
+        return {"src_ids": torch.from_numpy(src), "src_mask": torch.from_numpy(_mask(src_lens + 1, src.shape[1])),
+                "decoder_input_ids": torch.from_numpy(dec), "labels": torch.from_numpy(labels),
+                "tgt_mask": torch.from_numpy(_mask(tgt_lens + 1, labels.shape[1])), "index": torch.from_numpy(index)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch, n = self.epoch, len(self)
@@ -268,8 +271,16 @@ class MTLoader:
             self.epoch, self.step = self.epoch + 1, 0
 
 
-def _pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
-    out = np.full((len(rows), max(len(r) for r in rows)), value, dtype=np.int64)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return torch.from_numpy(out)
+def _mask(lengths: np.ndarray, width: int) -> np.ndarray:
+    return np.arange(width) < lengths[:, None]
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int, fill: int) -> np.ndarray:
+    """[B, width] int64: row b holds tokens[starts[b]:starts[b]+lengths[b]], then `fill`.
+
+    One fancy-indexing read of the memmap: only the pages of these pairs are touched.
+    """
+    mask = _mask(lengths, width)
+    positions = np.where(mask, starts[:, None] + np.arange(width), 0)
+    values = tokens[positions] if len(tokens) else np.zeros(positions.shape, dtype=np.int64)
+    return np.where(mask, values.astype(np.int64), fill)
