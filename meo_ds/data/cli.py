@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
     tok.add_argument("--character-coverage", type=float, default=0.9995)
     tok.add_argument("--no-byte-fallback", action="store_true")
+    tok.add_argument("--normalization", default="nmt_nfkc", choices=["nmt_nfkc", "nfkc"],
+                     help="nfkc keeps newlines and tabs (multi-line documents); nmt_nfkc maps them to spaces")
     tok.add_argument("--max-sentences", type=int, default=2_000_000, help="sentences sampled for training")
 
     lm = sub.add_parser("lm", help="tokenize a corpus into LM shards (train/validation)")
@@ -80,7 +82,8 @@ def run_tokenizer(args: argparse.Namespace) -> dict:
                           doc_sep=args.doc_sep, source_field=args.source_field, target_field=args.target_field,
                           vocab_size=args.vocab_size, model_type=args.model_type,
                           character_coverage=args.character_coverage, byte_fallback=not args.no_byte_fallback,
-                          max_sentences=args.max_sentences, overwrite=args.overwrite)
+                          max_sentences=args.max_sentences, normalization=args.normalization,
+                          overwrite=args.overwrite)
     print(f"tokenizer: {args.out / m['file']}  vocab {m['vocab_size']}  special ids {m['special_ids']}  "
           f"HuggingFace files: {m['hf_dir'] or 'none'}")
     return m

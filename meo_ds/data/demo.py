@@ -165,7 +165,8 @@ def build_demo(task: str, out: str | Path, *, num_proc: int = 1, vocab_size: int
     corpus = out / "corpus"
     if task == "lm":
         inputs = [corpus / "docstrings.jsonl"]
-        prepare_tokenizer(inputs, out / "tokenizer", vocab_size=vocab_size or 8000, overwrite=True)
+        prepare_tokenizer(inputs, out / "tokenizer", vocab_size=vocab_size or 8000, normalization="nfkc",
+                          overwrite=True)
         manifest = prepare_lm(inputs, out / "tokenizer", out / "shards", valid_fraction=0.02, num_proc=num_proc,
                               overwrite=True)
         print_lm_summary(manifest, out / "shards")

@@ -15,6 +15,7 @@ import sentencepiece as spm
 from meo_ds.data.io import atomic_write_bytes, sha256_file
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+NORMALIZATIONS = ("nmt_nfkc", "nfkc")
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 
 
@@ -82,12 +83,18 @@ def train_tokenizer(
     byte_fallback: bool = True,
     max_sentences: int = 2_000_000,
     seed_sentencepiece_size: int = 1_000_000,
+    normalization: str = "nmt_nfkc",
 ) -> Tokenizer:
     """Train a SentencePiece model on `sentences` and write it atomically to `model_path`.
 
+    `normalization`: "nmt_nfkc" (sentencepiece's default: NFKC, and newlines/tabs become spaces)
+    or "nfkc" (keeps newlines and tabs, so multi-line documents decode with their lines);
+    runs of spaces are collapsed in both.
     `max_sentences` caps (by uniform sampling inside sentencepiece) how many sentences the
     trainer keeps in memory. The vocabulary is a soft limit: tiny corpora get fewer pieces.
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
     if model_type not in ("unigram", "bpe", "char", "word"):
         raise ValueError(f"model_type must be unigram, bpe, char or word, not {model_type!r}")
     counted = _CountingIterator(s for s in sentences if s.strip())
@@ -102,7 +109,7 @@ def train_tokenizer(
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             seed_sentencepiece_size=seed_sentencepiece_size, hard_vocab_limit=False,
             max_sentence_length=1 << 16, train_extremely_large_corpus=False,
-            num_threads=os.cpu_count() or 1, minloglevel=2,
+            num_threads=os.cpu_count() or 1, minloglevel=2, normalization_rule_name=normalization,
         )
     except RuntimeError as err:
         if counted.count == 0:
@@ -182,7 +189,8 @@ def prepare_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLik
                       fmt: str = "auto", field: str = "text", doc_sep: str = "line", source_field: str = "source",
                       target_field: str = "target", vocab_size: int = 8000, model_type: str = "unigram",
                       character_coverage: float = 0.9995, byte_fallback: bool = True,
-                      max_sentences: int = 2_000_000, overwrite: bool = False) -> dict:
+                      max_sentences: int = 2_000_000, normalization: str = "nmt_nfkc",
+                      overwrite: bool = False) -> dict:
     """Train a tokenizer into directory `out`: tokenizer.model, hf/ (HuggingFace files), manifest.json.
 
     With `parallel`, `inputs` is a parallel corpus (as for prepare_mt) and both sides feed one
@@ -199,7 +207,7 @@ def prepare_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLik
     options = {"parallel": parallel, "format": fmt, "field": field, "doc_sep": doc_sep,
                "source_field": source_field, "target_field": target_field, "vocab_size": vocab_size,
                "model_type": model_type, "character_coverage": character_coverage,
-               "byte_fallback": byte_fallback, "max_sentences": max_sentences}
+               "byte_fallback": byte_fallback, "max_sentences": max_sentences, "normalization": normalization}
     key = corpus_key(described, "", options)
     out = Path(out)
     if check_output_dir(out, key, overwrite):
@@ -211,7 +219,7 @@ def prepare_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLik
         sentences = read_documents(inputs, fmt, field, doc_sep)
     with staging_dir(out) as tmp:
         tok = train_tokenizer(sentences, tmp / "tokenizer.model", vocab_size, model_type, character_coverage,
-                              byte_fallback, max_sentences)
+                              byte_fallback, max_sentences, normalization=normalization)
         try:
             hf_files = save_hf_tokenizer(tmp / "tokenizer.model", tmp / "hf")
         except ImportError as err:

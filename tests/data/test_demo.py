@@ -38,7 +38,11 @@ def test_demo_command_builds_loadable_shards_and_reruns(tmp_path, task, capsys):
     shards = out / stamp["shards"]
     before = (shards / "manifest.json").read_text()
     if task == "lm":
-        assert LMDataset(shards).num_documents > 100 and len(LMLoader(shards, 64, 4)) > 10
+        ds = LMDataset(shards)
+        assert ds.num_documents > 100 and len(LMLoader(shards, 64, 4)) > 10
+        first, tok = next(stdlib_docstrings()), ds.tokenizer()
+        assert tok.decode(ds.document(0)) == tok.decode(tok.encode(first))
+        assert "\n" in tok.decode(ds.document(0)) and first.count("\n") == tok.decode(ds.document(0)).count("\n")
     else:
         assert len(MTDataset(shards, "test")) == 150 and len(MTLoader(shards, 1024)) > 5
     assert main(["demo", "--task", task, "--out", str(out)] + extra) == 0

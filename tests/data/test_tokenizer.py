@@ -18,8 +18,9 @@ def test_special_ids_and_round_trip(tok_path):
     assert tok.unk_id not in tok.encode("emoji 🙂")
 
 
-@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
-def test_hf_tokenizer_encodes_identically(tmp_path, model_type):
+@pytest.mark.parametrize("model_type,normalization", [("unigram", "nmt_nfkc"), ("bpe", "nmt_nfkc"),
+                                                     ("unigram", "nfkc")])
+def test_hf_tokenizer_encodes_identically(tmp_path, model_type, normalization):
     pytest.importorskip("google.protobuf")
     from transformers import AutoTokenizer
 
@@ -27,7 +28,7 @@ def test_hf_tokenizer_encodes_identically(tmp_path, model_type):
 
     tok_path = tmp_path / "t.model"
     tok = train_tokenizer(make_docs(1000, seed=1) + TRICKY, tok_path, vocab_size=400, model_type=model_type,
-                          character_coverage=1.0)
+                          character_coverage=1.0, normalization=normalization)
     files = save_hf_tokenizer(tok_path, tmp_path / "hf")
     assert {"tokenizer.json", "tokenizer.model"} <= set(files)
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -56,3 +57,14 @@ def test_empty_training_input_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no non-empty text"):
         train_tokenizer(["", "  "], tmp_path / "t.model", vocab_size=300)
     assert not (tmp_path / "t.model").exists()
+
+
+def test_nfkc_keeps_lines_of_multi_line_documents(tmp_path):
+    docs = [d.replace(" the ", "\nthe ") for d in make_docs(500, seed=6)]
+    tok = train_tokenizer(docs, tmp_path / "t.model", vocab_size=400, character_coverage=1.0, normalization="nfkc")
+    text = "the gate\nlearns\tfast\n\nthe end"
+    assert tok.decode(tok.encode(text)) == text
+    for doc in docs[:50]:
+        assert tok.decode(tok.encode(doc)) == doc
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        train_tokenizer(docs, tmp_path / "u.model", normalization="nfc")
