@@ -129,11 +129,20 @@ class TokenFileWriter:
         self.tokens = 0
 
     def add(self, ids: np.ndarray | list[int]) -> None:
-        data = np.asarray(ids, dtype=self.dtype).tobytes()
+        """Append one sequence."""
+        ids = np.asarray(ids)
+        self.add_many(ids, np.array([len(ids)]))
+
+    def add_many(self, flat: np.ndarray, lengths: np.ndarray, suffix: int | None = None) -> None:
+        """Append sequences given back to back in `flat`, each followed by `suffix` when given."""
+        if suffix is not None:
+            flat = np.insert(flat, np.cumsum(lengths), suffix)
+            lengths = lengths + 1
+        data = np.asarray(flat, dtype=self.dtype).tobytes()
         self.file.write(data)
         self.hash.update(data)
-        self.tokens += len(data) // self.dtype.itemsize
-        self.offsets.append(self.tokens)
+        self.offsets.frombytes((self.tokens + np.cumsum(lengths, dtype=np.int64)).tobytes())
+        self.tokens += len(flat)
 
     def close(self) -> dict:
         self.file.flush()

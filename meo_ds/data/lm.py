@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from meo_ds.data.io import (TokenFileWriter, check_output_dir, open_tokens, read_manifest, staging_dir,
                             token_dtype, write_manifest)
-from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, tokenize_stream
+from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, select, tokenize_chunks
 from meo_ds.data.readers import read_documents
 from meo_ds.data.tokenizer import Tokenizer
 
@@ -48,9 +48,12 @@ def prepare_lm(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
     with staging_dir(out) as tmp:
         writers = {name: TokenFileWriter(tmp, name, np_dtype) for name in ("train", "validation")}
         docs = read_documents(inputs, fmt, field, doc_sep)
-        for ids in tqdm(tokenize_stream(docs, tok.path, num_proc), desc="tokenize", unit="doc", disable=not progress):
-            ids.append(tok.eos_id)
-            writers["validation" if splitter.take() else "train"].add(ids)
+        with tqdm(desc="tokenize", unit="doc", disable=not progress) as bar:
+            for [(flat, lengths)] in tokenize_chunks(docs, tok.path, num_proc):
+                held = splitter.take(len(lengths))
+                writers["validation"].add_many(*select(flat, lengths, held), suffix=tok.eos_id)
+                writers["train"].add_many(*select(flat, lengths, ~held), suffix=tok.eos_id)
+                bar.update(len(lengths))
         splits = {name: w.close() for name, w in writers.items()}
         if splits["train"]["tokens"] < 2:
             raise ValueError("corpus yields fewer than 2 training tokens")

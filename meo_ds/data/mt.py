@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from meo_ds.data.io import (TokenFileWriter, check_output_dir, open_tokens, read_manifest, staging_dir,
                             token_dtype, write_manifest)
-from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, tokenize_stream
+from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, select, tokenize_chunks
 from meo_ds.data.readers import read_pairs
 from meo_ds.data.tokenizer import Tokenizer
 
@@ -48,14 +48,15 @@ def _text_filters(pairs: Iterable[tuple[str, str]], removed: dict, dedup: bool) 
         yield src, tgt
 
 
-def _length_ok(src: list[int], tgt: list[int], removed: dict, max_len: int, max_ratio: float) -> bool:
-    if max_len and max(len(src), len(tgt)) > max_len:
-        removed["max_length"] += 1
-        return False
-    if max_ratio and max(len(src), len(tgt)) > max_ratio * max(1, min(len(src), len(tgt))):
-        removed["length_ratio"] += 1
-        return False
-    return True
+def _length_filter(src_lens: np.ndarray, tgt_lens: np.ndarray, removed: dict, max_len: int,
+                   max_ratio: float) -> np.ndarray:
+    """Keep-mask of a chunk; counts each dropped pair against the first filter that drops it."""
+    longer, shorter = np.maximum(src_lens, tgt_lens), np.maximum(1, np.minimum(src_lens, tgt_lens))
+    too_long = longer > max_len if max_len else np.zeros(len(longer), dtype=bool)
+    bad_ratio = ~too_long & (longer > max_ratio * shorter) if max_ratio else np.zeros(len(longer), dtype=bool)
+    removed["max_length"] += int(too_long.sum())
+    removed["length_ratio"] += int(bad_ratio.sum())
+    return ~(too_long | bad_ratio)
 
 
 class _Splitter:
@@ -66,10 +67,12 @@ class _Splitter:
         self.held = StrideSplitter(held)
         self.test = StrideSplitter(test_fraction / held if held else 0.0)
 
-    def split(self) -> str:
-        if not self.held.take():
-            return "train"
-        return "test" if self.test.take() else "validation"
+    def assign(self, n: int) -> np.ndarray:
+        """Split index (0 train, 1 validation, 2 test) of the next `n` items."""
+        held = self.held.take(n)
+        codes = np.zeros(n, dtype=np.int8)
+        codes[held] = np.where(self.test.take(int(held.sum())), 2, 1)
+        return codes
 
 
 def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | Path, *, fmt: str = "auto",
@@ -101,12 +104,15 @@ def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
         writers = {s: (TokenFileWriter(tmp, f"{s}.src", np_dtype), TokenFileWriter(tmp, f"{s}.tgt", np_dtype))
                    for s in SPLITS}
         pairs = _text_filters(read_pairs(inputs, fmt, source_field, target_field), removed, dedup)
-        for src, tgt in tqdm(tokenize_stream(pairs, tok.path, num_proc), desc="tokenize", unit="pair",
-                             disable=not progress):
-            if _length_ok(src, tgt, removed, max_len, max_ratio):
-                src_writer, tgt_writer = writers[splitter.split()]
-                src_writer.add(src)
-                tgt_writer.add(tgt)
+        with tqdm(desc="tokenize", unit="pair", disable=not progress) as bar:
+            for (src, src_lens), (tgt, tgt_lens) in tokenize_chunks(pairs, tok.path, num_proc):
+                keep = _length_filter(src_lens, tgt_lens, removed, max_len, max_ratio)
+                codes = np.full(len(keep), -1, dtype=np.int8)
+                codes[keep] = splitter.assign(int(keep.sum()))
+                for code, name in enumerate(SPLITS):
+                    writers[name][0].add_many(*select(src, src_lens, codes == code))
+                    writers[name][1].add_many(*select(tgt, tgt_lens, codes == code))
+                bar.update(len(keep))
         splits = {}
         for name, (src_writer, tgt_writer) in writers.items():
             source, target = src_writer.close(), tgt_writer.close()

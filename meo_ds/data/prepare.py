@@ -6,9 +6,11 @@ import json
 import multiprocessing as mp
 import os
 from fractions import Fraction
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+import numpy as np
 
 from meo_ds.data.io import sha256_path
 from meo_ds.data.tokenizer import Tokenizer
@@ -44,32 +46,41 @@ def _init_worker(model_path: str) -> None:
     _WORKER_TOKENIZER = Tokenizer(model_path)
 
 
-def _encode_chunk(chunk: list) -> list:
+def _flat(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    flat = np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _encode_chunk(chunk: list) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Encode a chunk of texts (or pairs: one flat array per side); flat arrays pickle cheaply."""
     tok = _WORKER_TOKENIZER
     if chunk and isinstance(chunk[0], tuple):
-        sources = tok.encode_batch([s for s, _ in chunk])
-        targets = tok.encode_batch([t for _, t in chunk])
-        return list(zip(sources, targets))
-    return tok.encode_batch(chunk)
+        return [_flat(tok.encode_batch([s for s, _ in chunk])), _flat(tok.encode_batch([t for _, t in chunk]))]
+    return [_flat(tok.encode_batch(chunk))]
 
 
-def tokenize_stream(items: Iterable, model_path: str | os.PathLike, num_proc: int = 1,
-                    chunk_size: int = 256) -> Iterator[list]:
-    """Yield the token ids of each text (or (source, target) pair of ids), in input order.
+def tokenize_chunks(items: Iterable, model_path: str | os.PathLike, num_proc: int = 1,
+                    chunk_size: int = 2048) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """Encode `items` (texts, or (source, target) pairs) chunk by chunk, in input order.
 
-    With num_proc > 1 chunks are encoded by a process pool; at most a few chunks per worker are
-    in flight, so memory stays bounded whatever the corpus size.
+    Yields, per chunk, [(flat ids int32, lengths int64)] for texts or two such tuples (source,
+    target) for pairs. With num_proc > 1 a process pool encodes; at most a few chunks per worker
+    are in flight, so memory stays bounded whatever the corpus size.
     """
     chunks = chunked(items, chunk_size)
     if num_proc <= 1:
         _init_worker(str(model_path))
-        for chunk in chunks:
-            yield from _encode_chunk(chunk)
+        yield from map(_encode_chunk, chunks)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(model_path),)) as pool:
-        for encoded in pool.imap(_encode_chunk, chunks, chunksize=1):
-            yield from encoded
+        yield from pool.imap(_encode_chunk, chunks, chunksize=1)
+
+
+def select(flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sequences of a flat chunk where `mask` is True (still flat)."""
+    return flat[np.repeat(mask, lengths)], lengths[mask]
 
 
 class StrideSplitter:
@@ -84,7 +95,9 @@ class StrideSplitter:
         self.frac = Fraction(fraction).limit_denominator(1_000_000)
         self.index = 0
 
-    def take(self) -> bool:
-        i, f = self.index, self.frac
-        self.index += 1
-        return (i + 1) * f.numerator // f.denominator > i * f.numerator // f.denominator
+    def take(self, n: int) -> np.ndarray:
+        """Held-out mask of the next `n` items."""
+        i = np.arange(self.index, self.index + n, dtype=np.int64)
+        p, q = self.frac.numerator, self.frac.denominator
+        self.index += n
+        return (i + 1) * p // q > i * p // q

@@ -102,15 +102,15 @@ def test_interrupted_run_leaves_previous_corpus_intact(tmp_path, tok_path, monke
     first = prepare_lm([a], tok_path, out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
-    original = data_io.TokenFileWriter.add
+    original = data_io.TokenFileWriter.add_many
 
-    def dying_add(self, ids):
+    def dying_add_many(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 200:
+        if calls["n"] == 2:  # the first write went through, then the run dies
             raise KeyboardInterrupt
-        original(self, ids)
+        original(self, *args, **kwargs)
 
-    monkeypatch.setattr(data_io.TokenFileWriter, "add", dying_add)
+    monkeypatch.setattr(data_io.TokenFileWriter, "add_many", dying_add_many)
     with pytest.raises(KeyboardInterrupt):
         prepare_lm([b], tok_path, out, overwrite=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
