@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--normalization", default="nmt_nfkc", choices=["nmt_nfkc", "nfkc"],
                      help="nfkc keeps newlines and tabs (multi-line documents); nmt_nfkc maps them to spaces")
     tok.add_argument("--max-sentences", type=int, default=2_000_000, help="sentences sampled for training")
+    tok.add_argument("--no-progress", action="store_true")
 
     lm = sub.add_parser("lm", help="tokenize a corpus into LM shards (train/validation)")
     lm.add_argument("inputs", nargs="+", type=Path)
@@ -83,7 +84,7 @@ def run_tokenizer(args: argparse.Namespace) -> dict:
                           vocab_size=args.vocab_size, model_type=args.model_type,
                           character_coverage=args.character_coverage, byte_fallback=not args.no_byte_fallback,
                           max_sentences=args.max_sentences, normalization=args.normalization,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, progress=not args.no_progress)
     print(f"tokenizer: {args.out / m['file']}  vocab {m['vocab_size']}  special ids {m['special_ids']}  "
           f"HuggingFace files: {m['hf_dir'] or 'none'}")
     return m

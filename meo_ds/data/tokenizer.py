@@ -190,13 +190,15 @@ def prepare_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLik
                       target_field: str = "target", vocab_size: int = 8000, model_type: str = "unigram",
                       character_coverage: float = 0.9995, byte_fallback: bool = True,
                       max_sentences: int = 2_000_000, normalization: str = "nmt_nfkc",
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, progress: bool = True) -> dict:
     """Train a tokenizer into directory `out`: tokenizer.model, hf/ (HuggingFace files), manifest.json.
 
     With `parallel`, `inputs` is a parallel corpus (as for prepare_mt) and both sides feed one
     joint vocabulary. Returns the manifest; re-running with identical inputs is a no-op.
     """
     import time
+
+    from tqdm.auto import tqdm
 
     from meo_ds.data.io import check_output_dir, read_manifest, staging_dir, write_manifest
     from meo_ds.data.prepare import corpus_key, describe_inputs
@@ -217,6 +219,7 @@ def prepare_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLik
         sentences = (text for pair in read_pairs(inputs, fmt, source_field, target_field) for text in pair)
     else:
         sentences = read_documents(inputs, fmt, field, doc_sep)
+    sentences = tqdm(sentences, desc="read", unit="sentence", disable=not progress)
     with staging_dir(out) as tmp:
         tok = train_tokenizer(sentences, tmp / "tokenizer.model", vocab_size, model_type, character_coverage,
                               byte_fallback, max_sentences, normalization=normalization)

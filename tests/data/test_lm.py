@@ -36,6 +36,7 @@ def test_round_trip_and_split_sizes(tmp_path, tok_path, num_proc):
             assert tok.decode(ids) == text
     assert manifest["tokens"] == train.num_tokens + valid.num_tokens
     assert manifest["dtype"] == "uint16" and train.tokens.dtype == np.uint16
+    assert isinstance(train.tokens, np.memmap)  # nothing is read until a batch slices it
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["splits"]["train"]["sha256"] == manifest["splits"]["train"]["sha256"]
 

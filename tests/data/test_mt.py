@@ -36,17 +36,20 @@ def test_round_trip_and_split_sizes(mt_dir, tok_path, pairs):
     assert list(src) == tok.encode(pairs[0][0]) and list(tgt) == tok.encode(pairs[0][1])
 
 
-def test_filters_report_counts(tmp_path, tok_path):
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_filters_report_counts(tmp_path, tok_path, num_proc):
     rows = [("the cat sees a dog .", "a b c ."), ("", "x"), ("y", "  "), ("the cat sees a dog .", "a b c ."),
             ("the " * 60, "short ."), ("the gate", "the model routes every token to an expert while the gate learns a balanced load")]
     rows += [(f"line {i} of the corpus", f"zeile {i} des korpus") for i in range(20)]
     path = tmp_path / "pairs.tsv"
     path.write_text("".join(f"{s}\t{t}\n" for s, t in rows))
     m = prepare_mt([path], tok_path, tmp_path / "out", max_len=50, max_ratio=3.0, valid_fraction=0,
-                   test_fraction=0, progress=False)
+                   test_fraction=0, num_proc=num_proc, progress=False)
     assert m["pairs"]["removed"] == {"empty": 2, "duplicate": 1, "max_length": 1, "length_ratio": 1}
     assert m["pairs"]["read"] == len(rows) and m["pairs"]["kept"] == 21
-    assert len(MTDataset(tmp_path / "out")) == 21
+    ds, tok = MTDataset(tmp_path / "out"), Tokenizer(tok_path)
+    assert len(ds) == 21
+    assert tok.decode(ds.pair(20)[0]) == "line 19 of the corpus" and tok.decode(ds.pair(20)[1]) == "zeile 19 des korpus"
 
 
 def test_jsonl_input(tmp_path, tok_path):
