@@ -5,9 +5,11 @@ classes follow. Router math runs in fp32 whatever the model's dtype.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -53,3 +55,115 @@ def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     if values.numel() <= 1:
         return values.new_zeros(())
     return values.var() / (values.mean().square() + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Router classes (top-k and XMoE threshold). Parameter names avoid the substring "expert": the
+# DeepSpeed engine treats every state_dict key of an MoE layer containing it as an expert weight.
+
+
+@dataclass
+class RouterOutput:
+    """Per-token routing decision of T real tokens, padded to K choice slots per token.
+
+    Slot j of a token is its (j+1)-th choice in descending probability; `valid` marks the slots
+    actually taken (all K for top-k, a prefix for the threshold router).
+    """
+
+    expert_ids: torch.Tensor  # [T, K] int64 global expert ids (arbitrary where not valid)
+    weights: torch.Tensor  # [T, K] fp32 combine weights, 0 where not valid
+    scores: torch.Tensor  # [T, K] fp32 raw router probabilities of the chosen experts (capacity priority)
+    valid: torch.Tensor  # [T, K] bool
+    probs: torch.Tensor  # [T, E] fp32 router probabilities
+    balance_loss: torch.Tensor  # scalar, unweighted Switch loss
+    z_loss: torch.Tensor  # scalar, unweighted router z-loss
+
+
+class _RouterBase(nn.Module):
+    """Shared part: fp32 logits from a bias-free linear d -> E, optional noise and jitter."""
+
+    def __init__(self, d_model: int, num_experts: int, noisy_gating: bool = False, jitter: float = 0.0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.jitter = jitter
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=d_model**-0.5)
+        # Zero-initialised: the noise starts at softplus(0) and is learned.
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model)) if noisy_gating else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, d] -> clean fp32 logits [T, E] and the (possibly noisy) logits used for selection."""
+        x = jitter_input(x.float(), self.jitter, self.training)
+        clean = x @ self.weight.float().t()
+        return clean, noisy_logits(clean, x, self.noise_weight, self.training)
+
+    def _losses(self, clean: torch.Tensor, probs: torch.Tensor, assigned: torch.Tensor):
+        if probs.shape[0] == 0:  # no real token on this rank: zero losses that still reach the weights
+            zero = clean.sum() * 0.0
+            return zero, zero
+        return switch_balance_loss(probs, assigned), z_loss(clean)
+
+
+class TopKRouter(_RouterBase):
+    """Top-k router (GShard/Switch/Mixtral): the k most probable experts of softmax(x W_r).
+
+    Combine weights are the k probabilities, renormalised to sum 1 when `renormalize`.
+    The Switch balance loss counts every routed assignment (all k per token).
+    """
+
+    def __init__(
+        self, d_model: int, num_experts: int, k: int, renormalize: bool = True,
+        noisy_gating: bool = False, jitter: float = 0.0,
+    ):
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"TopKRouter: k={k} must be between 1 and num_experts={num_experts}")
+        super().__init__(d_model, num_experts, noisy_gating, jitter)
+        self.k = k
+        self.renormalize = renormalize
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        clean, logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        scores, ids = torch.topk(probs, self.k, dim=-1)
+        weights = scores / scores.sum(dim=-1, keepdim=True) if self.renormalize else scores
+        assigned = torch.zeros_like(probs).scatter_(1, ids, 1.0)
+        bal, z = self._losses(clean, probs, assigned)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        return RouterOutput(ids, weights, scores.detach(), valid, probs, bal, z)
+
+
+class ThresholdRouter(_RouterBase):
+    """XMoE threshold router: in descending probability, expert j is taken iff the sum of the
+    probabilities before it is < threshold; at least one expert, at most `max_k`.
+
+    Combine weights are the raw (not renormalised) probabilities. The Switch balance loss counts
+    each token's top-1 assignment only.
+    """
+
+    def __init__(
+        self, d_model: int, num_experts: int, threshold: float, max_k: Optional[int] = None,
+        noisy_gating: bool = False, jitter: float = 0.0,
+    ):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"ThresholdRouter: threshold={threshold} must lie in (0, 1] (XMoE uses 0.9)")
+        if max_k is not None and not 1 <= max_k <= num_experts:
+            raise ValueError(f"ThresholdRouter: max_k={max_k} must be between 1 and num_experts={num_experts}")
+        super().__init__(d_model, num_experts, noisy_gating, jitter)
+        self.threshold = threshold
+        self.max_k = max_k or num_experts
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        clean, logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        sorted_p, ids = torch.sort(probs, dim=-1, descending=True)
+        sorted_p, ids = sorted_p[:, : self.max_k], ids[:, : self.max_k]
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        valid = before < self.threshold
+        valid[:, 0] = True
+        # Trim the slots no token uses (keeps K small for confident routers).
+        k_used = int(valid.sum(dim=-1).max()) if valid.shape[0] else 1
+        ids, sorted_p, valid = ids[:, :k_used], sorted_p[:, :k_used], valid[:, :k_used]
+        weights = sorted_p * valid
+        top1 = torch.zeros_like(probs).scatter_(1, ids[:, :1], 1.0)
+        bal, z = self._losses(clean, probs, top1)
+        return RouterOutput(ids, weights, (sorted_p * valid).detach(), valid, probs, bal, z)

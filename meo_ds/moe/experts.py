@@ -1,0 +1,97 @@
+"""Expert MLPs and the local expert bank.
+
+Each expert is its own module so that DeepSpeed checkpoints it per expert: a layer keeps its
+local experts at `deepspeed_moe.experts.deepspeed_experts[i]` (see layer.py).
+
+`LocalExperts.forward` takes the tokens of all local experts sorted by expert, with the
+number of rows of each, and computes them in one grouped GEMM where that works (CUDA, bf16,
+torch._grouped_mm) or else by a loop over the contiguous per-expert segments.
+`LocalExperts.reference_forward` is the plain masked per-expert loop the tests compare with.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SwiGLUExpert(nn.Module):
+    """E(x) = W2 (silu(W1 x) * W3 x), no biases (Mixtral / Qwen3-MoE layout)."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluExpert(nn.Module):
+    """E(x) = W2 gelu(W1 x + b1) + b2."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden)
+        self.w2 = nn.Linear(d_hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+def make_expert(activation: str, d_model: int, d_hidden: int) -> nn.Module:
+    if activation == "swiglu":
+        return SwiGLUExpert(d_model, d_hidden)
+    if activation == "gelu":
+        return GeluExpert(d_model, d_hidden)
+    raise ValueError(f"unknown expert activation {activation!r}; use 'swiglu' or 'gelu'")
+
+
+def _grouped_mm_usable(x: torch.Tensor, experts: Sequence[nn.Module]) -> bool:
+    # torch._grouped_mm's backward only works on CUDA (bf16); on CPU only its forward does.
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and isinstance(experts[0], SwiGLUExpert)
+        and x.shape[-1] % 8 == 0
+        and experts[0].w1.out_features % 8 == 0
+    )
+
+
+class LocalExperts(nn.Module):
+    """The experts held by this rank; `deepspeed_experts[i]` is local expert i."""
+
+    def __init__(self, num_local: int, activation: str, d_model: int, d_hidden: int, grouped: bool = True):
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(make_expert(activation, d_model, d_hidden) for _ in range(num_local))
+        self.grouped = grouped
+
+    def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """x: [N, d] rows sorted by local expert, counts[i] rows for expert i (sum = N)."""
+        if len(counts) != len(self.deepspeed_experts) or sum(counts) != x.shape[0]:
+            raise ValueError(f"LocalExperts: counts {list(counts)} do not match {len(self.deepspeed_experts)} experts / {x.shape[0]} rows")
+        if self.grouped and _grouped_mm_usable(x, self.deepspeed_experts):
+            return self._grouped_swiglu(x, counts)
+        # Every expert runs, even on zero rows, so each gets a (zero) gradient on every rank.
+        return torch.cat([e(seg) for e, seg in zip(self.deepspeed_experts, torch.split(x, list(counts)))], dim=0)
+
+    def _grouped_swiglu(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        w1 = torch.stack([e.w1.weight for e in self.deepspeed_experts]).transpose(1, 2)  # [E, d, f]
+        w3 = torch.stack([e.w3.weight for e in self.deepspeed_experts]).transpose(1, 2)
+        w2 = torch.stack([e.w2.weight for e in self.deepspeed_experts]).transpose(1, 2)  # [E, f, d]
+        h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+        return torch._grouped_mm(h, w2, offs=offs)
+
+    def reference_forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """Masked per-expert loop: row n goes through expert local_ids[n]; any row order."""
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.deepspeed_experts):
+            mask = local_ids == i
+            if mask.any():
+                out[mask] = expert(x[mask])
+        return out

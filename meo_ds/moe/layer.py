@@ -1,0 +1,138 @@
+"""MoELayer: router + dispatcher + experts, recognised by the DeepSpeed engine as an MoE layer.
+
+The engine (deepspeed 0.19.8 runtime/engine.py) treats a module as MoE only if it is an
+instance of `deepspeed.moe.layer.MoE`. MoELayer therefore subclasses it *without* running its
+__init__ (it is an nn.Module with our own parts) and provides what the engine reads:
+`num_experts`, `num_local_experts`, `ep_size`, `expert_group_name` and
+`set_deepspeed_parallelism`. The engine checkpoints every state_dict key containing "expert" as
+an expert weight, expecting `.deepspeed_moe.experts.deepspeed_experts.{local_id}.` in it; so the
+local experts live at `self.deepspeed_moe.experts.deepspeed_experts[i]` and no other parameter
+or buffer of the layer has "expert" in its name (the router's are `router.weight`,
+`router.noise_weight`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+
+from .config import MoEConfig, MoEConfigError
+from .dispatch import TokenDispatcher
+from .experts import LocalExperts
+from .routing import RouterOutput, ThresholdRouter, TopKRouter
+from .types import MoEOutput, RoutingStats
+
+
+class ExpertHolder(nn.Module):
+    """Container that gives the experts the key prefix DeepSpeed expects (deepspeed_moe.experts)."""
+
+    def __init__(self, experts: LocalExperts):
+        super().__init__()
+        self.experts = experts
+
+
+def build_router(cfg: MoEConfig, d_model: int) -> nn.Module:
+    if cfg.kind == "topk":
+        return TopKRouter(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.noisy_gating, cfg.jitter)
+    if cfg.kind == "xmoe":
+        return ThresholdRouter(d_model, cfg.num_experts, cfg.threshold, cfg.max_k, cfg.noisy_gating, cfg.jitter)
+    raise MoEConfigError(f"MoELayer handles kind 'topk' and 'xmoe', not {cfg.kind!r} (use build_moe_layer)")
+
+
+class MoELayer(_DeepSpeedMoE):
+    """Top-k or XMoE layer: layer(x [B, L, d], padding_mask [B, L] (True = real)) -> MoEOutput."""
+
+    def __init__(self, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False):
+        nn.Module.__init__(self)  # deliberately not MoE.__init__: we only borrow its type
+        cfg.validate()
+        self.cfg, self.d_model, self.causal = cfg, d_model, causal
+        self.num_experts = cfg.num_experts
+        self.ep_size = cfg.ep_size
+        self.num_local_experts = cfg.num_experts // cfg.ep_size
+        self.expert_group_name = f"ep_size_{cfg.ep_size}"
+        self.ep_group = None
+        self.router = build_router(cfg, d_model)
+        experts = LocalExperts(self.num_local_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff)
+        self.deepspeed_moe = ExpertHolder(experts)
+        for p in experts.parameters():
+            p.allreduce = False
+            p.group_name = self.expert_group_name
+        self.dispatcher = TokenDispatcher(
+            cfg.num_experts, cfg.ep_size, cfg.dispatch, cfg.top_k if cfg.kind == "topk" else 1,
+            cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
+        )
+
+    @property
+    def experts(self) -> LocalExperts:
+        return self.deepspeed_moe.experts
+
+    # --- DeepSpeed hooks -----------------------------------------------------------------
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Create (once per ep size) DeepSpeed's expert-parallel groups and keep ours."""
+        from deepspeed.utils import groups
+
+        self.cfg.validate(world_size=dist.get_world_size())
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_
+            )
+        self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+
+    def _group(self):
+        if self.ep_size == 1:
+            return None
+        if self.ep_group is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    f"MoELayer: ep_size={self.ep_size} needs torch.distributed; call deepspeed.init_distributed() "
+                    f"(or deepspeed.initialize) on {self.ep_size}*N ranks, or set ep_size=1"
+                )
+            self.set_deepspeed_parallelism()
+        return self.ep_group
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, state: Optional[dict] = None
+    ) -> MoEOutput:
+        self._check_input(x, padding_mask)
+        flat = x.reshape(-1, x.shape[-1])
+        real = None if padding_mask is None else padding_mask.reshape(-1).nonzero().squeeze(1)
+        tokens = flat if real is None else flat[real]
+        route = self.router(tokens)
+        y, info = self.dispatcher(tokens, route, self.experts, self.training, self._group())
+        out = y if real is None else flat.new_zeros(flat.shape).index_copy(0, real, y)
+        aux = self.cfg.aux_loss_coef * route.balance_loss + self.cfg.z_loss_coef * route.z_loss
+        return MoEOutput(out.view(x.shape), aux, self._stats(route, info))
+
+    def _check_input(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer: input must be [batch, seq, d_model={self.d_model}], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoELayer: input must be a floating-point tensor, got {x.dtype}")
+        if padding_mask is not None and (padding_mask.shape != x.shape[:2] or padding_mask.dtype != torch.bool):
+            raise ValueError(
+                f"MoELayer: padding_mask must be a bool tensor of shape {tuple(x.shape[:2])} (True = real token), "
+                f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+            )
+
+    def _stats(self, route: RouterOutput, info) -> RoutingStats:
+        with torch.no_grad():
+            E = self.num_experts
+            load = torch.bincount(route.expert_ids[route.valid], minlength=E)
+            assigned = int(route.valid.sum())
+            kept_per_token = info.keep.sum(dim=1)
+            dropped = assigned - int(kept_per_token.sum())
+            return RoutingStats(
+                expert_load=load,
+                num_tokens=route.valid.shape[0],
+                dropped_fraction=dropped / max(1, assigned),
+                experts_per_token_mean=float(kept_per_token.float().mean()) if kept_per_token.numel() else 0.0,
+                experts_per_token_hist=torch.bincount(kept_per_token, minlength=E + 1),
+                balance_loss=float(route.balance_loss),
+                z_loss=float(route.z_loss),
+                a2a_bytes=info.a2a_bytes,
+                extra={"capacity": info.capacity},
+            )
