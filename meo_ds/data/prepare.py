@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+from collections import deque
 import os
 from fractions import Fraction
 from itertools import chain, islice
@@ -75,7 +76,13 @@ def tokenize_chunks(items: Iterable, model_path: str | os.PathLike, num_proc: in
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(model_path),)) as pool:
-        yield from pool.imap(_encode_chunk, chunks, chunksize=1)
+        pending: deque = deque()  # Pool.imap would read the whole input ahead; keep 2 chunks per worker
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def select(flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
