@@ -16,6 +16,8 @@ Language modelling (one loader per data-parallel rank)::
         ...                        # reset_at_doc_boundaries=True adds position_ids/segment_ids
     ckpt["data"] = loader.state_dict(); loader.load_state_dict(ckpt["data"])   # exact resume
     len(loader)                    # batches per epoch, equal on every rank
+    loader.dataset.vocab_size; loader.dataset.tokenizer()          # from the corpus manifest
+    LMLoader(..., split="validation", shuffle=False)               # evaluation order
     loader.forever()               # endless iterator over epochs
 
 Translation::

@@ -86,6 +86,10 @@ class LMDataset:
         self.tokens, self.doc_offsets = open_tokens(self.directory, self.entry, np.dtype(self.manifest["dtype"]))
 
     @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
     def num_tokens(self) -> int:
         return len(self.tokens)
 

@@ -40,7 +40,7 @@ def _text_filters(pairs: Iterable[tuple[str, str]], removed: dict, dedup: bool) 
             removed["empty"] += 1
             continue
         if dedup:
-            digest = hashlib.blake2b(f"{src}\t{tgt}".encode(), digest_size=16).digest()
+            digest = hashlib.blake2b(f"{len(src)}:{src}{tgt}".encode(), digest_size=16).digest()
             if digest in seen:
                 removed["duplicate"] += 1
                 continue
@@ -150,6 +150,10 @@ class MTDataset:
         self.tgt, self.tgt_offsets = open_tokens(self.directory, self.entry["target"], dtype)
         self.src_lens = np.diff(self.src_offsets)
         self.tgt_lens = np.diff(self.tgt_offsets)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
 
     def __len__(self) -> int:
         return len(self.src_lens)

@@ -29,6 +29,13 @@ def test_synthetic_pairs_follow_the_rules():
                 assert lexicon.setdefault(word, made) == made
 
 
+def test_synthetic_target_is_a_function_of_the_source():
+    mapping = {}
+    for src, tgt in synthetic_pairs(20_000, seed=0):
+        assert mapping.setdefault(src, tgt) == tgt
+    assert len(mapping) > 19_000  # few repeats: the model must generalise, not memorise
+
+
 @pytest.mark.parametrize("task", ["mt", "lm"])
 def test_demo_command_builds_loadable_shards_and_reruns(tmp_path, task, capsys):
     out = tmp_path / task
