@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 # Substrings of parameter names that belong to routers/gates (no weight decay).
-NO_DECAY_NAME_PARTS = ("router", "gate.", "gating", "w_gate", "w_noise", "noise_proj", "default_gate")
+NO_DECAY_NAME_PARTS = ("router", "gate_weight", "noise_weight", "gate.", "gating", "default_summary")
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:

@@ -112,6 +112,7 @@ def test_no_weight_decay_on_norms_biases_and_router():
     assert no_decay("layers.0.norm.weight", torch.nn.Parameter(torch.ones(4)))
     assert no_decay("layers.0.mlp.bias", lin.bias)
     assert no_decay("layers.0.moe.router.weight", lin.weight)
+    assert no_decay("layers.0.ffn.fc1.gate_weight", lin.weight)  # MEO gate
     assert not no_decay("layers.0.attn.q_proj.weight", lin.weight)
 
 
