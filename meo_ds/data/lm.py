@@ -98,8 +98,8 @@ class LMDataset:
         return len(self.doc_offsets) - 1
 
     def document(self, i: int) -> np.ndarray:
-        """Ids of document i, ending with eos."""
-        return np.asarray(self.tokens[self.doc_offsets[i]:self.doc_offsets[i + 1]])
+        """Ids of document i (int64), ending with eos."""
+        return self.tokens[self.doc_offsets[i]:self.doc_offsets[i + 1]].astype(np.int64)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.directory / self.manifest["tokenizer"]["file"])

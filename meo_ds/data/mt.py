@@ -159,9 +159,9 @@ class MTDataset:
         return len(self.src_lens)
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source ids, target ids) of pair i, without bos/eos."""
-        return (np.asarray(self.src[self.src_offsets[i]:self.src_offsets[i + 1]]),
-                np.asarray(self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]]))
+        """(source ids, target ids) of pair i as int64 arrays, without bos/eos."""
+        return (self.src[self.src_offsets[i]:self.src_offsets[i + 1]].astype(np.int64),
+                self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]].astype(np.int64))
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.directory / self.manifest["tokenizer"]["file"])
