@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or Path(tmp)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             lm = build_demo("lm", root / "lm")
             mt = build_demo("mt", root / "mt")
         rows = lm_rows(lm, args.batches) + mt_rows(mt, args.batches)
