@@ -55,6 +55,7 @@ def _grouped_mm_usable(x: torch.Tensor, experts: Sequence[nn.Module]) -> bool:
     return (
         hasattr(torch, "_grouped_mm")
         and x.is_cuda
+        and torch.cuda.get_device_capability(x.device)[0] >= 9  # Hopper or newer
         and x.dtype == torch.bfloat16
         and isinstance(experts[0], SwiGLUExpert)
         and x.shape[-1] % 8 == 0

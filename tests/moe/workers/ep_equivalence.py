@@ -52,9 +52,23 @@ def check_case(rank: int, world: int, kind: str, mode: str, batches, force=None,
     ref_experts = expert_grads(ref, 0)
     for key, grad in expert_grads(layer, rank).items():
         check_close(f"{tag} expert {key} grad", grad, ref_experts[key])
-    if out.stats.a2a_bytes <= 0 and out.stats.num_tokens > 0:
-        raise AssertionError(f"{tag}: a2a_bytes not counted ({out.stats.a2a_bytes})")
-    return out.stats.a2a_bytes
+    check_a2a_bytes(tag, mode, out.stats, rank, world, layer.num_local_experts)
+    return out.stats
+
+
+def check_a2a_bytes(tag: str, mode: str, stats, rank: int, world: int, local: int) -> None:
+    """Bytes sent to other ranks, out and back: rows x d x 8 (fp64), plus the dropless count exchange."""
+    row = D * 8
+    if mode == "capacity":  # every expert elsewhere gets a full slot buffer (largest C in the group)
+        caps = [torch.tensor([stats.extra["capacity"]])]
+        dist.all_reduce(caps[0], op=dist.ReduceOp.MAX)
+        want = 2 * row * (world - 1) * local * int(caps[0])
+    else:
+        mine = slice(rank * local, (rank + 1) * local)
+        remote_rows = int(stats.expert_load.sum() - stats.expert_load[mine].sum())
+        want = 2 * row * remote_rows + (world - 1) * local * 8
+    if stats.a2a_bytes != want:
+        raise AssertionError(f"{tag}: a2a_bytes {stats.a2a_bytes} != {want}")
 
 
 def force_expert0(layer: MoELayer) -> None:
@@ -71,8 +85,10 @@ def main() -> None:
     batches = [batch(100 + r, B, L, D, pad_from=2 + r) for r in range(world)]
     for kind in ("topk", "xmoe"):
         for mode in ("capacity", "dropless"):
-            nbytes = check_case(rank, world, kind, mode, batches)
-            print(f"rank {rank} {kind}/{mode} ok, a2a bytes {nbytes}", flush=True)
+            stats = check_case(rank, world, kind, mode, batches)
+            if mode == "capacity" and kind == "topk" and rank == 0 and stats.dropped_fraction == 0:
+                raise AssertionError("the capacity case should drop some assignments (test data too easy)")
+            print(f"rank {rank} {kind}/{mode} ok, a2a bytes {stats.a2a_bytes}, dropped {stats.dropped_fraction:.2f}", flush=True)
     # Uneven: every token prefers expert 0 (on rank 0); the last rank has no real token at all.
     uneven = []
     for r, (x, mask, probe) in enumerate(batches):
