@@ -53,6 +53,8 @@ class MoELayer(_DeepSpeedMoE):
         self.ep_size = cfg.ep_size
         self.num_local_experts = cfg.num_experts // cfg.ep_size
         self.expert_group_name = f"ep_size_{cfg.ep_size}"
+        self.enable_expert_tensor_parallelism = False  # read by deepspeed's flops profiler
+        self.use_residual = False
         self.ep_group = None
         self.router = build_router(cfg, d_model)
         experts = LocalExperts(self.num_local_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff)
