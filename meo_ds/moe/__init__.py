@@ -2,6 +2,15 @@
 
     layer = build_moe_layer(cfg, d_model, d_ff)
     out = layer(x, padding_mask)   # MoEOutput(hidden, aux_loss, stats)
+
+Parts (swappable, one file each): routing.py (TopKRouter, ThresholdRouter -> RouterOutput),
+dispatch.py (TokenDispatcher: capacity / dropless, all-to-all over the expert-parallel group),
+experts.py (LocalExperts of SwiGLU or GELU experts), layer.py (MoELayer = the three, a
+`deepspeed.moe.layer.MoE` for the engine). With ep_size > 1 run under deepspeed.initialize (or
+call `layer.set_deepspeed_parallelism()` after deepspeed.init_distributed()); load a full set of
+experts into an ep rank by renaming `deepspeed_experts.{global}` to `.{global - rank*El}`.
+Do not name a model attribute holding an MoE layer with the substring "expert": DeepSpeed's
+checkpointing treats every key of the layer containing it as an expert weight.
 """
 from __future__ import annotations
 

@@ -62,3 +62,9 @@ def test_world_size_not_divisible_by_ep_size_is_a_clear_error():
     proc = subprocess.run([sys.executable, "-c", code], env=launch_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert "ERR" in proc.stdout, proc.stdout + proc.stderr
     assert "world size 1 is not divisible by ep_size=2" in proc.stdout
+
+
+def test_two_ranks_ep1_plain_data_parallel_experts_match_reference(tmp_path):
+    proc = run_ranks(WORKERS / "ds_train.py", 2, [str(tmp_path), "2", "0,2"], timeout=300)
+    for stage in (0, 2):
+        assert f"rank 1 ZeRO-{stage} ep=1 edp=2: matches the reference" in proc.stdout
