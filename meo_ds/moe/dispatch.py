@@ -38,15 +38,20 @@ def capacity_slots(route: RouterOutput, num_experts: int, capacity: int) -> tupl
     rank by descending router probability; ties keep token order. Returns keep, slot: [T, K].
     """
     num_tokens, k = route.expert_ids.shape
-    ids = route.expert_ids.t().reshape(-1)  # choice-rank-major
-    valid = route.valid.t().reshape(-1)
+    n = num_tokens * k
+    # Invalid slots go to a sentinel expert E, so they take no place in any real expert.
+    ids = torch.where(route.valid, route.expert_ids, num_experts).t().reshape(-1)  # choice-rank-major
     order = torch.argsort(-route.scores.t().reshape(-1), stable=True)
     rank = torch.arange(k, device=ids.device).repeat_interleave(num_tokens)
-    order = order[torch.argsort(rank[order], stable=True)]
-    onehot = torch.nn.functional.one_hot(ids[order], num_experts) * valid[order, None]
-    slot_sorted = (onehot.cumsum(0) - 1).gather(1, ids[order, None]).squeeze(1)
-    slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
-    slot = slot.view(k, num_tokens).t()
+    order = order[torch.argsort(rank[order], stable=True)]  # priority order
+    # Position within the expert = index among the same expert's assignments in priority order.
+    ids_prio = ids[order]
+    by_expert = torch.argsort(ids_prio, stable=True)
+    counts = torch.bincount(ids_prio, minlength=num_experts + 1)
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(n, device=ids.device) - starts[ids_prio[by_expert]]
+    slot_prio = torch.empty_like(pos).scatter_(0, by_expert, pos)
+    slot = torch.empty_like(pos).scatter_(0, order, slot_prio).view(k, num_tokens).t()
     return route.valid & (slot < capacity), slot
 
 

@@ -99,3 +99,30 @@ def test_gradients_flow_to_inputs_weights_and_combine_weights():
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="dispatch mode 'pad'"):
         TokenDispatcher(2, 1, "pad", 2, 1.0, 1.0, 0)
+
+
+def naive_slots(r: RouterOutput, num_experts: int) -> dict:
+    """Walk assignments in priority order (choice rank, then probability desc, then token) by hand."""
+    t_count, k = r.expert_ids.shape
+    items = [(j, -float(r.scores[t, j]), t) for t in range(t_count) for j in range(k) if r.valid[t, j]]
+    filled, slots = [0] * num_experts, {}
+    for j, _, t in sorted(items):
+        e = int(r.expert_ids[t, j])
+        slots[(t, j)] = filled[e]
+        filled[e] += 1
+    return slots
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_capacity_slots_equal_a_naive_priority_walk(seed):
+    g = torch.Generator().manual_seed(seed)
+    t_count, k, num_experts = 13, 3, 4
+    probs = torch.softmax(torch.randn(t_count, num_experts, generator=g), -1)
+    scores, ids = torch.sort(probs, descending=True)
+    valid = torch.rand(t_count, k, generator=g) < 0.7
+    valid[:, 0] = True
+    r = route(ids[:, :k].tolist(), scores[:, :k].tolist(), valid=valid.tolist())
+    keep, slot = capacity_slots(r, num_experts, capacity=3)
+    want = naive_slots(r, num_experts)
+    assert {key: int(slot[key]) for key in want} == want
+    assert keep.tolist() == [[bool(valid[t, j]) and want.get((t, j), 99) < 3 for j in range(k)] for t in range(t_count)]
