@@ -181,6 +181,8 @@ def test_bad_input_is_a_clear_error(x, mask, err, match):
 
 
 def test_expert_parallel_layer_without_process_group_says_how_to_fix():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a process group exists in this test process")
     layer = MoELayer(MoEConfig(num_experts=4, ep_size=2), D, F)
     with pytest.raises(RuntimeError, match="ep_size=2 needs torch.distributed"):
         layer(torch.randn(1, 2, D))
