@@ -35,8 +35,8 @@ def launch_cmd(config: Path, ds_config: str, overrides: Sequence[str] = (), num_
 
 
 def train(config: Path, ds_config: str = CPU_DS, overrides: Sequence[str] = (), num_ranks: int = 2,
-          timeout: float = 240, expect_rc: Optional[int] = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launch_cmd(config, ds_config, overrides, num_ranks), env=launch_env(), cwd=REPO_ROOT,
+          timeout: float = 240, expect_rc: Optional[int] = 0, script: Optional[Path] = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launch_cmd(config, ds_config, overrides, num_ranks, script), env=launch_env(), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
     if expect_rc is not None and (proc.returncode == 0) != (expect_rc == 0):
         tail = (proc.stdout + "\n" + proc.stderr)[-6000:]
@@ -61,9 +61,10 @@ def rank_pids(launcher_pid: int, rank: int) -> list[int]:
 
 
 def train_and_signal(config: Path, out_dir: Path, at_step: int, rank: int = 1, sig: int = signal.SIGTERM,
-                     ds_config: str = CPU_DS, overrides: Sequence[str] = (), timeout: float = 240) -> subprocess.CompletedProcess:
+                     ds_config: str = CPU_DS, overrides: Sequence[str] = (), timeout: float = 240,
+                     script: Optional[Path] = None) -> subprocess.CompletedProcess:
     """Launch, wait until step `at_step` is logged, send `sig` to one rank only, wait for the end."""
-    proc = subprocess.Popen(launch_cmd(config, ds_config, overrides), env=launch_env(), cwd=REPO_ROOT,
+    proc = subprocess.Popen(launch_cmd(config, ds_config, overrides, 2, script), env=launch_env(), cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
     try:

@@ -1,0 +1,168 @@
+"""The trainer on 2 real CPU ranks through the deepspeed launcher (fp32, gloo).
+
+The model is tests/workers/tiny_lm.py: the real meo_ds.moe layers (top-k, XMoE, MEO) in a
+tiny causal LM, so these tests exercise the trainer and the MoE layers and nothing else;
+tests/test_train_models.py runs the trainer on the model zoo's presets.
+
+Launches (about 15-25 s each on 2 cores):
+  R   top-k, ep=1, ZeRO-0, saves its initial weights       -> loss decreases
+  A   top-k, ep=2, ZeRO-2, same initial weights (from R)    -> matches R step for step within tolerance
+  B   A's run, SIGTERM to rank 1 mid-way; B' resumes it     -> B + B' equal A exactly, step for step
+  X   XMoE ep=2 and M  MEO ep=1                             -> loss decreases
+  C   rank 1 dies in the middle of a checkpoint save        -> the others exit with an error,
+      `latest` stays on the previous complete checkpoint; C' resumes from it with NaN losses
+      injected: a lone one is skipped, N in a row stop the run with exit status 3
+  E   an inconsistent config                                -> every rank exits 2 before any work
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import train_helpers
+from train_helpers import CPU_DS, CPU_DS_ZERO0, losses, metrics, write_config
+
+SCRIPT = train_helpers.REPO_ROOT / "tests" / "workers" / "tiny_lm.py"
+TINY_LM = {"vocab_size": 2000, "d_model": 64, "d_ff": 128, "n_layers": 2, "moe": {"num_experts": 4, "top_k": 2}}
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory) -> Path:
+    from meo_ds.data.demo import build_demo
+
+    return build_demo("lm", tmp_path_factory.mktemp("lm_demo"), max_chars=500_000, vocab_size=2000)
+
+
+def train(*args, **kwargs):
+    return train_helpers.train(*args, script=SCRIPT, **kwargs)
+
+
+def train_and_signal(*args, **kwargs):
+    return train_helpers.train_and_signal(*args, script=SCRIPT, **kwargs)
+
+
+def lm_run(out: Path, data: Path, kind: str = "topk", ep: int = 2, **sections) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    moe = dict(TINY_LM["moe"], kind=kind, ep_size=ep)
+    tree = {
+        "task": "lm", "name": out.name,
+        "model": dict(TINY_LM, moe=moe),
+        "data": {"path": str(data), "seq_len": 32},
+        "train": {"steps": STEPS, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 4, "seed": 7},
+        "checkpoint": {"interval": 0, "keep_last": 2},
+        "logging": {"out_dir": str(out), "interval": 4},
+        "eval": {"max_batches": 2},
+    }
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value}
+    return write_config(out / "run.yaml", tree)
+
+
+def assert_learns(loss: dict[int, float], margin: float) -> None:
+    steps = sorted(loss)
+    first = sum(loss[s] for s in steps[:3]) / 3
+    last = sum(loss[s] for s in steps[-3:]) / 3
+    assert last < first - margin, f"loss did not decrease enough: first 3 steps {first:.3f}, last 3 {last:.3f}"
+
+
+@pytest.fixture(scope="module")
+def reference(lm_data, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("reference")
+    r = root / "R"
+    train(lm_run(r, lm_data, ep=1, checkpoint={"save_initial": True}), ds_config=CPU_DS_ZERO0)
+    init = r / "checkpoints" / "step_00000000"
+    a = root / "A"
+    train(lm_run(a, lm_data, ep=2, checkpoint={"init_from": str(init)}), ds_config=CPU_DS)
+    return {"R": r, "A": a, "init": init, "root": root}
+
+
+def test_topk_learns_and_ep2_zero2_matches_ep1(reference):
+    ref, ep2 = losses(reference["R"]), losses(reference["A"])
+    assert sorted(ref) == sorted(ep2) == list(range(1, STEPS + 1))
+    assert_learns(ref, margin=0.5)
+    for step in ref:
+        assert ep2[step] == pytest.approx(ref[step], rel=2e-4, abs=2e-4), f"step {step}: ep1 {ref[step]} vs ep2 {ep2[step]}"
+    log = (reference["R"] / "train.log").read_text()
+    assert "eval  | step 24 | val_loss" in log and "tok/s" in log and "moe[L" in log and "mfu n/a" in log
+    assert (reference["A"] / "monitor").is_dir(), "csv monitor output missing"
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(reference, lm_data):
+    b = reference["root"] / "B"
+    config = lm_run(b, lm_data, ep=2, checkpoint={"init_from": str(reference["init"])}, debug={"step_sleep_s": 0.4})
+    proc = train_and_signal(config, b, at_step=6, rank=1)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    stopped = max(losses(b))
+    assert 6 <= stopped < STEPS, f"stopped at {stopped}"
+    assert (b / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+    assert "stopping on a signal on another rank" in proc.stdout  # rank 0 learnt it from rank 1
+    config = lm_run(b, lm_data, ep=2, checkpoint={"init_from": str(reference["init"])})
+    proc = train(config)
+    assert f"resumed exactly from {b / 'checkpoints' / f'step_{stopped:08d}'}" in proc.stdout
+    got, want = losses(b), losses(reference["A"])
+    assert got == want, "\n".join(f"{s}: {want[s]} vs {got.get(s)}" for s in want if want[s] != got.get(s))
+
+
+@pytest.mark.parametrize("kind,ep", [("xmoe", 2), ("meo", 1)])
+def test_kind_learns(kind, ep, lm_data, tmp_path):
+    train(lm_run(tmp_path / kind, lm_data, kind=kind, ep=ep, eval={"at_end": False}, checkpoint={"save_at_end": False}))
+    assert_learns(losses(tmp_path / kind), margin=0.5)
+
+
+def test_death_during_save_keeps_latest_then_nan_steps_are_skipped(lm_data, tmp_path):
+    c = tmp_path / "C"
+    config = lm_run(c, lm_data, checkpoint={"interval": 2, "keep_last": 2}, debug={"die_in_save_at_step": 6},
+                    train={"dist_timeout_s": 60})
+    start = time.time()
+    proc = train(config, expect_rc=1)
+    assert time.time() - start < 90, "the surviving rank did not exit promptly"
+    ckpts = c / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000004"
+    assert (ckpts / "step_00000006").is_dir() and not (ckpts / "step_00000006" / "COMPLETE").exists()
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000004", "step_00000006"]
+
+    config = lm_run(c, lm_data, checkpoint={"interval": 2, "keep_last": 2},
+                    debug={"nan_at_steps": [8, 11, 12, 13]}, train={"max_nonfinite_in_a_row": 3})
+    proc = train(config, expect_rc=3)
+    out = proc.stdout
+    assert "removed incomplete checkpoint(s) ['step_00000006']" in out
+    assert "resumed exactly from" in out and "step_00000004" in out
+    assert "non-finite loss at step 8: step skipped" in out
+    assert "stopping: 3 consecutive steps with a non-finite loss (last at step 13)" in out
+    by_step = {m["step"]: m for m in metrics(c)}
+    assert by_step[8]["skipped"] and not by_step[9]["skipped"] and by_step[9]["loss"] is not None
+    assert max(by_step) == 13
+    kept = sorted(p.name for p in ckpts.glob("step_*"))
+    assert kept == ["step_00000010", "step_00000012"], f"keep_last=2 kept {kept}"
+
+
+def test_inconsistent_config_fails_on_every_rank_before_work(lm_data, tmp_path):
+    config = lm_run(tmp_path / "E", lm_data, ep=4)  # 4 experts, ep 4, but only 2 ranks
+    start = time.time()
+    proc = train(config, expect_rc=2, timeout=60)
+    text = proc.stdout + proc.stderr
+    assert text.count("world size 2 is not divisible by ep_size=4") == 2, text[-3000:]
+    assert "step " not in text.replace("ep_size", "")
+    assert time.time() - start < 45
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
+    proc = train(lm_run(tmp_path / "E2", lm_data), ds_config=str(ds), expect_rc=2, timeout=60)
+    assert "train_batch_size=64 but the run config gives 8" in proc.stdout + proc.stderr
+
+
+def test_resume_at_other_world_and_ep_size_loads_weights(reference, lm_data):
+    """A's final checkpoint (world 2, ep 2, ZeRO-2) continued on 1 rank with ep 1."""
+    d = reference["root"] / "W1"
+    config = lm_run(d, lm_data, ep=1, train={"steps": STEPS + 4},
+                    checkpoint={"resume": str(reference["A"] / "checkpoints"), "save_at_end": False})
+    proc = train(config, num_ranks=1, ds_config=CPU_DS_ZERO0)
+    assert "saved at world size 2 / ep 2, now 1 / ep 1" in proc.stdout
+    assert "NOT carried over: optimizer state" in proc.stdout
+    after = losses(d)
+    assert sorted(after) == list(range(STEPS + 1, STEPS + 5))
+    last_a = losses(reference["A"])[STEPS]
+    assert abs(after[STEPS + 1] - last_a) < 0.3, f"weights not carried over: {after[STEPS + 1]} vs {last_a}"
