@@ -72,3 +72,12 @@ def make_cfg(kind: str, mode: str, ep: int, **kw) -> MoEConfig:
                 capacity_factor=1.0, min_capacity=1, aux_loss_coef=0.01, z_loss_coef=1e-3)
     base.update(kw)
     return MoEConfig(**base)
+
+
+def finish() -> None:
+    """Tear the process group down before exit (gloo can abort a rank at interpreter exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

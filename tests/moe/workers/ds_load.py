@@ -6,7 +6,7 @@ import glob
 import deepspeed
 import torch
 
-from common import script_args, check_close, init_dist
+from common import finish, script_args, check_close, init_dist
 from ds_train import TinyMoEModel, ds_config
 
 
@@ -32,3 +32,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 import torch.nn as nn
 
-from common import script_args, batch, check_close, global_to_local, init_dist
+from common import finish, script_args, batch, check_close, global_to_local, init_dist
 
 from meo_ds.moe import MoEConfig, MoELayer
 
@@ -107,3 +107,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from common import batch, check_close, expert_grads, global_to_local, init_dist, make_cfg
+from common import finish, batch, check_close, expert_grads, global_to_local, init_dist, make_cfg
 
 from meo_ds.moe import MoELayer
 
@@ -106,3 +106,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()
