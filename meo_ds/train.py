@@ -477,8 +477,21 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- entry point
+def single_process_env() -> None:
+    """`meo-train` run directly (no launcher): one rank on this machine."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    single_process_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg, ds = load_configs(args, world)
