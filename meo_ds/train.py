@@ -439,6 +439,8 @@ class Trainer:
 
     def save(self) -> None:
         cfg = self.cfg
+        if (cfg.checkpoint_dir / ckpt.tag_for(self.step) / ckpt.COMPLETE).is_file():
+            return  # already saved (a finished run started again): never rewrite the checkpoint `latest` names
         client = {"trainer_step": self.step, "config": cfg.to_dict(), "world_size": self.world, "ep_size": cfg.ep_size}
         rank_state = {"step": self.step, "data": self.loader.state_dict(), "rng": ckpt.rng_state(),
                       "nonfinite_in_a_row": self.nonfinite_in_a_row}
