@@ -437,8 +437,11 @@ def build_model_config(model_tree: dict, task: str) -> Any:
     """Model mapping -> the models package's config dataclass for `task`."""
     from meo_ds import models
 
-    cls = models.config_class(task)
-    return from_dict(cls, model_tree, "model")
+    config_class = getattr(models, "config_class", None)
+    if config_class is None:
+        raise ConfigError("this installation's meo_ds.models provides no config_class(task); install a complete "
+                          "meo_ds (the model zoo) to build models from presets")
+    return from_dict(config_class(task), model_tree, "model")
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
