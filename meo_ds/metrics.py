@@ -62,6 +62,8 @@ class RoutingAccumulator:
     def add(self, stats: Optional[Sequence[Any]]) -> None:
         if not stats:
             return
+        # Either RoutingStats per MoE layer, or (layer name, RoutingStats) pairs.
+        stats = [s[1] if isinstance(s, tuple) else s for s in stats]
         stats = [s for s in stats if s is not None]
         if not self.loads:
             self.loads = [torch.zeros_like(s.expert_load, dtype=torch.float64) for s in stats]

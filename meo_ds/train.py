@@ -61,12 +61,31 @@ def load_configs(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, 
 
 
 def check_data(cfg: RunConfig) -> None:
+    """The corpus exists and fits the model (vocabulary, sequence length)."""
     path = Path(cfg.data.path)
     if not (path / "manifest.json").is_file():
         raise ConfigError(
             f"data.path={str(path)!r} holds no prepared corpus (no manifest.json); prepare one with "
             f"`meo-prepare demo --task {'lm' if cfg.task == 'lm' else 'mt'} --out {path}` or `meo-prepare lm|mt ...`"
         )
+    vocab = data_vocab_size(cfg)
+    model_vocab = getattr(cfg.model, "vocab_size", None)
+    if model_vocab is not None and vocab > model_vocab:
+        raise ConfigError(f"the tokenizer of {path} has {vocab} tokens but model.vocab_size={model_vocab}; "
+                          f"set --set model.vocab_size={vocab}")
+    max_len = getattr(cfg.model, "max_seq_len", None)
+    if cfg.task == "lm" and max_len is not None and cfg.data.seq_len > max_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}; lower one or raise the other")
+
+
+def data_vocab_size(cfg: RunConfig) -> int:
+    from meo_ds import data
+
+    if cfg.task == "lm":
+        return data.LMDataset(cfg.data.path, "train").tokenizer().vocab_size
+    from meo_ds.data.mt import MTDataset
+
+    return MTDataset(cfg.data.path, "train").tokenizer().vocab_size
 
 
 # --------------------------------------------------------------------------- models / data integration
@@ -77,14 +96,11 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
 
 
 def train_flops_per_token(model: torch.nn.Module, cfg: RunConfig) -> Optional[float]:
-    """Training FLOPs per (target) token: 3x the forward FLOPs the model reports, if it does."""
+    """Training (forward + backward) FLOPs per token as the model accounts them, if it does."""
     fn = getattr(model, "flops_per_token", None)
     if fn is None:
         return None
-    try:
-        return 3.0 * float(fn(cfg.data.seq_len))
-    except TypeError:
-        return 3.0 * float(fn())
+    return float(fn(cfg.data.seq_len)) if cfg.task == "lm" else float(fn())
 
 
 def build_loader(cfg: RunConfig, split: str, rank: int, world: int, shuffle: bool = True) -> Any:
@@ -93,7 +109,9 @@ def build_loader(cfg: RunConfig, split: str, rank: int, world: int, shuffle: boo
     if cfg.task == "lm":
         return data.LMLoader(cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                              dp_rank=rank, dp_world_size=world, seed=cfg.data.seed, shuffle=shuffle, split=split)
-    return data.MTLoader(cfg.data.path, max_tokens=cfg.data.max_tokens, dp_rank=rank, dp_world_size=world,
+    from meo_ds.data.mt import MTLoader
+
+    return MTLoader(cfg.data.path, max_tokens=cfg.data.max_tokens, dp_rank=rank, dp_world_size=world,
                          seed=cfg.data.seed, shuffle=shuffle, split=split)
 
 
