@@ -141,3 +141,15 @@ def test_latest_pointer_and_pruning(tmp_path: Path):
     (tmp_path / "latest").write_text(ckpt.tag_for(8))
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ckpt.resolve("auto", tmp_path)
+
+
+def test_paper_size_run_config_checks_out_for_64_ranks():
+    from meo_ds.config import load_ds_config, load_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_run_config(str(root / "launch" / "configs" / "xmoe_gpt_lm.yaml"), ["data.path=/data/lm"])
+    cfg.validate(world_size=64)
+    ds = reconcile_ds_config(cfg, load_ds_config(str(root / "ds_configs" / "zero2_bf16.json")), 64, "cuda")
+    assert ds["train_batch_size"] == 512 and cfg.ep_size == 8 and cfg.model.moe.kind == "xmoe"
+    with pytest.raises(ConfigError, match="world size 12 is not divisible by ep_size=8"):
+        cfg.validate(world_size=12)
