@@ -118,8 +118,6 @@ class EvalConfig:
     beam_size: int = 4
     max_new_tokens: int = 64
     length_penalty: float = 1.0
-    # LM: greedy sample from this prompt at the end (empty: none).
-    sample_prompt: str = ""
 
 
 @dataclass

@@ -90,9 +90,15 @@ def strip_special(ids: Any, tok: Any) -> list[int]:
 
 
 def translate(model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor, cfg: RunConfig, tok: Any) -> list:
-    """Beam-search translations (one id sequence per source) through the model's generate()."""
+    """Beam-search translations (one id sequence per source): the model's own `translate`
+    method, else the model zoo's `meo_ds.models.generation.translate`."""
     from meo_ds.models import generation
 
-    return generation.translate(model, src_ids, src_mask, beam_size=cfg.eval.beam_size,
-                                max_new_tokens=cfg.eval.max_new_tokens, length_penalty=cfg.eval.length_penalty,
-                                bos_id=tok.bos_id, eos_id=tok.eos_id)
+    kwargs = dict(beam_size=cfg.eval.beam_size, max_new_tokens=cfg.eval.max_new_tokens,
+                  length_penalty=cfg.eval.length_penalty, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    if hasattr(model, "translate"):
+        return model.translate(src_ids, src_mask, **kwargs)
+    if hasattr(generation, "translate"):
+        return generation.translate(model, src_ids, src_mask, **kwargs)
+    raise RuntimeError("this model has no translate() and meo_ds.models.generation has none; "
+                       "set eval.bleu=false to evaluate translation by validation loss only")

@@ -2,7 +2,7 @@
 must not depend on the model zoo: post-embedding transformer encoder whose FFNs are MoE layers,
 a small transformer decoder with cross-attention, greedy decoding (`translate`).
 
-`install()` makes meo_ds.train build it and meo_ds.evaluate decode with it; run
+`install()` makes meo_ds.train build it (meo_ds.evaluate calls its translate()); run
 `python tests/workers/tiny_mt.py --config ... --deepspeed_config ...` on ranks.
 """
 from __future__ import annotations
@@ -80,7 +80,8 @@ class TinyMT(nn.Module):
 
     @torch.no_grad()
     def translate(self, src_ids, src_mask, *, max_new_tokens: int, bos_id: int, eos_id: int, **_) -> list[list[int]]:
-        """Greedy decoding; stops when every sequence has produced eos (same step on every rank)."""
+        """Greedy decoding (beam_size is ignored); stops when every sequence has produced eos,
+        at the same step on every rank since all ranks decode the same sentences."""
         memory, _, _ = self.encode(src_ids, src_mask)
         out = torch.full((src_ids.shape[0], 1), bos_id, dtype=torch.long, device=src_ids.device)
         done = torch.zeros(src_ids.shape[0], dtype=torch.bool, device=src_ids.device)
@@ -95,13 +96,10 @@ class TinyMT(nn.Module):
 
 def install() -> None:
     import meo_ds.config as config
-    import meo_ds.evaluate as evaluate
     import meo_ds.train as train
 
     config.build_model_config = lambda tree, task: config.from_dict(TinyMTConfig, tree, "model")
-    train.build_model = lambda cfg: TinyMT(cfg.model)
-    evaluate.translate = lambda model, src_ids, src_mask, cfg, tok: model.translate(
-        src_ids, src_mask, max_new_tokens=cfg.eval.max_new_tokens, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    train.build_model = lambda cfg: TinyMT(cfg.model)  # meo_ds.evaluate decodes with TinyMT.translate
 
 
 if __name__ == "__main__":
