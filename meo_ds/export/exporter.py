@@ -1,0 +1,203 @@
+"""Checkpoint directory -> HuggingFace export directory (the work behind `meo-export`).
+
+Steps: consolidate the DeepSpeed checkpoint (meo_ds.export.consolidate); rebuild the run config
+the trainer saved in the checkpoint's client state; check the weights against a meta-device
+instance of our model (every key and shape, so a checkpoint of another architecture fails
+before anything is written); choose the target (auto: native Mixtral for top-k MoE language
+models that Mixtral can express, native Llama/Mistral for dense ones, our remote-code classes
+otherwise); write weights + config, tokenizer, generation config and model card into a staging
+directory that is renamed onto OUTPUT_DIR only when everything succeeded.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from meo_ds.export import card, native, remote
+from meo_ds.export.consolidate import Consolidated, consolidate
+from meo_ds.export.errors import ExportError
+
+TARGETS = ("auto", "mixtral", "llama", "mistral", "meo")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    target: str
+    tag: str
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- inputs
+def run_config_of(ck: Consolidated) -> Any:
+    """The RunConfig the trainer stored in client_state['config']."""
+    from meo_ds.config import ConfigError, run_config_from_dict
+
+    tree = ck.metadata.get("config")
+    if not isinstance(tree, dict):
+        raise ExportError(
+            f"checkpoint {ck.path} holds no run config (client_state['config']); export needs a checkpoint "
+            f"written by meo-train, which records the model configuration"
+        )
+    try:
+        cfg = run_config_from_dict(tree)
+    except (ConfigError, ValueError, TypeError) as err:
+        raise ExportError(f"checkpoint {ck.path}: its run config cannot be rebuilt: {err}") from err
+    if cfg.model is None:
+        raise ExportError(f"checkpoint {ck.path}: its run config has no model section")
+    return cfg
+
+
+def check_weights(model_cfg: Any, state_dict: dict[str, torch.Tensor]) -> None:
+    """Every parameter/buffer of our model is present with its shape, and nothing else."""
+    from meo_ds import models
+
+    with torch.device("meta"):
+        model = models.build_model(model_cfg)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(state_dict))
+    extra = sorted(set(state_dict) - set(want))
+    wrong = sorted(k for k in set(want) & set(state_dict) if tuple(state_dict[k].shape) != want[k])
+    if missing or extra or wrong:
+        parts = [f"{name}: {keys[:4]}{' ...' if len(keys) > 4 else ''}" for name, keys in
+                 (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys]
+        raise ExportError("checkpoint weights do not match the model its run config describes; " + "; ".join(parts))
+
+
+def find_tokenizer(cfg: Any, explicit: Optional[str]) -> Optional[Path]:
+    """--tokenizer, else <data.path>/tokenizer.model, else the manifest's tokenizer source."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ExportError(f"--tokenizer {path} does not exist")
+        return path
+    data_dir = Path(cfg.data.path) if cfg.data.path else None
+    if data_dir is not None and (data_dir / "tokenizer.model").is_file():
+        return data_dir / "tokenizer.model"
+    manifest = data_manifest(cfg)
+    source = ((manifest or {}).get("tokenizer") or {}).get("source")
+    if source and Path(source).is_file():
+        return Path(source)
+    return None
+
+
+def data_manifest(cfg: Any) -> Optional[dict]:
+    path = Path(cfg.data.path) / "manifest.json" if cfg.data.path else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"output {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"output directory {out_dir} is not empty; choose another or pass --overwrite")
+
+
+# --------------------------------------------------------------------------- export
+def choose_target(task: str, model_cfg: Any, requested: str) -> str:
+    if requested not in TARGETS:
+        raise ExportError(f"unknown target {requested!r}; use one of {', '.join(TARGETS)}")
+    if requested == "meo":
+        return "meo"
+    if task != "lm":
+        if requested != "auto":
+            raise ExportError(f"a {task} model cannot be exported as {requested}: only language models map to "
+                              f"native transformers architectures; use --target meo (or auto)")
+        return "meo"
+    if requested == "auto":
+        return native.native_target(model_cfg) or "meo"
+    problems = native.incompatibilities(model_cfg, requested)
+    if problems:
+        raise ExportError(f"this model cannot be exported as {requested}: " + "; ".join(problems) +
+                          ". Use --target meo (remote code) or --target auto")
+    return requested
+
+
+def export(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tag: Optional[str] = None,
+    target: str = "auto",
+    tokenizer: Optional[str] = None,
+    require_tokenizer: bool = True,
+    dtype: Optional[str] = None,
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export a meo_ds DeepSpeed checkpoint as a HuggingFace model directory."""
+    from meo_ds.data.io import staging_dir
+
+    out_dir = Path(out_dir)
+    check_output(out_dir, overwrite)
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    ck = consolidate(checkpoint_dir, tag)
+    cfg = run_config_of(ck)
+    chosen = choose_target(cfg.task, cfg.model, target)
+    check_weights(cfg.model, ck.state_dict)
+    tok_path = find_tokenizer(cfg, tokenizer)
+    if tok_path is None and require_tokenizer:
+        raise ExportError("no tokenizer found (data.path/tokenizer.model of the run config is missing); "
+                          "pass --tokenizer PATH/TO/tokenizer.model, or --no-tokenizer to export weights only")
+    state_dict = ck.state_dict
+    if dtype is not None:
+        state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+    result = ExportResult(out_dir=out_dir, target=chosen, tag=ck.tag)
+    with staging_dir(out_dir) as tmp:
+        hf_model = _write_model(tmp, chosen, cfg, state_dict, max_shard_size)
+        if tok_path is not None:
+            _write_tokenizer(tmp, tok_path)
+        else:
+            result.notes.append("no tokenizer exported")
+        _write_card(tmp, chosen, cfg, ck, hf_model.config.to_dict(), Path(checkpoint_dir))
+        result.files = sorted(p.name for p in tmp.iterdir())
+    return result
+
+
+def _write_model(tmp: Path, target: str, cfg: Any, state_dict: dict, max_shard_size: str) -> Any:
+    if target == "meo":
+        model = remote.build_hf_model(cfg.task, cfg.model, state_dict)
+    else:
+        model = native.build_hf_model(target, cfg.model, state_dict)
+    model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+    if target == "meo":
+        remote.copy_code(tmp)
+    return model
+
+
+def _write_tokenizer(tmp: Path, model_path: Path) -> None:
+    from meo_ds.data.tokenizer import save_hf_tokenizer
+
+    save_hf_tokenizer(model_path, tmp)
+
+
+def _write_card(tmp: Path, target: str, cfg: Any, ck: Consolidated, hf_config: dict, checkpoint_dir: Path) -> None:
+    run_tree = ck.metadata.get("config")
+    logs = card.find_logs(checkpoint_dir, run_tree)
+    source = {"checkpoint": str(checkpoint_dir), "tag": ck.tag, "global_steps": ck.global_steps,
+              "expert_parallel_size": ck.metadata.get("ep_size"), "world_size": ck.metadata.get("world_size"),
+              "deepspeed": ck.metadata.get("ds_version")}
+    text = card.render_card(
+        title=f"{cfg.name} ({cfg.task}, {target})",
+        target=target,
+        hf_config=hf_config,
+        moe=remote.moe_summary(cfg.model),
+        run_config=run_tree,
+        data_manifest=data_manifest(cfg),
+        metrics=card.logged_metrics(logs),
+        source={k: v for k, v in source.items() if v is not None},
+        usage=remote.usage(cfg.task, target),
+    )
+    (tmp / "README.md").write_text(text)

@@ -1,0 +1,107 @@
+"""Export with our own HuggingFace classes (meo_ds/export/hf_remote), loaded by remote code.
+
+The export directory gets configuration_meo.py and modeling_meo.py (copied verbatim: they never
+import meo_ds) and a config.json whose `auto_map` points AutoConfig / AutoModelForCausalLM /
+AutoModelForSeq2SeqLM at them, so `from_pretrained(dir, trust_remote_code=True)` works where
+meo_ds is not installed. Weights are renamed from our model's state dict by `hf_key`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meo_ds.export import layout
+from meo_ds.export.errors import ExportError
+
+CODE_DIR = Path(__file__).resolve().parent / "hf_remote"
+CODE_FILES = ("configuration_meo.py", "modeling_meo.py")
+AUTO_MAP = {
+    "lm": {"AutoConfig": "configuration_meo.MeoConfig", "AutoModelForCausalLM": "modeling_meo.MeoForCausalLM"},
+    "translation": {"AutoConfig": "configuration_meo.MeoConfig", "AutoModelForSeq2SeqLM": "modeling_meo.MeoForSeq2SeqLM"},
+}
+
+
+def build_hf_model(task: str, model_cfg: Any, state_dict: dict[str, torch.Tensor]) -> Any:
+    """Our remote-code model (MeoForCausalLM / MeoForSeq2SeqLM) holding the checkpoint's weights."""
+    from meo_ds.export.hf_remote.configuration_meo import MeoConfig
+    from meo_ds.export.hf_remote.modeling_meo import MeoForCausalLM, MeoForSeq2SeqLM
+
+    config = MeoConfig(**layout.remote_config(task, model_cfg), auto_map=AUTO_MAP[task])
+    config.dtype = _dtype_of(state_dict)
+    cls = MeoForCausalLM if task == "lm" else MeoForSeq2SeqLM
+    with torch.device("meta"):
+        model = cls(config)
+    renamed = {}
+    for key, value in state_dict.items():
+        new = layout.remote_key(task, key)
+        if new is not None:
+            renamed[new] = value
+    _load_exact(model, renamed)
+    return model.eval()
+
+
+def _dtype_of(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    floats = [v.dtype for v in state_dict.values() if v.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def _load_exact(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """assign=True load from the meta model; every parameter must come from the checkpoint."""
+    want = set(model.state_dict())
+    if getattr(model.config, "tie_word_embeddings", False):
+        state_dict.pop("lm_head.weight", None)
+        want.discard("lm_head.weight")
+    missing, extra = sorted(want - set(state_dict)), sorted(set(state_dict) - want)
+    if missing or extra:
+        raise ExportError(f"weights do not fit the exported architecture: missing {missing[:4]}, unexpected {extra[:4]}")
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def copy_code(out_dir: Path) -> None:
+    for name in CODE_FILES:
+        shutil.copyfile(CODE_DIR / name, out_dir / name)
+
+
+def moe_summary(model_cfg: Any) -> list[dict]:
+    """One dict per distinct MoE configuration of the model (for the model card)."""
+    from meo_ds.config import iter_moe_configs
+
+    seen, out = [], []
+    for moe in iter_moe_configs(model_cfg):
+        d = dataclasses.asdict(moe)
+        if d in seen:
+            continue
+        seen.append(d)
+        keep = ["kind", "num_experts", "expert_hidden", "activation", "dispatch", "ep_size", "aux_loss_coef"]
+        keep += {"topk": ["top_k", "renormalize", "capacity_factor"], "xmoe": ["threshold", "max_k", "capacity_factor"],
+                 "meo": ["top_k", "meo_level", "segment_len", "token_bottleneck_ratio"]}[moe.kind]
+        out.append({"where": f"MoE layers ({moe.kind})", **{k: d[k] for k in keep}})
+    return out
+
+
+def usage(task: str, target: str) -> str:
+    remote = target == "meo"
+    trust = ", trust_remote_code=True" if remote else ""
+    if task == "lm":
+        return (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
+            f"model = AutoModelForCausalLM.from_pretrained(path{trust})\n"
+            "tok = AutoTokenizer.from_pretrained(path)\n"
+            "ids = tok('Hello', return_tensors='pt').input_ids\n"
+            "print(tok.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))\n"
+            f"pipeline('text-generation', model=path{trust})('Hello', max_new_tokens=32)"
+        )
+    return (
+        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
+        f"model = AutoModelForSeq2SeqLM.from_pretrained(path{trust})\n"
+        "tok = AutoTokenizer.from_pretrained(path)\n"
+        "src = tok(['Guten Morgen'], return_tensors='pt')  # the source ends with </s> as in training:\n"
+        "ids = torch.cat([src.input_ids, torch.tensor([[tok.eos_token_id]])], 1)\n"
+        "print(tok.batch_decode(model.generate(ids, num_beams=4, max_new_tokens=64), skip_special_tokens=True))"
+    )
