@@ -36,7 +36,7 @@ class ExportResult:
 
 # --------------------------------------------------------------------------- inputs
 def run_config_of(ck: Consolidated) -> Any:
-    """The RunConfig the trainer stored in client_state['config']."""
+    """The RunConfig the trainer stored in client_state['config'], with ep_size=1 everywhere."""
     from meo_ds.config import ConfigError, run_config_from_dict
 
     tree = ck.metadata.get("config")
@@ -51,6 +51,10 @@ def run_config_of(ck: Consolidated) -> Any:
         raise ExportError(f"checkpoint {ck.path}: its run config cannot be rebuilt: {err}") from err
     if cfg.model is None:
         raise ExportError(f"checkpoint {ck.path}: its run config has no model section")
+    from meo_ds.config import iter_moe_configs
+
+    for moe in iter_moe_configs(cfg.model):
+        moe.ep_size = 1  # the consolidated weights hold every expert: one process, all experts local
     return cfg
 
 

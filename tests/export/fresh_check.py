@@ -1,0 +1,54 @@
+"""Load exported models in a fresh process where meo_ds cannot be imported, and check them.
+
+argv: SPEC.json, a list of {"dir", "task" (lm|translation), "trust_remote_code", "ref"} where
+`ref` is a torch file written by the test from meo_ds's own model: {"input_ids", "logits",
+"prompt", "greedy"} (LM) or {"src_ids", "src_mask", "decoder_input_ids", "logits", "greedy"}.
+Exits non-zero (with the reason) on any mismatch; prints one line per checked export.
+"""
+import sys
+
+sys.modules["meo_ds"] = None  # any `import meo_ds` (even the editable install) now fails
+
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline  # noqa: E402
+
+
+def check_lm(spec, ref):
+    model = AutoModelForCausalLM.from_pretrained(spec["dir"], trust_remote_code=spec["trust_remote_code"]).eval()
+    with torch.no_grad():
+        logits = model(ref["input_ids"]).logits
+    torch.testing.assert_close(logits.float(), ref["logits"].float(), rtol=1e-4, atol=1e-4)
+    prompt = ref["prompt"]
+    out = model.generate(prompt, max_new_tokens=ref["greedy"].shape[1] - prompt.shape[1], do_sample=False,
+                         eos_token_id=None, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(out, ref["greedy"]), f"greedy tokens differ:\n{out}\n{ref['greedy']}"
+    gen = pipeline("text-generation", model=spec["dir"], trust_remote_code=spec["trust_remote_code"])
+    text = gen("The", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The") and len(text) > 3, text
+    return type(model).__name__, text
+
+
+def check_translation(spec, ref):
+    model = AutoModelForSeq2SeqLM.from_pretrained(spec["dir"], trust_remote_code=spec["trust_remote_code"]).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ref["src_ids"], attention_mask=ref["src_mask"],
+                       decoder_input_ids=ref["decoder_input_ids"]).logits
+    torch.testing.assert_close(logits.float(), ref["logits"].float(), rtol=1e-4, atol=1e-4)
+    out = model.generate(ref["src_ids"], attention_mask=ref["src_mask"], do_sample=False, num_beams=1,
+                         max_new_tokens=ref["greedy"].shape[1] - 1, eos_token_id=None)
+    assert torch.equal(out, ref["greedy"]), f"greedy tokens differ:\n{out}\n{ref['greedy']}"
+    tok = AutoTokenizer.from_pretrained(spec["dir"])
+    return type(model).__name__, tok.decode(out[0], skip_special_tokens=True)
+
+
+def main():
+    for spec in json.load(open(sys.argv[1])):
+        ref = torch.load(spec["ref"])
+        name, text = (check_lm if spec["task"] == "lm" else check_translation)(spec, ref)
+        print(f"OK {spec['dir']} {name} {text!r}")
+
+
+if __name__ == "__main__":
+    main()

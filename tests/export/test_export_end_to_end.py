@@ -1,0 +1,136 @@
+"""meo-train checkpoints (2 CPU ranks) -> meo-export -> transformers, compared with our model.
+
+One launch trains three tiny LMs with the real Trainer: top-k MoE in every layer (ep=2, ZeRO-2;
+exports as native Mixtral), XMoE (ep=2; remote code) and MEO (data-parallel; remote code).
+Each export must give the logits of meo_ds's model loaded from the same checkpoint, and greedy
+generate() must return our generation's tokens, in a fresh process where meo_ds is not importable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from meo_ds.export.cli import main as export_main
+from meo_ds.export.consolidate import consolidate
+from meo_ds.export.exporter import run_config_of
+from meo_ds.models import build_model, generation
+from tests.distributed import run_ranks
+
+HERE = Path(__file__).resolve().parent
+DS = str(HERE.parents[1] / "ds_configs" / "cpu_fp32.json")
+MOE = {"num_experts": 4, "top_k": 2, "dispatch": "dropless", "segment_len": 8}
+RUNS = {  # name: (moe overrides, model overrides, expected target)
+    "topk": ({"kind": "topk", "ep_size": 2}, {"moe_every": 1, "moe_offset": 0}, "mixtral"),
+    "xmoe": ({"kind": "xmoe", "ep_size": 2, "threshold": 0.6}, {}, "meo"),
+    "meo": ({"kind": "meo", "noisy_gating": True}, {}, "meo"),
+}
+
+
+def _config(root: Path, data: Path, name: str) -> Path:
+    moe, model, _ = RUNS[name]
+    out = root / name
+    out.mkdir(parents=True)
+    tree = {
+        "task": "lm", "name": name,
+        "model": {"vocab_size": 1000, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
+                  "max_seq_len": 64, **model, "moe": {**MOE, **moe}},
+        "data": {"path": str(data), "seq_len": 32},
+        "train": {"steps": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "seed": 3},
+        "checkpoint": {"interval": 0, "keep_last": 1},
+        "logging": {"out_dir": str(out), "interval": 2},
+        "eval": {"max_batches": 1},
+    }
+    path = out / "run.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from meo_ds.data.demo import build_demo
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = build_demo("lm", root / "demo", max_chars=200_000, vocab_size=1000)
+    configs = [str(_config(root, data, name)) for name in RUNS]
+    run_ranks(HERE / "train_many_worker.py", 2, ["--deepspeed_config", DS, *configs], timeout=300)
+    return root
+
+
+def _ours(ckpt_dir: Path) -> torch.nn.Module:
+    ck = consolidate(ckpt_dir)
+    model = build_model(run_config_of(ck).model)
+    model.load_state_dict(ck.state_dict)
+    return model.eval()
+
+
+def _reference(model: torch.nn.Module, path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 1000, (2, 20), generator=g)
+    prompt = ids[:, :5]
+    with torch.no_grad():
+        logits = model(ids).logits
+        greedy = generation.generate(model, prompt, max_new_tokens=12)
+    torch.save({"input_ids": ids, "logits": logits, "prompt": prompt, "greedy": greedy}, path)
+
+
+def test_export_matches_our_model_in_a_fresh_process(trained: Path, tmp_path: Path) -> None:
+    specs = []
+    for name, (_, _, target) in RUNS.items():
+        ckpt, out = trained / name / "checkpoints", tmp_path / f"hf_{name}"
+        assert export_main([str(ckpt), str(out)]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["architectures"] == (["MixtralForCausalLM"] if target == "mixtral" else ["MeoForCausalLM"])
+        if target == "meo":
+            assert "auto_map" in config and (out / "modeling_meo.py").is_file()
+        card = (out / "README.md").read_text()
+        assert "train/loss" in card and "eval/val_loss" in card and RUNS[name][0]["kind"] in card
+        assert {"tokenizer.json", "tokenizer.model"} <= {p.name for p in out.iterdir()}
+        _reference(_ours(ckpt), tmp_path / f"ref_{name}.pt")
+        specs.append({"dir": str(out), "task": "lm", "trust_remote_code": target == "meo",
+                      "ref": str(tmp_path / f"ref_{name}.pt")})
+    (tmp_path / "spec.json").write_text(json.dumps(specs))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    proc = subprocess.run([sys.executable, str(HERE / "fresh_check.py"), str(tmp_path / "spec.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("OK ") == len(RUNS), proc.stdout
+
+
+def test_registered_auto_classes_load_without_remote_code(trained: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    assert export_main([str(trained / "xmoe" / "checkpoints"), str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__module__ == "meo_ds.export.hf_remote.modeling_meo"
+    ids = torch.randint(4, 1000, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _ours(trained / "xmoe" / "checkpoints")(ids).logits)
+
+
+def test_unmappable_target_fails_without_output(trained: Path, tmp_path: Path, capsys) -> None:
+    ckpt = trained / "xmoe" / "checkpoints"
+    assert export_main([str(ckpt), str(tmp_path / "o1"), "--target", "mixtral"]) == 2
+    assert "xmoe" in capsys.readouterr().err
+    assert export_main([str(ckpt), str(tmp_path / "o2"), "--target", "llama"]) == 2
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_expert_file_fails_without_output(trained: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained / "topk" / "checkpoints", ckpt)
+    tag = (ckpt / "latest").read_text().strip()
+    (ckpt / tag / "layer_1_expert_3_mp_rank_00_model_states.pt").unlink()
+    assert export_main([str(ckpt), str(tmp_path / "out")]) == 2
+    assert "missing expert file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
