@@ -14,6 +14,7 @@ setup(
         "transformers>=4.46",
         "datasets>=3.0",
         "sentencepiece>=0.2",
+        "protobuf>=4.0",  # transformers converts SentencePiece models to HF tokenizers with it
         "safetensors>=0.4",
         "sacrebleu>=2.4",
         "pyyaml>=6.0",
