@@ -1,0 +1,244 @@
+"""Transformer blocks shared by the language model and the translation model.
+
+One pre-norm block serves both: self-attention (causal or not), optional cross-attention, and
+an FFN that is dense or any MoE layer of meo_ds.moe. What differs between the models (norm,
+biases, activation, rotary or absolute positions) is a `BlockSpec`.
+
+Parameter names are part of the checkpoint format (and of the export mapping in
+meo_ds/export/layout.py): attn_norm, attn.{q,k,v,o}_proj, cross_norm, cross_attn.*, ffn_norm,
+ffn.{w1,w2,w3} (dense) or moe.* (MoE).
+
+KV cache: one dict per layer, {"k", "v"} for self-attention (grown each call), {"cross_k",
+"cross_v"} (computed once from the encoder output) and "moe" (the MoE layer's own state, used
+by MEO's causal segment gates).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from meo_ds.moe import MoEConfig, MoEOutput, build_moe_layer
+
+Norm = Literal["rmsnorm", "layernorm"]
+Activation = Literal["swiglu", "gelu"]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    norm: Norm = "rmsnorm"
+    norm_eps: float = 1e-5
+    activation: Activation = "swiglu"  # dense FFN: swiglu (w1, w3, w2) or gelu (w1, w2)
+    bias: bool = False  # biases in attention projections and the dense FFN
+    rope_theta: Optional[float] = 10000.0  # None: no rotary embedding (positions added to the input)
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(kind: Norm, dim: int, eps: float) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; use 'rmsnorm' or 'layernorm'")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """x [B,H,L,hd], positions [B,L]; HF Llama/Mixtral convention (rotate_half)."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+    ang = positions.float()[:, None, :, None] * inv
+    ang = torch.cat((ang, ang), dim=-1)
+    return (x * ang.cos().to(x.dtype)) + (rotate_half(x) * ang.sin().to(x.dtype))
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Absolute sinusoidal embeddings [..., dim] = [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/2))."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    angles = positions.float().unsqueeze(-1) * freq
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads; self-attention or cross-attention."""
+
+    def __init__(self, spec: BlockSpec, cross: bool = False):
+        super().__init__()
+        self.h, self.kvh, self.hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.cross = cross
+        self.theta = None if cross else spec.rope_theta
+        d = spec.d_model
+        self.q_proj = nn.Linear(d, self.h * self.hd, bias=spec.bias)
+        self.k_proj = nn.Linear(d, self.kvh * self.hd, bias=spec.bias)
+        self.v_proj = nn.Linear(d, self.kvh * self.hd, bias=spec.bias)
+        self.o_proj = nn.Linear(self.h * self.hd, d, bias=spec.bias)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], n, self.hd).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                cache: Optional[dict] = None, memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B,L,d]; mask broadcastable to [B,1,L,keys] (True = attend); memory [B,S,d] for cross."""
+        B, L, _ = x.shape
+        q = self._heads(self.q_proj(x), self.h)
+        if self.cross:
+            k, v = self._memory_kv(memory, cache)
+        else:
+            k, v = self._heads(self.k_proj(x), self.kvh), self._heads(self.v_proj(x), self.kvh)
+            if self.theta is not None:
+                q, k = apply_rope(q, positions, self.theta), apply_rope(k, positions, self.theta)
+            if cache is not None:
+                if "k" in cache:
+                    k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
+                cache["k"], cache["v"] = k, v
+        rep = self.h // self.kvh
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.hd))
+
+    def _memory_kv(self, memory: torch.Tensor, cache: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache is not None and "cross_k" in cache:
+            return cache["cross_k"], cache["cross_v"]
+        k, v = self._heads(self.k_proj(memory), self.kvh), self._heads(self.v_proj(memory), self.kvh)
+        if cache is not None:
+            cache["cross_k"], cache["cross_v"] = k, v
+        return k, v
+
+
+class DenseFFN(nn.Module):
+    """swiglu: w2(silu(w1 x) * w3 x) (Llama/Mistral); gelu: w2(gelu(w1 x))."""
+
+    def __init__(self, d: int, hidden: int, activation: Activation = "swiglu", bias: bool = False):
+        super().__init__()
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"unknown FFN activation {activation!r}; use 'swiglu' or 'gelu'")
+        self.w1 = nn.Linear(d, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, d, bias=bias)
+        self.w3 = nn.Linear(d, hidden, bias=bias) if activation == "swiglu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is None:
+            return self.w2(F.gelu(self.w1(x)))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm x) [+ cross_attn(norm x, memory)] + ffn-or-moe(norm x)."""
+
+    def __init__(self, spec: BlockSpec, moe: Optional[MoEConfig] = None, causal: bool = True, cross: bool = False):
+        super().__init__()
+        self.attn_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
+        self.attn = Attention(spec)
+        self.cross_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps) if cross else None
+        self.cross_attn = Attention(spec, cross=True) if cross else None
+        self.ffn_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
+        self.is_moe = moe is not None
+        if self.is_moe:
+            self.moe = build_moe_layer(moe, spec.d_model, spec.d_ff, causal=causal)
+        else:
+            self.ffn = DenseFFN(spec.d_model, spec.d_ff, spec.activation, spec.bias)
+        self.drop = nn.Dropout(spec.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
+                memory: Optional[torch.Tensor] = None,
+                memory_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[MoEOutput]]:
+        x = x + self.drop(self.attn(self.attn_norm(x), mask, positions, cache))
+        if self.cross_attn is not None:
+            x = x + self.drop(self.cross_attn(self.cross_norm(x), memory_mask, cache=cache, memory=memory))
+        h = self.ffn_norm(x)
+        if not self.is_moe:
+            return x + self.drop(self.ffn(h)), None
+        state = cache.setdefault("moe", {}) if cache is not None else None
+        out = self.moe(h, padding_mask, state)
+        return x + self.drop(out.hidden), out
+
+    # ---------------------------------------------------------------- accounting
+    def forward_flops(self, spec: BlockSpec, query_len: int, memory_len: int = 0,
+                      xmoe_mean_experts: Optional[float] = None) -> float:
+        """Forward matmul FLOPs per token: projections, attention over query_len keys (full square,
+        not halved for causal masks), cross-attention over memory_len keys, and the FFN or MoE
+        (top-k: k experts; XMoE: the measured mean experts per token, 1 if unknown; MEO: its own count)."""
+        d, hd = spec.d_model, spec.head_dim
+        proj = 2 * (2 * d * spec.n_heads * hd + 2 * d * spec.n_kv_heads * hd)  # q,o + k,v
+        flops = proj + 2 * 2 * query_len * spec.n_heads * hd  # QK^T and AV
+        if self.cross_attn is not None:
+            # q,o per token; k,v of the memory counted once per memory token and spread over the queries.
+            flops += 2 * 2 * d * spec.n_heads * hd + 2 * 2 * memory_len * spec.n_heads * hd
+        if not self.is_moe:
+            return flops + 2 * (3 if self.ffn.w3 is not None else 2) * d * spec.d_ff
+        cfg = self.moe.cfg
+        if cfg.kind == "meo":
+            return flops + self.moe.flops_per_token(query_len)
+        width = cfg.expert_hidden or spec.d_ff
+        per_expert = 2 * (3 if cfg.activation == "swiglu" else 2) * d * width
+        k = cfg.top_k if cfg.kind == "topk" else (xmoe_mean_experts or 1.0)
+        return flops + 2 * d * cfg.num_experts + k * per_expert
+
+    def memory_kv_flops(self, spec: BlockSpec) -> float:
+        """Forward FLOPs per memory token of the cross-attention k and v projections (0 without cross)."""
+        return 0.0 if self.cross_attn is None else 2 * 2 * spec.d_model * spec.n_kv_heads * spec.head_dim
+
+
+def experts_active(moe: MoEConfig, xmoe_mean_experts: Optional[float] = None) -> float:
+    """Experts whose weights a token uses: top-k k; XMoE the measured mean (1 if unknown); MEO k (merged)."""
+    if moe.kind == "xmoe":
+        return xmoe_mean_experts or 1.0
+    return float(moe.top_k)
+
+
+def inactive_params(block: Block, xmoe_mean_experts: Optional[float] = None) -> float:
+    """Parameters of an MoE block that one token does not use (its unused experts)."""
+    if not block.is_moe:
+        return 0.0
+    cfg, layer = block.moe.cfg, block.moe
+    if cfg.kind == "meo":
+        per_expert = sum(lin.weight[0].numel() + (lin.bias[0].numel() if lin.bias is not None else 0)
+                         for lin in layer.linears.values())
+    else:
+        per_expert = sum(p.numel() for p in layer.experts.deepspeed_experts[0].parameters())
+    return (cfg.num_experts - experts_active(cfg, xmoe_mean_experts)) * per_expert
+
+
+def init_weights(model: nn.Module, std: float, n_residual_layers: int) -> None:
+    """Normal(0, std) for attention, dense FFN and embedding weights, zero biases; the residual
+    output projections (o_proj, dense w2) at std / sqrt(2 n_layers) (GPT-2). MoE layers keep
+    their own initialisation (router, experts, MEO's zero gates)."""
+    resid_std = std / math.sqrt(2 * n_residual_layers)
+    for module in model.modules():
+        if isinstance(module, (Attention, DenseFFN)):
+            for name, lin in module.named_children():
+                if isinstance(lin, nn.Linear):
+                    nn.init.normal_(lin.weight, 0.0, resid_std if name in ("o_proj", "w2") else std)
+                    if lin.bias is not None:
+                        nn.init.zeros_(lin.bias)
