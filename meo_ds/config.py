@@ -411,7 +411,12 @@ def _resolve_model_tree(model: Any, task: str) -> Optional[dict]:
         raise ConfigError(f"model must be a preset name, a file, or a mapping; got {model!r}")
     model = dict(model)
     preset = model.pop("preset", None)
-    base = preset_dict(preset) if preset else {}
+    if not preset:
+        return model
+    preset_task, base = read_preset(preset)
+    if preset_task is not None and preset_task != task:
+        raise ConfigError(f"model preset {preset!r} is a {preset_task!r} model but the run's task is {task!r}; "
+                          f"set task: {preset_task}, or choose one of the {task} presets: {', '.join(preset_names(task))}")
     return deep_merge(base, model)
 
 
@@ -419,8 +424,11 @@ def preset_dir() -> Path:
     return Path(__file__).resolve().parent / "presets"
 
 
-def preset_dict(preset: str) -> dict:
-    """A preset name (file in meo_ds/presets) or a YAML/JSON path -> the model mapping."""
+def read_preset(preset: str) -> tuple[Optional[str], dict]:
+    """A preset name (file in meo_ds/presets) or a YAML/JSON path -> (its task, the model mapping).
+
+    A preset file is `{task: lm|translation, model: {...}}`; a file holding only model keys is
+    accepted too (task None: any)."""
     candidate = Path(preset)
     if not candidate.is_file():
         candidate = preset_dir() / f"{preset}.yaml"
@@ -428,7 +436,20 @@ def preset_dict(preset: str) -> dict:
         names = sorted(p.stem for p in preset_dir().glob("*.yaml")) if preset_dir().is_dir() else []
         raise ConfigError(f"model preset {preset!r} not found; use a file path or one of: {', '.join(names) or '(none installed)'}")
     data = read_mapping(candidate)
-    return data.get("model", data) if isinstance(data.get("model"), dict) else data
+    if isinstance(data.get("model"), dict):
+        return data.get("task"), data["model"]
+    return None, data
+
+
+def preset_dict(preset: str) -> dict:
+    """The model mapping of a preset (see read_preset)."""
+    return read_preset(preset)[1]
+
+
+def preset_names(task: Optional[str] = None) -> list[str]:
+    """Shipped preset names (for `task` only, when given)."""
+    names = sorted(p.stem for p in preset_dir().glob("*.yaml"))
+    return [n for n in names if task is None or read_preset(n)[0] in (None, task)]
 
 
 def build_model_config(model_tree: dict, task: str) -> Any:
