@@ -31,7 +31,8 @@ def evaluate(engine: Any, cfg: RunConfig, val_loader: Any, device: torch.device)
 
 
 def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.device) -> dict:
-    """Token-weighted mean task loss over the first `max_batches` validation batches of every rank."""
+    """Token-weighted mean cross-entropy (not label-smoothed) over the first `max_batches`
+    validation batches of every rank, and its perplexity."""
     from meo_ds.train import model_inputs, target_tokens
 
     sums = torch.zeros(2, dtype=torch.float64)
@@ -39,7 +40,7 @@ def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.de
         batch = loader.batch(0, step)
         out = engine(**model_inputs(batch, device))
         tokens = target_tokens(batch)
-        sums += torch.tensor([out.loss.double().item() * tokens, tokens], dtype=torch.float64)
+        sums += torch.tensor([out.nll_loss.double().item() * tokens, tokens], dtype=torch.float64)
     dist.all_reduce(sums)
     loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
@@ -90,15 +91,8 @@ def strip_special(ids: Any, tok: Any) -> list[int]:
 
 
 def translate(model: torch.nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor, cfg: RunConfig, tok: Any) -> list:
-    """Beam-search translations (one id sequence per source): the model's own `translate`
-    method, else the model zoo's `meo_ds.models.generation.translate`."""
-    from meo_ds.models import generation
+    """Beam-search translations (one id list per source) with the eval section's settings."""
+    from meo_ds.models.generation import translate as beam_translate
 
-    kwargs = dict(beam_size=cfg.eval.beam_size, max_new_tokens=cfg.eval.max_new_tokens,
-                  length_penalty=cfg.eval.length_penalty, bos_id=tok.bos_id, eos_id=tok.eos_id)
-    if hasattr(model, "translate"):
-        return model.translate(src_ids, src_mask, **kwargs)
-    if hasattr(generation, "translate"):
-        return generation.translate(model, src_ids, src_mask, **kwargs)
-    raise RuntimeError("this model has no translate() and meo_ds.models.generation has none; "
-                       "set eval.bleu=false to evaluate translation by validation loss only")
+    return beam_translate(model, src_ids, src_mask, bos_id=tok.bos_id, eos_id=tok.eos_id, beam_size=cfg.eval.beam_size,
+                          max_new_tokens=cfg.eval.max_new_tokens, length_penalty=cfg.eval.length_penalty)

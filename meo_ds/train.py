@@ -68,7 +68,8 @@ def check_data(cfg: RunConfig) -> None:
             f"data.path={str(path)!r} holds no prepared corpus (no manifest.json); prepare one with "
             f"`meo-prepare demo --task {'lm' if cfg.task == 'lm' else 'mt'} --out {path}` or `meo-prepare lm|mt ...`"
         )
-    vocab = data_vocab_size(cfg)
+    ds = train_dataset(cfg)
+    vocab = ds.tokenizer().vocab_size
     model_vocab = getattr(cfg.model, "vocab_size", None)
     if model_vocab is not None and vocab > model_vocab:
         raise ConfigError(f"the tokenizer of {path} has {vocab} tokens but model.vocab_size={model_vocab}; "
@@ -76,16 +77,21 @@ def check_data(cfg: RunConfig) -> None:
     max_len = getattr(cfg.model, "max_seq_len", None)
     if cfg.task == "lm" and max_len is not None and cfg.data.seq_len > max_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}; lower one or raise the other")
+    if cfg.task == "translation" and max_len is not None:
+        longest = max(int(ds.src_lens.max(initial=0)), int(ds.tgt_lens.max(initial=0))) + 1
+        if longest > max_len:
+            split = ds.split
+            raise ConfigError(f"the {split} split of {path} holds a sentence of {longest} tokens (with eos/bos) but "
+                              f"model.max_seq_len={max_len}; raise model.max_seq_len or prepare the corpus with "
+                              f"--max-len {max_len - 1}")
 
 
-def data_vocab_size(cfg: RunConfig) -> int:
+def train_dataset(cfg: RunConfig) -> Any:
     from meo_ds import data
 
     if cfg.task == "lm":
-        return data.LMDataset(cfg.data.path, "train").tokenizer().vocab_size
-    from meo_ds.data.mt import MTDataset
-
-    return MTDataset(cfg.data.path, "train").tokenizer().vocab_size
+        return data.LMDataset(cfg.data.path, "train")
+    return data.MTDataset(cfg.data.path, "train")
 
 
 # --------------------------------------------------------------------------- models / data integration
@@ -95,12 +101,13 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     return models.build_model(cfg.model)
 
 
-def train_flops_per_token(model: torch.nn.Module, cfg: RunConfig) -> Optional[float]:
-    """Training (forward + backward) FLOPs per token as the model accounts them, if it does."""
-    fn = getattr(model, "flops_per_token", None)
-    if fn is None:
-        return None
-    return float(fn(cfg.data.seq_len)) if cfg.task == "lm" else float(fn())
+def train_flops_per_token(model: torch.nn.Module, cfg: RunConfig) -> float:
+    """Training (forward + backward) FLOPs per trained token as the model accounts them: LM at
+    data.seq_len; translation per target token at the training corpus's mean sentence lengths."""
+    if cfg.task == "lm":
+        return float(model.flops_per_token(cfg.data.seq_len))
+    ds = train_dataset(cfg)
+    return float(model.flops_per_token(float(ds.src_lens.mean()) + 1, float(ds.tgt_lens.mean()) + 1))
 
 
 def build_loader(cfg: RunConfig, split: str, rank: int, world: int, shuffle: bool = True) -> Any:
@@ -109,9 +116,7 @@ def build_loader(cfg: RunConfig, split: str, rank: int, world: int, shuffle: boo
     if cfg.task == "lm":
         return data.LMLoader(cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                              dp_rank=rank, dp_world_size=world, seed=cfg.data.seed, shuffle=shuffle, split=split)
-    from meo_ds.data.mt import MTLoader
-
-    return MTLoader(cfg.data.path, max_tokens=cfg.data.max_tokens, dp_rank=rank, dp_world_size=world,
+    return data.MTLoader(cfg.data.path, max_tokens=cfg.data.max_tokens, dp_rank=rank, dp_world_size=world,
                          seed=cfg.data.seed, shuffle=shuffle, split=split)
 
 
@@ -148,7 +153,8 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: float  # mean task loss per target token over all ranks (nan when skipped)
+    loss: float  # mean task loss (the training objective) per target token over all ranks (nan when skipped)
+    nll: float  # mean cross-entropy per target token (= loss unless the objective is label-smoothed)
     aux: float
     tokens: int
     skipped: bool
@@ -259,7 +265,7 @@ class Trainer:
     def train(self) -> int:
         cfg = self.cfg
         self.routing = metrics.RoutingAccumulator()
-        self.window = {"loss_tokens": 0.0, "aux": 0.0, "tokens": 0, "n": 0, "skipped": 0, "gnorm": None}
+        self.window = {"loss_tokens": 0.0, "nll_tokens": 0.0, "aux": 0.0, "tokens": 0, "n": 0, "skipped": 0, "gnorm": None}
         self.timed_tokens, self.timed_since, self.steps_this_run = 0, None, 0
         self.data_iter: Iterator[dict] = self.loader.forever()
         if cfg.checkpoint.save_initial and self.step == 0:
@@ -279,16 +285,16 @@ class Trainer:
     def train_step(self) -> StepResult:
         cfg, engine = self.cfg, self.engine
         set_lr(self.optimizer, self.lr())
-        sums = torch.zeros(5, dtype=torch.float64)
+        sums = torch.zeros(6, dtype=torch.float64)  # non-finite, stop, loss*tokens, tokens, aux, nll*tokens
         for micro in range(cfg.train.grad_accum):
             batch = next(self.data_iter)
             out = engine(**model_inputs(batch, self.device))
-            loss, aux = out.loss.float(), out.aux_loss.float()
+            loss, aux, nll = out.loss.float(), out.aux_loss.float(), out.nll_loss.float()
             if self.step in cfg.debug.nan_at_steps:
                 loss = loss * float("nan")
             tokens = target_tokens(batch)
             flags = torch.tensor([float(not torch.isfinite(loss + aux)), float(self.stop_signal.requested),
-                                  loss.item() * tokens, tokens, aux.item()], dtype=torch.float64)
+                                  loss.item() * tokens, tokens, aux.item(), nll.item() * tokens], dtype=torch.float64)
             dist.all_reduce(flags)
             bad = flags[0].item() > 0
             engine.backward(self._zero_loss() if bad else loss + aux)
@@ -296,8 +302,8 @@ class Trainer:
                 self.optimizer.skip_next_step = bool(sums[0].item() > 0 or bad)
                 gnorm = self._grad_norm_before_step()
             engine.step()
-            sums += flags if not bad else torch.tensor([1.0, flags[1].item(), 0, 0, 0], dtype=torch.float64)
-            self.routing.add(getattr(out, "stats", None))
+            sums += flags if not bad else torch.tensor([1.0, flags[1].item(), 0, 0, 0, 0], dtype=torch.float64)
+            self.routing.add(out.stats)
         return self._step_result(sums, gnorm)
 
     def _step_result(self, sums: torch.Tensor, gnorm: Optional[float]) -> StepResult:
@@ -306,8 +312,9 @@ class Trainer:
         if gnorm is None and not skipped:
             value = self.engine.get_global_grad_norm()
             gnorm = float(value) if value is not None else None
+        per_token = (lambda total: total / tokens) if tokens and not skipped else (lambda total: float("nan"))
         return StepResult(
-            loss=sums[2].item() / tokens if tokens and not skipped else float("nan"),
+            loss=per_token(sums[2].item()), nll=per_token(sums[5].item()),
             aux=sums[4].item() / (self.world * self.cfg.train.grad_accum),
             tokens=tokens, skipped=skipped, stop=sums[1].item() > 0, grad_norm=gnorm,
         )
@@ -379,6 +386,7 @@ class Trainer:
         w = self.window
         if not r.skipped:
             w["loss_tokens"] += r.loss * r.tokens
+            w["nll_tokens"] += r.nll * r.tokens
             w["tokens"] += r.tokens
             w["aux"] += r.aux
             w["n"] += 1
@@ -394,7 +402,8 @@ class Trainer:
     def _record_step(self, r: StepResult) -> None:
         if self.rank != 0:
             return
-        rec = {"step": self.step, "loss": r.loss if not r.skipped else None, "aux": r.aux, "lr": self.lr(),
+        rec = {"step": self.step, "loss": r.loss if not r.skipped else None, "nll": r.nll if not r.skipped else None,
+               "aux": r.aux, "lr": self.lr(),
                "grad_norm": r.grad_norm, "tokens": r.tokens, "skipped": r.skipped, "time": time.time() - self.start_time}
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -408,17 +417,18 @@ class Trainer:
         w, cfg = self.window, self.cfg
         global_loads = self._global_routing_loads()
         loss = w["loss_tokens"] / w["tokens"] if w["tokens"] else float("nan")
+        nll = w["nll_tokens"] / w["tokens"] if w["tokens"] else float("nan")
         tps = self.tokens_per_s()
         peak = metrics.peak_flops(metrics.device_name() if cfg.logging.peak_flops_device == "auto"
                                   else cfg.logging.peak_flops_device, cfg.train.precision)
-        m = {"step": self.step, "loss": loss, "ppl": metrics.safe_ppl(loss), "aux": w["aux"] / max(1, w["n"]),
+        m = {"step": self.step, "loss": loss, "ppl": metrics.safe_ppl(nll), "aux": w["aux"] / max(1, w["n"]),
              "lr": self.lr(), "grad_norm": w["gnorm"], "tokens_per_s": tps,
              "mfu": metrics.mfu(tps or 0.0, self.flops_per_token, peak, self.world),
              "routing": self.routing.summary(global_loads), "skipped": w["skipped"]}
         self.log(metrics.format_line(m))
         self._monitor(m)
         self.routing.reset()
-        self.window = {"loss_tokens": 0.0, "aux": 0.0, "tokens": 0, "n": 0, "skipped": 0, "gnorm": None}
+        self.window = {"loss_tokens": 0.0, "nll_tokens": 0.0, "aux": 0.0, "tokens": 0, "n": 0, "skipped": 0, "gnorm": None}
 
     def _global_routing_loads(self) -> Optional[list[torch.Tensor]]:
         loads = self.routing.loads

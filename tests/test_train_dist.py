@@ -1,8 +1,7 @@
 """The trainer on 2 real CPU ranks through the deepspeed launcher (fp32, gloo).
 
-The model is tests/workers/tiny_lm.py: the real meo_ds.moe layers (top-k, XMoE, MEO) in a
-tiny causal LM, so these tests exercise the trainer and the MoE layers and nothing else;
-tests/test_train_models.py runs the trainer on the model zoo's presets.
+The model is the zoo's `tiny` preset (2 layers, d 64, 4 experts) with each MoE kind, trained on
+the demo LM corpus as `meo-train` trains it.
 
 Launches (about 15-25 s each on 2 cores):
   R   top-k, ep=1, ZeRO-0, saves its initial weights       -> loss decreases
@@ -22,11 +21,9 @@ from pathlib import Path
 
 import pytest
 
-import train_helpers
-from train_helpers import CPU_DS, CPU_DS_ZERO0, losses, metrics, write_config
+from train_helpers import CPU_DS, CPU_DS_ZERO0, losses, metrics, train, train_and_signal, write_config
 
-SCRIPT = train_helpers.REPO_ROOT / "tests" / "workers" / "tiny_lm.py"
-TINY_LM = {"vocab_size": 2000, "d_model": 64, "d_ff": 128, "n_layers": 2, "moe": {"num_experts": 4, "top_k": 2}}
+TINY_LM = {"preset": "tiny", "vocab_size": 2000, "moe": {"num_experts": 4, "top_k": 2}}
 STEPS = 24
 
 
@@ -35,14 +32,6 @@ def lm_data(tmp_path_factory) -> Path:
     from meo_ds.data.demo import build_demo
 
     return build_demo("lm", tmp_path_factory.mktemp("lm_demo"), max_chars=500_000, vocab_size=2000)
-
-
-def train(*args, **kwargs):
-    return train_helpers.train(*args, script=SCRIPT, **kwargs)
-
-
-def train_and_signal(*args, **kwargs):
-    return train_helpers.train_and_signal(*args, script=SCRIPT, **kwargs)
 
 
 def lm_run(out: Path, data: Path, kind: str = "topk", ep: int = 2, **sections) -> Path:
