@@ -108,7 +108,7 @@ class MoELayer(_DeepSpeedMoE):
         self._check_input(x, padding_mask)
         flat = x.reshape(-1, x.shape[-1])
         real = None if padding_mask is None else padding_mask.reshape(-1).nonzero().squeeze(1)
-        tokens = flat if real is None else flat[real]
+        tokens = flat if real is None else flat.index_select(0, real)
         route = self.router(tokens)
         y, info = self.dispatcher(tokens, route, self.experts, self.training, self._group())
         out = y if real is None else flat.new_zeros(flat.shape).index_copy(0, real, y)

@@ -101,8 +101,11 @@ class _RecomputedMergedLinear(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None
         dg = torch.zeros_like(gates) if need_g else None
         acc = _gate_dtype(weight.dtype)  # accumulate expert grads over chunks in >= fp32
-        dw = torch.zeros_like(w_flat, dtype=acc) if need_w else None
-        db = torch.zeros_like(bias, dtype=acc) if (need_b and bias is not None) else None
+        dw = db = None
+
+        def accumulate(total, part):
+            return part.to(acc) if total is None else total.add_(part)
+
         for c in _chunks(x.shape[0], weight.shape[1], weight.shape[2], weight.element_size()):
             g = gates[c].to(weight.dtype)
             dy_c = dy[c]
@@ -111,13 +114,13 @@ class _RecomputedMergedLinear(torch.autograd.Function):
             if need_w or need_g:
                 dw_hat = torch.bmm(dy_c.transpose(1, 2), x[c]).flatten(1)  # [n, d_out*d_in]
                 if need_w:
-                    dw += g.t() @ dw_hat
+                    dw = accumulate(dw, g.t() @ dw_hat)
                 if need_g:
                     dg[c] += (dw_hat @ w_flat.t()).to(dg.dtype)
             if bias is not None and (need_b or need_g):
                 db_hat = dy_c.sum(dim=1)  # [n, d_out]
                 if need_b:
-                    db += g.t() @ db_hat
+                    db = accumulate(db, g.t() @ db_hat)
                 if need_g:
                     dg[c] += (db_hat @ bias.t()).to(dg.dtype)
         dw = dw.view_as(weight).to(weight.dtype) if dw is not None else None
@@ -275,6 +278,7 @@ class _Groups:
             self.group_len = self.length
         self.mask = self.to_groups(mask.unsqueeze(-1)).squeeze(-1)  # [N, T] bool
         self.tokens = self.mask.sum(dim=1)  # [N] real tokens per group
+        self.all_real = bool(self.mask.all())  # no padding slot: the masks can be skipped
 
     def to_groups(self, u: torch.Tensor) -> torch.Tensor:
         if self.front or self.back:
@@ -354,9 +358,10 @@ class MEOLayer(nn.Module):
 
     def _summaries(self, name: str, u: torch.Tensor, groups: _Groups, state: Optional[dict]) -> torch.Tensor:
         """Gate input per group [N, d_in] from this linear's input u [N, T, d_in] (grouped)."""
-        m = groups.mask.unsqueeze(-1)
         dtype = _gate_dtype(u.dtype)
-        sums = torch.where(m, u, torch.zeros((), dtype=u.dtype, device=u.device)).to(dtype).sum(dim=1)
+        if not groups.all_real:
+            u = torch.where(groups.mask.unsqueeze(-1), u, torch.zeros((), dtype=u.dtype, device=u.device))
+        sums = u.to(dtype).sum(dim=1)
         counts = groups.tokens.to(dtype)
         if not self.causal:
             return sums / counts.clamp_min(1.0).unsqueeze(-1)  # all-padding sequence -> 0
@@ -431,7 +436,8 @@ class MEOLayer(nn.Module):
         else:
             h = F.silu(run("w1", u)) * run("w3", u)
             y = run("w2", h)
-        y = torch.where(groups.mask.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+        if not groups.all_real:
+            y = torch.where(groups.mask.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
         if state is not None:
             state["pos"] = start + x.shape[1]
         aux, stats = self._aux_and_stats(gate_log, groups)
