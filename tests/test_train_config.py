@@ -153,3 +153,15 @@ def test_paper_size_run_config_checks_out_for_64_ranks():
     assert ds["train_batch_size"] == 512 and cfg.ep_size == 8 and cfg.model.moe.kind == "xmoe"
     with pytest.raises(ConfigError, match="world size 12 is not divisible by ep_size=8"):
         cfg.validate(world_size=12)
+
+
+def test_paper_size_translation_config_checks_out_for_8_ranks():
+    from meo_ds.config import load_ds_config, load_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_run_config(str(root / "launch" / "configs" / "xmoe_wmt_mt.yaml"))
+    cfg.validate(world_size=8)
+    ds = reconcile_ds_config(cfg, load_ds_config(str(root / "ds_configs" / "zero2_bf16.json")), 8, "cuda")
+    assert cfg.task == "translation" and cfg.schedule == "inverse_sqrt" and cfg.ep_size == 8
+    assert (cfg.model.moe.kind, cfg.model.moe.num_experts, cfg.model.d_model) == ("xmoe", 64, 512)
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
