@@ -1,7 +1,11 @@
 """Where our weights go: meo_ds state-dict names -> remote-code (hf_remote) and native HF names.
 
-The remote-code modules mirror meo_ds's own module tree, so most names pass through unchanged;
-the differences are listed here once:
+One naming serves every model (`hf_key`): a block's parts take Llama's names (attn ->
+self_attn, attn_norm -> input_layernorm, ffn_norm -> post_attention_layernorm, ffn/moe -> mlp;
+cross_norm -> cross_layernorm), stacks live under `model.` (the LM's layers at model.layers for
+Llama/Mixtral, at model.decoder.layers in our remote LM; the translation model's at
+model.encoder / model.decoder), the embeddings are model.embed_tokens (target tokens, and the
+source's when shared) and model.src_embed_tokens. Inside an MoE layer:
 - top-k / XMoE layers keep their experts at `deepspeed_moe.experts.deepspeed_experts.{e}.`
   (the prefix DeepSpeed's per-expert checkpointing needs); the remote layer calls them `experts.{e}.`.
 - noise weights of noisy gates are training-only (inference routes on clean logits): dropped.
@@ -9,6 +13,7 @@ the differences are listed here once:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Optional
 
@@ -27,28 +32,53 @@ def moe_key(key: str) -> Optional[str]:
     return key.replace(DS_EXPERTS, "experts.")
 
 
-# --------------------------------------------------------------------------- our LM (meo_ds.models.lm)
-_LM_RULES = [
-    (re.compile(r"^embed\.weight$"), "model.embed_tokens.weight"),
-    (re.compile(r"^norm\.weight$"), "model.norm.weight"),
-    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
-    (re.compile(r"^layers\.(\d+)\.attn_norm\.weight$"), r"model.layers.\1.input_layernorm.weight"),
-    (re.compile(r"^layers\.(\d+)\.ffn_norm\.weight$"), r"model.layers.\1.post_attention_layernorm.weight"),
-    (re.compile(r"^layers\.(\d+)\.attn\.(\w+_proj)\.weight$"), r"model.layers.\1.self_attn.\2.weight"),
-    (re.compile(r"^layers\.(\d+)\.ffn\.(.+)$"), r"model.layers.\1.mlp.\2"),
-    (re.compile(r"^layers\.(\d+)\.moe\.(.+)$"), r"model.layers.\1.mlp.\2"),
-]
+# --------------------------------------------------------------------------- names (LM and translation)
+_MODEL_PARTS = {"embed": "model.embed_tokens", "src_embed": "model.src_embed_tokens", "lm_head": "lm_head"}
+_BLOCK_PARTS = {
+    "attn_norm": "input_layernorm", "attn": "self_attn", "cross_norm": "cross_layernorm", "cross_attn": "cross_attn",
+    "ffn_norm": "post_attention_layernorm", "ffn": "mlp", "moe": "mlp",
+}
+# [encoder.|decoder.]layers.{i}.{part}.rest  or  [encoder.|decoder.]norm.rest
+_STACKED = re.compile(r"^(?:(encoder|decoder)\.)?(?:layers\.(\d+)\.(\w+)|(norm))\.(.+)$")
+TASKS = ("lm", "translation")
 
 
-def lm_key(key: str) -> Optional[str]:
-    """Our LM's state-dict name -> Llama-style name (MoE internals still in our naming)."""
-    for pattern, repl in _LM_RULES:
-        if pattern.match(key):
-            new = pattern.sub(repl, key)
-            return moe_key(new) if ".mlp." in new else new
-    raise KeyError(f"unknown weight {key!r} in the language model's checkpoint")
+def hf_key(key: str, bare_stack: str = "") -> Optional[str]:
+    """Our state-dict name -> HF name (MoE internals still in our naming; None: not exported).
+
+    Our LM's layers carry no stack name; `bare_stack` places them ('' -> Llama's model.layers,
+    'decoder' -> our remote LM's model.decoder.layers).
+    """
+    top, _, rest = key.partition(".")
+    if top in _MODEL_PARTS:
+        return f"{_MODEL_PARTS[top]}.{rest}"
+    m = _STACKED.match(key)
+    if m is None or (m[3] is not None and m[3] not in _BLOCK_PARTS):
+        raise KeyError(f"unknown weight {key!r} in the model's checkpoint")
+    stack, layer, part, norm, rest = m.groups()
+    stack = stack or bare_stack
+    prefix = f"model.{stack}." if stack else "model."
+    if norm:
+        return f"{prefix}norm.{rest}"
+    if part == "moe":
+        rest = moe_key(rest)
+        if rest is None:
+            return None
+    return f"{prefix}layers.{layer}.{_BLOCK_PARTS[part]}.{rest}"
 
 
+def remote_key(task: str, key: str) -> Optional[str]:
+    """Our state-dict name -> the name in MeoForCausalLM / MeoForSeq2SeqLM (None: not exported)."""
+    _check_task(task)
+    return hf_key(key, "decoder" if task == "lm" else "")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ExportError(f"task {task!r}: the exporter knows {', '.join(TASKS)}")
+
+
+# --------------------------------------------------------------------------- remote-code config
 def lm_moe(model_cfg: Any) -> Any:
     return model_cfg.moe if any(model_cfg.is_moe_layer(i) for i in range(model_cfg.n_layers)) else None
 
@@ -57,25 +87,38 @@ def moe_layer_ids(model_cfg: Any) -> list[int]:
     return [i for i in range(model_cfg.n_layers) if model_cfg.is_moe_layer(i)]
 
 
+def mt_moe_layer_ids(model_cfg: Any) -> dict[str, list[int]]:
+    sizes = {"encoder": model_cfg.encoder_layers, "decoder": model_cfg.decoder_layers}
+    return {stack: [i for i in range(n) if model_cfg.is_moe_layer(stack, i)] for stack, n in sizes.items()}
+
+
 def remote_config(task: str, model_cfg: Any) -> dict:
-    if task != "lm":
-        raise ExportError(f"task {task!r}: the models package builds only 'lm' models")
+    """MeoConfig arguments that express our model exactly (hf_remote/configuration_meo.py)."""
+    _check_task(task)
     c = model_cfg
-    moe = dataclasses.asdict(c.moe) if lm_moe(c) is not None else None
+    common = dict(
+        task=task, vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads(), norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, max_position_embeddings=c.max_seq_len,
+    )
+    if task == "lm":  # meo_ds.models.lm.block_spec: Llama blocks
+        moe = lm_moe(c)
+        return dict(
+            common, num_hidden_layers=c.n_layers, norm="rmsnorm", positions="rope", ffn_activation="swiglu",
+            ffn_bias=False, attention_bias=False, embed_scale=1.0, tie_word_embeddings=c.tie_embeddings,
+            moe=dataclasses.asdict(moe) if moe is not None else None, moe_layers=moe_layer_ids(c),
+        )
+    layers = mt_moe_layer_ids(c)
     return dict(
-        task="lm", vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads(),
-        norm_eps=c.norm_eps, rope_theta=c.rope_theta, max_position_embeddings=c.max_seq_len,
-        tie_word_embeddings=c.tie_embeddings, moe=moe, moe_layers=moe_layer_ids(c),
+        common, num_hidden_layers=c.encoder_layers, num_decoder_layers=c.decoder_layers,
+        share_embeddings=c.share_embeddings, src_vocab_size=c.source_vocab_size, norm=c.norm,
+        positions=c.positions, ffn_activation=c.activation, ffn_bias=c.bias, attention_bias=c.bias,
+        embed_scale=math.sqrt(c.d_model) if c.scale_embeddings else 1.0, tie_word_embeddings=c.tie_output,
+        moe=dataclasses.asdict(c.moe) if any(layers.values()) else None, moe_layers=layers,
     )
 
 
-def remote_key(task: str, key: str) -> Optional[str]:
-    new = lm_key(key)
-    return None if new is None else new.replace("model.layers.", "model.decoder.layers.").replace(
-        "model.norm.", "model.decoder.norm.")
-
-
+# --------------------------------------------------------------------------- native (LM only)
 def native_problems(model_cfg: Any) -> list[str]:
     """Architecture features native Llama/Mixtral lack (our LM has none today: same blocks)."""
     return []
@@ -122,7 +165,7 @@ def native_state_dict(model_cfg: Any, target: str, state_dict: dict) -> dict:
     """Our weights under transformers' in-memory names (Mixtral experts fused per layer)."""
     out, experts = {}, {}
     for key, value in state_dict.items():
-        new = lm_key(key)
+        new = hf_key(key)
         if new is None:
             continue
         m = _EXPERT.match(new)

@@ -5,6 +5,12 @@ One config class serves both tasks: `task="lm"` (decoder-only, MeoForCausalLM) a
 ({kind: topk|xmoe|meo, num_experts, expert_hidden, top_k, renormalize, threshold, max_k,
 activation, meo_level, token_bottleneck_ratio, segment_len}); `moe_layers` lists which layers
 hold one (decoder-only: layer indices; translation: {"encoder": [...], "decoder": [...]}).
+
+Translation: `vocab_size` is the target vocabulary; the source shares its embedding table unless
+`share_embeddings` is false (then a table of `src_vocab_size`); `tie_word_embeddings` ties the
+output projection to the target embedding. `num_hidden_layers` counts encoder layers,
+`num_decoder_layers` decoder layers. `positions`: "rope" (self-attention only) or "sinusoidal"
+(added to the scaled embeddings); `embed_scale` multiplies the embeddings (sqrt(d) or 1).
 """
 from transformers import PretrainedConfig
 
@@ -17,6 +23,8 @@ class MeoConfig(PretrainedConfig):
         self,
         task="lm",
         vocab_size=32000,
+        share_embeddings=True,
+        src_vocab_size=None,
         hidden_size=512,
         intermediate_size=2048,
         num_hidden_layers=8,
@@ -44,6 +52,8 @@ class MeoConfig(PretrainedConfig):
     ):
         self.task = task
         self.vocab_size = vocab_size
+        self.share_embeddings = share_embeddings
+        self.src_vocab_size = src_vocab_size if src_vocab_size is not None else vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_hidden_layers = num_hidden_layers

@@ -351,20 +351,26 @@ class MeoForCausalLM(MeoPreTrainedModel, GenerationMixin):
 
 # ----------------------------------------------------------------------------- translation model
 class MeoSeq2SeqModel(nn.Module):
+    """Embeddings (target tokens, and the source's unless config.share_embeddings is false), a
+    bidirectional encoder and a causal decoder with cross-attention."""
+
     def __init__(self, config):
         super().__init__()
         layers = config.moe_layers or {}
-        self.shared = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.src_embed_tokens = None
+        if not config.share_embeddings:
+            self.src_embed_tokens = nn.Embedding(config.src_vocab_size, config.hidden_size)
         self.encoder = Stack(config, config.num_hidden_layers, set(layers.get("encoder", [])), causal=False, cross=False)
         self.decoder = Stack(config, config.num_decoder_layers, set(layers.get("decoder", [])), causal=True, cross=True)
         self.embed_scale = config.embed_scale
 
     def encode(self, input_ids, mask):
-        return self.encoder(self.shared(input_ids) * self.embed_scale, mask)
+        table = self.embed_tokens if self.src_embed_tokens is None else self.src_embed_tokens
+        return self.encoder(table(input_ids) * self.embed_scale, mask)
 
-    def decode(self, decoder_input_ids, memory, memory_mask):
-        mask = torch.ones(decoder_input_ids.shape, dtype=torch.bool, device=decoder_input_ids.device)
-        return self.decoder(self.shared(decoder_input_ids) * self.embed_scale, mask, memory, memory_mask)
+    def decode(self, decoder_input_ids, mask, memory, memory_mask):
+        return self.decoder(self.embed_tokens(decoder_input_ids) * self.embed_scale, mask, memory, memory_mask)
 
 
 class _Encoder(nn.Module):
@@ -378,8 +384,19 @@ class _Encoder(nn.Module):
         return BaseModelOutput(last_hidden_state=self.seq2seq[0].encode(input_ids, _mask(input_ids, attention_mask)))
 
 
+def shift_right(labels, start_id, pad_id):
+    """Labels [B, T] (target + eos, -100 = ignored) -> decoder inputs start + labels[:, :-1]."""
+    shifted = labels.new_full(labels.shape, start_id)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, pad_id)
+
+
 class MeoForSeq2SeqLM(MeoPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
+    """Sources end with eos and the decoder starts from bos (config.decoder_start_token_id), as
+    meo_ds trains them. attention_mask marks the real source tokens; decoder_attention_mask (optional)
+    the real decoder tokens. The loss is plain cross-entropy (training used label smoothing)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config):
         super().__init__(config)
@@ -392,21 +409,31 @@ class MeoForSeq2SeqLM(MeoPreTrainedModel, GenerationMixin):
         return self._encoder
 
     def get_input_embeddings(self):
-        return self.model.shared
+        return self.model.embed_tokens
 
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_outputs=None, labels=None, **kwargs):
         if encoder_outputs is None:
             encoder_outputs = self._encoder(input_ids, attention_mask)
         memory = encoder_outputs[0]
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids (decoder_start_token_id + target) or labels")
+            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
         memory_mask = _mask(memory[..., 0], attention_mask)
-        logits = self.lm_head(self.model.decode(decoder_input_ids, memory, memory_mask))
+        hidden = self.model.decode(decoder_input_ids, _mask(decoder_input_ids, decoder_attention_mask), memory, memory_mask)
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=memory)
 
-    def prepare_inputs_for_generation(self, decoder_input_ids, attention_mask=None, encoder_outputs=None, **kwargs):
-        return {"decoder_input_ids": decoder_input_ids, "attention_mask": attention_mask, "encoder_outputs": encoder_outputs}
+    def prepare_inputs_for_generation(self, decoder_input_ids, attention_mask=None, encoder_outputs=None,
+                                      decoder_attention_mask=None, **kwargs):
+        """No KV cache: every step re-runs the whole decoder prefix (positions stay absolute and MEO's
+        causal segment gates see what training saw)."""
+        return {"decoder_input_ids": decoder_input_ids, "attention_mask": attention_mask,
+                "encoder_outputs": encoder_outputs, "decoder_attention_mask": decoder_attention_mask}
