@@ -197,7 +197,7 @@ def _write_card(tmp: Path, target: str, cfg: Any, ck: Consolidated, hf_config: d
         title=f"{cfg.name} ({cfg.task}, {target})",
         target=target,
         hf_config=hf_config,
-        moe=remote.moe_summary(cfg.model),
+        moe=remote.moe_summary(cfg.task, cfg.model),
         run_config=run_tree,
         data_manifest=data_manifest(cfg),
         metrics=card.logged_metrics(logs),

@@ -3,7 +3,7 @@
 The export directory gets configuration_meo.py and modeling_meo.py (copied verbatim: they never
 import meo_ds) and a config.json whose `auto_map` points AutoConfig / AutoModelForCausalLM /
 AutoModelForSeq2SeqLM at them, so `from_pretrained(dir, trust_remote_code=True)` works where
-meo_ds is not installed. Weights are renamed from our model's state dict by `hf_key`.
+meo_ds is not installed. Weights are renamed from our model's state dict by `layout.remote_key`.
 """
 from __future__ import annotations
 
@@ -68,9 +68,14 @@ def copy_code(out_dir: Path) -> None:
         shutil.copyfile(CODE_DIR / name, out_dir / name)
 
 
-def moe_summary(model_cfg: Any) -> list[dict]:
+def moe_summary(task: str, model_cfg: Any) -> list[dict]:
     """One dict per distinct MoE configuration of the model (for the model card)."""
     from meo_ds.config import iter_moe_configs
+
+    if task == "lm":
+        where = f"layers {layout.moe_layer_ids(model_cfg)}"
+    else:
+        where = "; ".join(f"{stack} layers {ids}" for stack, ids in layout.mt_moe_layer_ids(model_cfg).items())
 
     seen, out = [], []
     for moe in iter_moe_configs(model_cfg):
@@ -81,7 +86,7 @@ def moe_summary(model_cfg: Any) -> list[dict]:
         keep = ["kind", "num_experts", "expert_hidden", "activation", "dispatch", "ep_size", "aux_loss_coef"]
         keep += {"topk": ["top_k", "renormalize", "capacity_factor"], "xmoe": ["threshold", "max_k", "capacity_factor"],
                  "meo": ["top_k", "meo_level", "segment_len", "token_bottleneck_ratio"]}[moe.kind]
-        out.append({"where": f"MoE layers ({moe.kind})", **{k: d[k] for k in keep}})
+        out.append({"where": f"MoE layers ({moe.kind}): {where}", **{k: d[k] for k in keep}})
     return out
 
 
@@ -101,7 +106,9 @@ def usage(task: str, target: str) -> str:
         "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
         f"model = AutoModelForSeq2SeqLM.from_pretrained(path{trust})\n"
         "tok = AutoTokenizer.from_pretrained(path)\n"
-        "src = tok(['Guten Morgen'], return_tensors='pt')  # the source ends with </s> as in training:\n"
-        "ids = torch.cat([src.input_ids, torch.tensor([[tok.eos_token_id]])], 1)\n"
-        "print(tok.batch_decode(model.generate(ids, num_beams=4, max_new_tokens=64), skip_special_tokens=True))"
+        "# As in training, each source ends with </s> (the tokenizer adds no special tokens);\n"
+        "# the decoder starts from <s> (decoder_start_token_id).\n"
+        "batch = tok([s + tok.eos_token for s in ['first sentence .', 'second one .']], return_tensors='pt', padding=True)\n"
+        "out = model.generate(**batch, num_beams=4, max_new_tokens=64)\n"
+        "print(tok.batch_decode(out, skip_special_tokens=True))"
     )
