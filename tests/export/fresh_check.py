@@ -2,7 +2,8 @@
 
 argv: SPEC.json, a list of {"dir", "task" (lm|translation), "trust_remote_code", "ref"} where
 `ref` is a torch file written by the test from meo_ds's own model: {"input_ids", "logits",
-"prompt", "greedy"} (LM) or {"src_ids", "src_mask", "decoder_input_ids", "logits", "greedy"}.
+"prompt", "greedy"} (LM) or {"src_ids", "src_mask", "decoder_input_ids", "logits", "greedy",
+"max_new_tokens", "text", "text_ids"} (translation; text_ids: our tokenizer's ids of text + eos).
 Exits non-zero (with the reason) on any mismatch; prints one line per checked export.
 """
 import sys
@@ -37,10 +38,13 @@ def check_translation(spec, ref):
                        decoder_input_ids=ref["decoder_input_ids"]).logits
     torch.testing.assert_close(logits.float(), ref["logits"].float(), rtol=1e-4, atol=1e-4)
     out = model.generate(ref["src_ids"], attention_mask=ref["src_mask"], do_sample=False, num_beams=1,
-                         max_new_tokens=ref["greedy"].shape[1] - 1, eos_token_id=None)
+                         max_new_tokens=ref["max_new_tokens"])
     assert torch.equal(out, ref["greedy"]), f"greedy tokens differ:\n{out}\n{ref['greedy']}"
     tok = AutoTokenizer.from_pretrained(spec["dir"])
-    return type(model).__name__, tok.decode(out[0], skip_special_tokens=True)
+    batch = tok([ref["text"] + tok.eos_token], return_tensors="pt")  # the model card's usage
+    assert batch.input_ids[0].tolist() == ref["text_ids"], (batch.input_ids, ref["text_ids"])
+    beams = model.generate(**batch, num_beams=4, max_new_tokens=ref["max_new_tokens"])
+    return type(model).__name__, tok.decode(beams[0], skip_special_tokens=True)
 
 
 def main():
