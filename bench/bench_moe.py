@@ -139,13 +139,14 @@ def setup(args: argparse.Namespace) -> Env:
     if not launched:  # a 1-rank group in this process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from meo_ds.distributed import init_distributed
+
     created = not dist.is_initialized()
     if created:
-        deepspeed.init_distributed(dist_backend=None if want_cuda else "gloo", verbose=False)
+        init_distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if want_cuda:
         device = torch.device(get_accelerator().device_name(local_rank))
@@ -565,20 +566,6 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             if finished:  # after an error the other ranks may never reach a barrier
                 dist.barrier()
             dist.destroy_process_group()
-        remove_shm_buffer(env.rank)
-
-
-def remove_shm_buffer(rank: int) -> None:
-    """Unlink the /dev/shm all-reduce buffer DeepSpeed's CPU comm op made for this rank (~70 MB).
-
-    DeepSpeed never removes it. Every rank has opened its peers' buffers by now (they did so at
-    init), and unlinking a file another process still maps is safe.
-    """
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -28,6 +27,7 @@ import torch.distributed as dist
 
 from meo_ds import checkpoint as ckpt
 from meo_ds import metrics
+from meo_ds.distributed import init_distributed
 from meo_ds.config import ConfigError, RunConfig, load_ds_config, load_run_config, reconcile_ds_config
 from meo_ds.optim import SkippableAdamW, lr_at, param_groups, set_lr
 
@@ -178,8 +178,7 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         cfg = self.cfg
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+        init_distributed(cfg.train.dist_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(get_accelerator().device_name(), get_accelerator().current_device()) \
             if get_accelerator().device_name() != "cpu" else torch.device("cpu")

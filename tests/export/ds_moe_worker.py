@@ -16,6 +16,7 @@ import torch.nn as nn
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+from meo_ds.distributed import init_distributed
 from meo_ds.export.consolidate import local_to_global
 
 
@@ -79,7 +80,7 @@ def run(out: Path, stage: int, precision: str, ep: int) -> None:
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    deepspeed.init_distributed()
+    init_distributed()
     for spec in args[1:]:
         name, stage, precision, ep = spec.split(":")
         run(Path(args[0]) / name, int(stage), precision, int(ep))

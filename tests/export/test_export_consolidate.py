@@ -9,7 +9,6 @@ import torch
 
 from meo_ds.export.consolidate import CheckpointError, consolidate
 from tests.distributed import run_ranks
-from tests.export.export_shm import launch_and_clean
 
 WORKER = Path(__file__).with_name("ds_moe_worker.py")
 RUNS = {"ep2_zero2_bf16": (2, "bf16", 2), "ep1_zero0_fp32": (0, "fp32", 1)}
@@ -19,7 +18,7 @@ RUNS = {"ep2_zero2_bf16": (2, "bf16", 2), "ep1_zero0_fp32": (0, "fp32", 1)}
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds_moe")
     specs = [f"{name}:{stage}:{prec}:{ep}" for name, (stage, prec, ep) in RUNS.items()]
-    launch_and_clean(lambda: run_ranks(WORKER, 2, [str(out), *specs], timeout=240))
+    run_ranks(WORKER, 2, [str(out), *specs], timeout=240)
     return out
 
 

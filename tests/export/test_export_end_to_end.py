@@ -22,7 +22,6 @@ from meo_ds.export.consolidate import consolidate
 from meo_ds.export.exporter import run_config_of
 from meo_ds.models import build_model, generation
 from tests.distributed import run_ranks
-from tests.export.export_shm import launch_and_clean
 
 HERE = Path(__file__).resolve().parent
 DS = str(HERE.parents[1] / "ds_configs" / "cpu_fp32.json")
@@ -60,7 +59,7 @@ def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     data = build_demo("lm", root / "demo", max_chars=200_000, vocab_size=1000)
     configs = [str(_config(root, data, name)) for name in RUNS]
-    launch_and_clean(lambda: run_ranks(HERE / "train_many_worker.py", 2, ["--deepspeed_config", DS, *configs], timeout=300))
+    run_ranks(HERE / "train_many_worker.py", 2, ["--deepspeed_config", DS, *configs], timeout=300)
     return root
 
 

@@ -21,7 +21,6 @@ from meo_ds.models import build_model
 from meo_ds.models.generation import translate
 from tests.distributed import run_ranks
 from tests.export.export_mt import hf_generated
-from tests.export.export_shm import launch_and_clean
 
 HERE = Path(__file__).resolve().parent
 DS = str(HERE.parents[1] / "ds_configs" / "cpu_fp32.json")
@@ -47,8 +46,8 @@ def trained(tmp_path_factory) -> Path:
         "eval": {"max_batches": 1, "bleu_sentences": 4, "beam_size": 2, "max_new_tokens": 16},
     }
     (out / "run.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    launch_and_clean(lambda: run_ranks(HERE / "train_many_worker.py", 2,
-                                       ["--deepspeed_config", DS, str(out / "run.yaml")], timeout=300))
+    run_ranks(HERE / "train_many_worker.py", 2,
+                                       ["--deepspeed_config", DS, str(out / "run.yaml")], timeout=300)
     return root
 
 

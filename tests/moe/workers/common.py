@@ -19,10 +19,11 @@ def script_args() -> list[str]:
 
 
 def init_dist() -> tuple[int, int]:
-    import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from meo_ds.distributed import init_distributed
+
+    init_distributed()
     return dist.get_rank(), dist.get_world_size()
 
 

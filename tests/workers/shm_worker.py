@@ -1,0 +1,22 @@
+"""Rank worker for tests/test_distributed.py: start the process group the way meo_ds does, check
+that all-reduce still works once the shm names are released, report MASTER_PORT, then exit
+normally ("clean") or abruptly without any teardown ("die")."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from meo_ds.distributed import init_distributed
+
+if __name__ == "__main__":
+    mode = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
+    init_distributed()
+    for numel in (16, 1 << 20):  # small and large messages take different shm code paths
+        t = torch.full((numel,), float(dist.get_rank() + 1))
+        dist.all_reduce(t)
+        assert torch.all(t == sum(range(1, dist.get_world_size() + 1))), t[:4]
+    print(f"rank {dist.get_rank()} port {os.environ['MASTER_PORT']} all_reduce ok", flush=True)
+    if mode == "die":
+        os._exit(0)
+    dist.destroy_process_group()
