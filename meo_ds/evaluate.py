@@ -80,13 +80,15 @@ def source_batch(sources: list, eos_id: int, pad_id: int) -> tuple[torch.Tensor,
 
 
 def strip_special(ids: Any, tok: Any) -> list[int]:
-    """Token ids up to the first eos, without bos/pad."""
+    """Token ids up to the first eos, without bos/pad, ready to decode. A model vocabulary may be
+    larger than the tokenizer's (padded, or a preset's size); ids the tokenizer lacks become unk,
+    so they count as errors in BLEU instead of failing the decode."""
     out = []
     for t in (ids.tolist() if torch.is_tensor(ids) else ids):
         if t == tok.eos_id:
             break
         if t not in (tok.bos_id, tok.pad_id):
-            out.append(int(t))
+            out.append(int(t) if t < tok.vocab_size else tok.unk_id)
     return out
 
 
