@@ -3,6 +3,7 @@
     from meo_ds.export import export, consolidate
     export("runs/x/checkpoints", "hf/x")          # target auto: Mixtral / Llama / meo remote code
     consolidate("runs/x/checkpoints").state_dict  # full weights on CPU, any EP size, ZeRO 0-2
+    model, run_cfg = load_model("runs/x/checkpoints")  # our own model with those weights
 
 Importing this package also registers our remote-code classes with transformers' Auto classes
 (`register_auto_classes`), so an export with `model_type` "meo_ds_moe" loads through
@@ -34,6 +35,14 @@ def export(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
+def load_model(*args, **kwargs):
+    """See meo_ds.export.exporter.load_model."""
+    from meo_ds.export.exporter import load_model as _load_model
+
+    return _load_model(*args, **kwargs)
+
+
 register_auto_classes()
 
-__all__ = ["CheckpointError", "Consolidated", "ExportError", "consolidate", "export", "register_auto_classes"]
+__all__ = ["CheckpointError", "Consolidated", "ExportError", "consolidate", "export", "load_model",
+           "register_auto_classes"]

@@ -58,6 +58,19 @@ def run_config_of(ck: Consolidated) -> Any:
     return cfg
 
 
+def load_model(checkpoint_dir: str | Path, tag: Optional[str] = None) -> tuple[torch.nn.Module, Any]:
+    """Our own model (meo_ds.models) holding a trainer checkpoint's weights, on CPU in eval mode,
+    and the run config it was trained with: for evaluation or generation without ranks."""
+    from meo_ds import models
+
+    ck = consolidate(checkpoint_dir, tag)
+    cfg = run_config_of(ck)
+    check_weights(cfg.model, ck.state_dict)
+    model = models.build_model(cfg.model)
+    model.load_state_dict(ck.state_dict)
+    return model.eval(), cfg
+
+
 def check_weights(model_cfg: Any, state_dict: dict[str, torch.Tensor]) -> None:
     """Every parameter/buffer of our model is present with its shape, and nothing else."""
     from meo_ds import models

@@ -18,9 +18,8 @@ import torch
 import yaml
 
 from meo_ds.export.cli import main as export_main
-from meo_ds.export.consolidate import consolidate
-from meo_ds.export.exporter import run_config_of
-from meo_ds.models import build_model, generation
+from meo_ds.export.exporter import load_model
+from meo_ds.models import generation
 from tests.distributed import run_ranks
 
 HERE = Path(__file__).resolve().parent
@@ -63,13 +62,6 @@ def trained(tmp_path_factory) -> Path:
     return root
 
 
-def _ours(ckpt_dir: Path) -> torch.nn.Module:
-    ck = consolidate(ckpt_dir)
-    model = build_model(run_config_of(ck).model)
-    model.load_state_dict(ck.state_dict)
-    return model.eval()
-
-
 def _reference(model: torch.nn.Module, path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 1000, (2, 20), generator=g)
@@ -92,7 +84,7 @@ def test_export_matches_our_model_in_a_fresh_process(trained: Path, tmp_path: Pa
         card = (out / "README.md").read_text()
         assert "train/loss" in card and "eval/val_loss" in card and RUNS[name][0]["kind"] in card
         assert {"tokenizer.json", "tokenizer.model"} <= {p.name for p in out.iterdir()}
-        _reference(_ours(ckpt), tmp_path / f"ref_{name}.pt")
+        _reference(load_model(ckpt)[0], tmp_path / f"ref_{name}.pt")
         specs.append({"dir": str(out), "task": "lm", "trust_remote_code": target == "meo",
                       "ref": str(tmp_path / f"ref_{name}.pt")})
     (tmp_path / "spec.json").write_text(json.dumps(specs))
@@ -113,7 +105,7 @@ def test_registered_auto_classes_load_without_remote_code(trained: Path, tmp_pat
     assert type(model).__module__ == "meo_ds.export.hf_remote.modeling_meo"
     ids = torch.randint(4, 1000, (1, 9))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, _ours(trained / "xmoe" / "checkpoints")(ids).logits)
+        torch.testing.assert_close(model(ids).logits, load_model(trained / "xmoe" / "checkpoints")[0](ids).logits)
 
 
 def test_unmappable_target_fails_without_output(trained: Path, tmp_path: Path, capsys) -> None:

@@ -15,9 +15,7 @@ import torch
 import yaml
 
 from meo_ds.export.cli import main as export_main
-from meo_ds.export.consolidate import consolidate
-from meo_ds.export.exporter import run_config_of
-from meo_ds.models import build_model
+from meo_ds.export.exporter import load_model
 from meo_ds.models.generation import translate
 from tests.distributed import run_ranks
 from tests.export.export_mt import hf_generated
@@ -46,16 +44,8 @@ def trained(tmp_path_factory) -> Path:
         "eval": {"max_batches": 1, "bleu_sentences": 4, "beam_size": 2, "max_new_tokens": 16},
     }
     (out / "run.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    run_ranks(HERE / "train_many_worker.py", 2,
-                                       ["--deepspeed_config", DS, str(out / "run.yaml")], timeout=300)
+    run_ranks(HERE / "train_many_worker.py", 2, ["--deepspeed_config", DS, str(out / "run.yaml")], timeout=300)
     return root
-
-
-def _ours(ckpt_dir: Path) -> torch.nn.Module:
-    ck = consolidate(ckpt_dir)
-    model = build_model(run_config_of(ck).model)
-    model.load_state_dict(ck.state_dict)
-    return model.eval()
 
 
 def _batch(data: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +96,7 @@ def test_export_matches_our_model_in_a_fresh_process(trained: Path, tmp_path: Pa
     assert "train/loss" in card and "eval/bleu" in card and "AutoModelForSeq2SeqLM" in card
     assert "encoder layers [0, 1]; decoder layers []" in card and "tok.eos_token" in card
 
-    model = _ours(ckpt)
+    model, _ = load_model(ckpt)
     ref = _reference(model, trained / "demo" / "shards", tmp_path / "ref.pt")
     spec = [{"dir": str(out), "task": "translation", "trust_remote_code": True, "ref": str(tmp_path / "ref.pt")}]
     (tmp_path / "spec.json").write_text(json.dumps(spec))
