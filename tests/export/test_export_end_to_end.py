@@ -8,9 +8,6 @@ generate() must return our generation's tokens, in a fresh process where meo_ds 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from meo_ds.export.cli import main as export_main
 from meo_ds.export.exporter import load_model
 from meo_ds.models import generation
 from tests.distributed import run_ranks
+from tests.export.export_fresh import run_fresh_check
 
 HERE = Path(__file__).resolve().parent
 DS = str(HERE.parents[1] / "ds_configs" / "cpu_fp32.json")
@@ -87,13 +85,8 @@ def test_export_matches_our_model_in_a_fresh_process(trained: Path, tmp_path: Pa
         _reference(load_model(ckpt)[0], tmp_path / f"ref_{name}.pt")
         specs.append({"dir": str(out), "task": "lm", "trust_remote_code": target == "meo",
                       "ref": str(tmp_path / f"ref_{name}.pt")})
-    (tmp_path / "spec.json").write_text(json.dumps(specs))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    proc = subprocess.run([sys.executable, str(HERE / "fresh_check.py"), str(tmp_path / "spec.json")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert proc.stdout.count("OK ") == len(RUNS), proc.stdout
+    assert len(specs) == len(RUNS)
+    run_fresh_check(specs, tmp_path)
 
 
 def test_registered_auto_classes_load_without_remote_code(trained: Path, tmp_path: Path) -> None:

@@ -5,9 +5,6 @@ runs, and the tokenizer loads from the export directory and encodes sources as t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from meo_ds.export.cli import main as export_main
 from meo_ds.export.exporter import load_model
 from meo_ds.models.generation import translate
 from tests.distributed import run_ranks
+from tests.export.export_fresh import run_fresh_check
 from tests.export.export_mt import hf_generated
 
 HERE = Path(__file__).resolve().parent
@@ -98,14 +96,8 @@ def test_export_matches_our_model_in_a_fresh_process(trained: Path, tmp_path: Pa
 
     model, _ = load_model(ckpt)
     ref = _reference(model, trained / "demo" / "shards", tmp_path / "ref.pt")
-    spec = [{"dir": str(out), "task": "translation", "trust_remote_code": True, "ref": str(tmp_path / "ref.pt")}]
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    proc = subprocess.run([sys.executable, str(HERE / "fresh_check.py"), str(tmp_path / "spec.json")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert proc.stdout.count("OK ") == 1, proc.stdout
+    run_fresh_check([{"dir": str(out), "task": "translation", "trust_remote_code": True, "ref": str(tmp_path / "ref.pt")}],
+                    tmp_path)
 
     # With meo_ds imported, its registered Auto classes load the export without remote code.
     from transformers import AutoModelForSeq2SeqLM
