@@ -11,6 +11,25 @@ class ModelConfigError(ValueError):
     """An inconsistent model configuration; the message names the field."""
 
 
+def attention_checks(d_model: int, n_heads: int, kv_heads: int) -> list[tuple[bool, str]]:
+    """Shape checks every attention stack needs: heads divide d_model and group into kv heads,
+    and the head dimension is even (rotary positions rotate pairs of dimensions)."""
+    return [
+        (n_heads > 0 and d_model % n_heads == 0, f"d_model {d_model} must divide by n_heads {n_heads}"),
+        ((d_model // max(n_heads, 1)) % 2 == 0, "head dimension d_model/n_heads must be even (rotary positions)"),
+        (n_heads % kv_heads == 0, f"n_heads {n_heads} must divide by n_kv_heads {kv_heads}"),
+    ]
+
+
+def raise_first_failure(checks: list[tuple[bool, str]], moe: Optional[MoEConfig]) -> None:
+    """ModelConfigError for the first failed (ok, message) check, then the MoE layer's own checks."""
+    for ok, msg in checks:
+        if not ok:
+            raise ModelConfigError(f"model config: {msg}")
+    if moe is not None:
+        moe.validate()
+
+
 @dataclass
 class LMConfig:
     vocab_size: int = 256
@@ -44,20 +63,14 @@ class LMConfig:
         checks = [
             (self.vocab_size > 0, "vocab_size must be > 0"),
             (self.d_model > 0 and self.n_layers > 0 and self.d_ff > 0, "d_model, n_layers, d_ff must be > 0"),
-            (self.n_heads > 0 and self.d_model % self.n_heads == 0, f"d_model {self.d_model} must divide by n_heads {self.n_heads}"),
-            ((self.d_model // max(self.n_heads, 1)) % 2 == 0, "head dimension d_model/n_heads must be even for RoPE"),
-            (self.n_heads % self.kv_heads() == 0, f"n_heads {self.n_heads} must divide by n_kv_heads {self.kv_heads()}"),
+            *attention_checks(self.d_model, self.n_heads, self.kv_heads()),
             (self.max_seq_len > 0, "max_seq_len must be > 0"),
             (self.moe_every > 0 and 0 <= self.moe_offset < self.moe_every, "need moe_every > 0 and 0 <= moe_offset < moe_every"),
             (self.moe_layers is None or all(0 <= i < self.n_layers for i in self.moe_layers),
              f"moe_layers {self.moe_layers} must lie in [0, n_layers={self.n_layers})"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ModelConfigError(f"model config: {msg}")
-        if self.moe is not None:
-            self.moe.validate()
+        raise_first_failure(checks, self.moe)
         return self
 
 
@@ -112,7 +125,6 @@ class MTConfig:
         return i % self.moe_every == self.moe_offset
 
     def validate(self) -> "MTConfig":
-        hd = self.d_model // max(self.n_heads, 1)
         checks = [
             (self.vocab_size > 0, "vocab_size must be > 0"),
             (self.src_vocab_size is None or self.src_vocab_size > 0, "src_vocab_size must be > 0 (or null)"),
@@ -121,9 +133,7 @@ class MTConfig:
              f"vocab_size={self.vocab_size}; set share_embeddings=false or drop src_vocab_size"),
             (self.d_model > 0 and self.d_ff > 0, "d_model and d_ff must be > 0"),
             (self.encoder_layers > 0 and self.decoder_layers > 0, "encoder_layers and decoder_layers must be > 0"),
-            (self.n_heads > 0 and self.d_model % self.n_heads == 0, f"d_model {self.d_model} must divide by n_heads {self.n_heads}"),
-            (self.n_heads % self.kv_heads() == 0, f"n_heads {self.n_heads} must divide by n_kv_heads {self.kv_heads()}"),
-            (hd % 2 == 0, "head dimension d_model/n_heads must be even (rotary and sinusoidal positions)"),
+            *attention_checks(self.d_model, self.n_heads, self.kv_heads()),
             (self.d_model % 2 == 0, "d_model must be even (sinusoidal positions)"),
             (self.max_seq_len > 1, "max_seq_len must be > 1"),
             (self.init_std is None or self.init_std > 0, "init_std must be > 0 (or null for d_model ** -0.5)"),
@@ -139,11 +149,7 @@ class MTConfig:
             (self.decoder_moe_layers is None or all(0 <= i < self.decoder_layers for i in self.decoder_moe_layers),
              f"decoder_moe_layers {self.decoder_moe_layers} must lie in [0, decoder_layers={self.decoder_layers})"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ModelConfigError(f"model config: {msg}")
-        if self.moe is not None:
-            self.moe.validate()
+        raise_first_failure(checks, self.moe)
         return self
 
 
