@@ -157,6 +157,7 @@ class Block(nn.Module):
 
     def __init__(self, spec: BlockSpec, moe: Optional[MoEConfig] = None, causal: bool = True, cross: bool = False):
         super().__init__()
+        self.spec = spec
         self.attn_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
         self.attn = Attention(spec)
         self.cross_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps) if cross else None
@@ -184,11 +185,12 @@ class Block(nn.Module):
         return x + self.drop(out.hidden), out
 
     # ---------------------------------------------------------------- accounting
-    def forward_flops(self, spec: BlockSpec, query_len: int, memory_len: int = 0,
+    def forward_flops(self, query_len: int, memory_len: int = 0,
                       xmoe_mean_experts: Optional[float] = None) -> float:
         """Forward matmul FLOPs per token: projections, attention over query_len keys (full square,
         not halved for causal masks), cross-attention over memory_len keys, and the FFN or MoE
         (top-k: k experts; XMoE: the measured mean experts per token, 1 if unknown; MEO: its own count)."""
+        spec = self.spec
         d, hd = spec.d_model, spec.head_dim
         proj = 2 * (2 * d * spec.n_heads * hd + 2 * d * spec.n_kv_heads * hd)  # q,o + k,v
         flops = proj + 2 * 2 * query_len * spec.n_heads * hd  # QK^T and AV
@@ -205,8 +207,9 @@ class Block(nn.Module):
         k = cfg.top_k if cfg.kind == "topk" else (xmoe_mean_experts or 1.0)
         return flops + 2 * d * cfg.num_experts + k * per_expert
 
-    def memory_kv_flops(self, spec: BlockSpec) -> float:
+    def memory_kv_flops(self) -> float:
         """Forward FLOPs per memory token of the cross-attention k and v projections (0 without cross)."""
+        spec = self.spec
         return 0.0 if self.cross_attn is None else 2 * 2 * spec.d_model * spec.n_kv_heads * spec.head_dim
 
 

@@ -95,5 +95,5 @@ class MoELM(nn.Module):
         """Training (forward + backward = 3 x forward) matmul FLOPs per token at sequence length seq_len."""
         L = seq_len or self.cfg.max_seq_len
         fwd = 2 * self.cfg.d_model * self.cfg.vocab_size
-        fwd += sum(b.forward_flops(self.spec, L, xmoe_mean_experts=xmoe_mean_experts) for b in self.layers)
+        fwd += sum(b.forward_flops(L, xmoe_mean_experts=xmoe_mean_experts) for b in self.layers)
         return 3.0 * fwd

@@ -166,8 +166,8 @@ class MoETranslationModel(nn.Module):
         the target tokens."""
         S = src_len or self.cfg.max_seq_len / 2
         T = tgt_len or self.cfg.max_seq_len / 2
-        enc = sum(b.forward_flops(self.spec, round(S), xmoe_mean_experts=xmoe_mean_experts) for b in self.encoder.layers)
-        dec = sum(b.forward_flops(self.spec, round(T), round(S), xmoe_mean_experts) + b.memory_kv_flops(self.spec) * S / T
+        enc = sum(b.forward_flops(round(S), xmoe_mean_experts=xmoe_mean_experts) for b in self.encoder.layers)
+        dec = sum(b.forward_flops(round(T), round(S), xmoe_mean_experts) + b.memory_kv_flops() * S / T
                   for b in self.decoder.layers)
         head = 2 * self.cfg.d_model * self.cfg.vocab_size
         return 3.0 * (enc * S / T + dec + head)
