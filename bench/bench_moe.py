@@ -120,8 +120,10 @@ class Env:
     created_group: bool
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type != "cpu":
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().synchronize()
 
 
 def _free_port() -> int:
@@ -417,19 +419,18 @@ def run_rounds(cases: list[Case], x: torch.Tensor, probe: torch.Tensor, args, en
 
 def summarize(cases: list[Case], env: Env) -> list[dict]:
     """Medians (of the slowest rank per round) and statistics summed over ranks -> table rows."""
-    import torch.distributed as dist
+    from meo_ds.distributed import all_reduce
 
-    times = torch.tensor([c.times for c in cases], dtype=torch.float64)
+    # Samples may hold device tensors (RoutingStats stay on the device); read back after timing.
+    times = all_reduce([c.times for c in cases], op="max")
     # per case: tokens, experts*tokens, a2a bytes (reported), a2a bytes (counted), dropped*tokens
     sums = torch.zeros(len(cases), 5, dtype=torch.float64)
     for i, c in enumerate(cases):
         for s in c.samples:
+            tokens, experts, dropped = (float(s[k]) if s[k] is not None else 0.0 for k in ("tokens", "experts", "dropped"))
             a2a = s["a2a"] if s["a2a"] is not None else s["a2a_counted"]
-            experts = s["experts"] if s["experts"] is not None else 0.0
-            sums[i] += torch.tensor([s["tokens"], experts * s["tokens"], a2a, s["a2a_counted"], s["dropped"] * s["tokens"]])
-    if env.world > 1:
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            sums[i] += torch.tensor([tokens, experts * tokens, a2a, s["a2a_counted"], dropped * tokens], dtype=torch.float64)
+    sums = all_reduce(sums)
     rows = []
     for i, c in enumerate(cases):
         tokens = sums[i, 0].item()

@@ -1,7 +1,8 @@
 """Evaluation: validation loss/perplexity (LM and translation) and BLEU/chrF with beam search.
 
 All functions are collective: every rank calls them. Validation batches are split over the
-ranks and their token-weighted losses summed with all_reduce. Beam search runs the same
+ranks; their token-weighted losses are summed on the device and reduced once, through
+meo_ds.distributed.all_reduce, at the end. Beam search runs the same
 sentences on every rank (with expert parallelism every rank must take part in every forward,
 and identical inputs make every rank stop at the same step); rank 0 scores them.
 """
@@ -11,8 +12,7 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
-
+from meo_ds import distributed
 from meo_ds.config import RunConfig
 
 
@@ -35,15 +35,17 @@ def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.de
     validation batches of every rank, and its perplexity."""
     from meo_ds.train import model_inputs, target_tokens
 
-    sums = torch.zeros(2, dtype=torch.float64)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    token_sum = 0
     for step in range(min(len(loader), max_batches)):
         batch = loader.batch(0, step)
         out = engine(**model_inputs(batch, device))
         tokens = target_tokens(batch)
-        sums += torch.tensor([out.nll_loss.double().item() * tokens, tokens], dtype=torch.float64)
-    dist.all_reduce(sums)
-    loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(sums[1].item())}
+        nll_sum += out.nll_loss.detach().double() * tokens
+        token_sum += tokens
+    total_nll, total_tokens = distributed.all_reduce(torch.stack([nll_sum, nll_sum.new_full((), token_sum)])).tolist()
+    loss = total_nll / total_tokens if total_tokens > 0 else float("nan")
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total_tokens)}
 
 
 def bleu_chrf(model: torch.nn.Module, cfg: RunConfig, device: torch.device, batch_size: int = 64) -> dict:

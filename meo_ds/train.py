@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from meo_ds import checkpoint as ckpt
+from meo_ds import distributed
 from meo_ds import metrics
 from meo_ds.distributed import init_distributed
 from meo_ds.config import ConfigError, RunConfig, load_ds_config, load_run_config, reconcile_ds_config
@@ -282,9 +283,16 @@ class Trainer:
         return 0
 
     def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum micro-batches.
+
+        Per micro-batch the ranks agree (one all-reduce through meo_ds.distributed, whose host
+        read-back is the step's one host sync per micro-batch) on: a non-finite loss anywhere
+        (then every rank backpropagates a zero loss and the step is skipped), a stop signal, and
+        the loss/aux/nll sums. Routing statistics stay on the device until the log interval."""
         cfg, engine = self.cfg, self.engine
         set_lr(self.optimizer, self.lr())
         sums = torch.zeros(6, dtype=torch.float64)  # non-finite, stop, loss*tokens, tokens, aux, nll*tokens
+        gnorm = None
         for micro in range(cfg.train.grad_accum):
             batch = next(self.data_iter)
             out = engine(**model_inputs(batch, self.device))
@@ -292,30 +300,31 @@ class Trainer:
             if self.step in cfg.debug.nan_at_steps:
                 loss = loss * float("nan")
             tokens = target_tokens(batch)
-            flags = torch.tensor([float(not torch.isfinite(loss + aux)), float(self.stop_signal.requested),
-                                  loss.item() * tokens, tokens, aux.item(), nll.item() * tokens], dtype=torch.float64)
-            dist.all_reduce(flags)
-            bad = flags[0].item() > 0
+            stop = loss.new_full((), float(self.stop_signal.requested), dtype=torch.float64)  # fills: no host copy
+            local = torch.stack([(~torch.isfinite(loss + aux)).double(), stop, loss.double() * tokens,
+                                 stop.new_full((), tokens), aux.double(), nll.double() * tokens])
+            flags = distributed.all_reduce(local.detach())
+            bad = bool(flags[0] > 0)
             engine.backward(self._zero_loss() if bad else loss + aux)
             if micro == cfg.train.grad_accum - 1:
-                self.optimizer.skip_next_step = bool(sums[0].item() > 0 or bad)
+                self.optimizer.skip_next_step = bool(sums[0] > 0) or bad
                 gnorm = self._grad_norm_before_step()
             engine.step()
-            sums += flags if not bad else torch.tensor([1.0, flags[1].item(), 0, 0, 0, 0], dtype=torch.float64)
+            sums += flags if not bad else torch.tensor([1.0, float(flags[1]), 0, 0, 0, 0], dtype=torch.float64)
             self.routing.add(out.stats)
         return self._step_result(sums, gnorm)
 
     def _step_result(self, sums: torch.Tensor, gnorm: Optional[float]) -> StepResult:
-        skipped = sums[0].item() > 0
-        tokens = int(sums[3].item())
+        """StepResult from the host sums of train_step (no collective, no device read but the norm)."""
+        bad, stop, loss_sum, tokens_sum, aux_sum, nll_sum = sums.tolist()
+        skipped, tokens = bad > 0, int(tokens_sum)
         if gnorm is None and not skipped:
             value = self.engine.get_global_grad_norm()
             gnorm = float(value) if value is not None else None
         per_token = (lambda total: total / tokens) if tokens and not skipped else (lambda total: float("nan"))
         return StepResult(
-            loss=per_token(sums[2].item()), nll=per_token(sums[5].item()),
-            aux=sums[4].item() / (self.world * self.cfg.train.grad_accum),
-            tokens=tokens, skipped=skipped, stop=sums[1].item() > 0, grad_norm=gnorm,
+            loss=per_token(loss_sum), nll=per_token(nll_sum), aux=aux_sum / (self.world * self.cfg.train.grad_accum),
+            tokens=tokens, skipped=skipped, stop=stop > 0, grad_norm=gnorm,
         )
 
     def _zero_loss(self) -> torch.Tensor:
@@ -331,20 +340,20 @@ class Trainer:
         from deepspeed.moe.utils import is_moe_param
         from deepspeed.utils import groups
 
-        dense, expert = torch.zeros((), dtype=torch.float64), {}
+        # Squared norms summed on the device; one reduce per expert group, then one host read.
+        dense, expert = None, {}
         for p in self.engine.module.parameters():
             if p.grad is None:
                 continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            sq = p.grad.detach().double().pow(2).sum()
             if is_moe_param(p):
-                expert[p.group_name] = expert.get(p.group_name, 0.0) + sq
+                expert[p.group_name] = sq if p.group_name not in expert else expert[p.group_name] + sq
             else:
-                dense += sq
+                dense = sq if dense is None else dense + sq
+        total = 0.0 if dense is None else float(dense)
         for name, sq in sorted(expert.items()):
-            sq = torch.as_tensor(sq, dtype=torch.float64)
-            dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
-            dense += sq
-        norm = float(dense.sqrt())
+            total += float(distributed.all_reduce(sq.reshape(1), group=groups._get_expert_parallel_group(name))[0])
+        norm = math.sqrt(total)
         clip = self.cfg.train.grad_clip
         if clip > 0 and norm > clip:  # exact global clip; DeepSpeed's stage-0 clip then finds nothing to do
             for p in self.engine.module.parameters():
@@ -433,8 +442,7 @@ class Trainer:
         loads = self.routing.loads
         if not loads:
             return None
-        flat = torch.cat([l.flatten() for l in loads])
-        dist.all_reduce(flat)
+        flat = distributed.all_reduce(torch.cat([l.flatten() for l in loads]))
         return list(flat.split([l.numel() for l in loads]))
 
     def _monitor(self, m: dict, prefix: str = "Train") -> None:
