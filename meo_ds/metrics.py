@@ -30,8 +30,8 @@ def device_name() -> str:
     acc = get_accelerator()
     if acc.device_name() == "cpu":
         return "cpu"
-    try:
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else acc.device_name()
+    try:  # torch's module for the accelerator (torch.cuda, torch.xpu, ...) knows the product name
+        return torch.get_device_module(acc.device_name()).get_device_name()
     except Exception:  # noqa: BLE001 - any accelerator without a name lookup
         return acc.device_name()
 
@@ -51,12 +51,16 @@ def mfu(tokens_per_s: float, train_flops_per_token: Optional[float], peak: Optio
 
 
 class RoutingAccumulator:
-    """Sums per-layer routing statistics over a logging interval (one entry per MoE layer)."""
+    """Sums per-layer routing statistics over a logging interval (one entry per MoE layer).
+
+    Everything is summed where the statistics live (the accelerator): `add`, called every
+    micro-batch, never reads a value back; `summary`, once per interval, reads everything back in
+    one transfer.
+    """
 
     def __init__(self) -> None:
-        self.loads: list[torch.Tensor] = []
-        self.dropped: list[float] = []
-        self.ept: list[float] = []
+        self.loads: list[torch.Tensor] = []  # per layer: [num_experts] float64 load, summed
+        self.scalars: Optional[torch.Tensor] = None  # [layers, 2] float64: dropped fraction, experts/token, summed
         self.count = 0
 
     def add(self, stats: Optional[Sequence[Any]]) -> None:
@@ -67,28 +71,24 @@ class RoutingAccumulator:
         stats = [s for s in stats if s is not None]
         if not self.loads:
             self.loads = [torch.zeros_like(s.expert_load, dtype=torch.float64) for s in stats]
-            self.dropped = [0.0] * len(stats)
-            self.ept = [0.0] * len(stats)
-        for i, s in enumerate(stats[: len(self.loads)]):
-            self.loads[i] += s.expert_load.detach().to("cpu", torch.float64)
-            self.dropped[i] += float(s.dropped_fraction)
-            self.ept[i] += float(s.experts_per_token_mean)
+            self.scalars = torch.zeros(len(stats), 2, dtype=torch.float64, device=stats[0].expert_load.device)
+        stats = stats[: len(self.loads)]
+        for i, s in enumerate(stats):
+            self.loads[i] += s.expert_load.detach()
+        self.scalars += torch.stack([torch.stack([s.dropped_fraction.double(), s.experts_per_token_mean.double()]) for s in stats])
         self.count += 1
 
     def summary(self, global_loads: Optional[list[torch.Tensor]] = None) -> list[dict]:
         """Per layer: balance = max/mean expert load (1.0 is perfect), drop rate, experts/token."""
-        out = []
         loads = global_loads if global_loads is not None else self.loads
-        for i, load in enumerate(loads):
-            mean = float(load.mean())
-            out.append(
-                {
-                    "balance": float(load.max()) / mean if mean > 0 else float("nan"),
-                    "drop": self.dropped[i] / max(1, self.count),
-                    "experts_per_token": self.ept[i] / max(1, self.count),
-                }
-            )
-        return out
+        if not loads:
+            return []
+        # Read back once per interval: per layer max load, mean load, dropped sum, experts/token sum.
+        table = torch.stack([torch.stack([l.max(), l.mean()]).double().cpu() for l in loads])
+        rows = torch.cat([table, self.scalars[: len(loads)].cpu()], dim=1).tolist()
+        n = max(1, self.count)
+        return [{"balance": top / mean if mean > 0 else float("nan"), "drop": drop / n, "experts_per_token": ept / n}
+                for top, mean, drop, ept in rows]
 
     def reset(self) -> None:
         self.__init__()

@@ -26,12 +26,21 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from meo_ds.distributed import all_reduce_max_int
+
 from .routing import RouterOutput
 
 
 def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
     """C = max(min_capacity, ceil(k * S / E * cf)); XMoE passes k = 1."""
     return max(min_capacity, math.ceil(k * num_tokens / num_experts * capacity_factor))
+
+
+def counts_of(values: torch.Tensor, size: int) -> torch.Tensor:
+    """bincount(values, minlength=size) for int values in [0, size), without a host sync
+    (torch.bincount reads the largest value back to size its output on CUDA)."""
+    flat = values.reshape(-1)
+    return torch.zeros(size, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def capacity_slots(route: RouterOutput, num_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +59,7 @@ def capacity_slots(route: RouterOutput, num_experts: int, capacity: int) -> tupl
     # Position within the expert = index among the same expert's assignments in priority order.
     ids_prio = ids[order]
     by_expert = torch.argsort(ids_prio, stable=True)
-    counts = torch.bincount(ids_prio, minlength=num_experts + 1)
+    counts = counts_of(ids_prio, num_experts + 1)
     starts = counts.cumsum(0) - counts
     pos = torch.arange(n, device=ids.device) - starts[ids_prio[by_expert]]
     slot_prio = torch.empty_like(pos).scatter_(0, by_expert, pos)
@@ -117,36 +126,44 @@ class TokenDispatcher:
         return self._capacity(x, route, experts, training, group)
 
     def _capacity(self, x, route, experts, training, group):
+        # Every assignment takes part (dropped ones go to a spare buffer row and combine with
+        # weight 0), so no shape depends on routing: no host sync but the EP group's max C.
         cf = self.capacity_factor if training else self.eval_capacity_factor
         cap = expert_capacity(x.shape[0], self.capacity_k, self.num_experts, cf, self.min_capacity)
         keep, slot = capacity_slots(route, self.num_experts, cap)
-        buf_cap = self._group_max(cap, x.device, group)
-        tok = keep.nonzero()[:, 0]
-        index = route.expert_ids[keep] * buf_cap + slot[keep]
-        buf = x.new_zeros(self.num_experts * buf_cap, x.shape[1]).index_add(0, index, x.index_select(0, tok))
+        buf_cap = self._group_max(cap, group)
+        num_tokens, k = keep.shape
+        tok = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # assignment (t, j) -> t
+        kept = keep.reshape(-1)
+        spare = self.num_experts * buf_cap
+        index = torch.where(kept, route.expert_ids.reshape(-1) * buf_cap + slot.reshape(-1), spare)
+        buf = x.new_zeros(spare + 1, x.shape[1]).index_add(0, index, x.index_select(0, tok))[:spare]
         y, sent = self._run_experts(buf, [buf_cap] * self.num_experts, experts, group, static=True)
-        w = route.weights[keep].to(x.dtype).unsqueeze(1)
-        out = x.new_zeros(x.shape).index_add(0, tok, y.index_select(0, index) * w)
+        w = route.weights.reshape(-1).to(x.dtype).unsqueeze(1)
+        back = torch.where(kept.unsqueeze(1), y.index_select(0, torch.where(kept, index, 0)) * w, 0.0)
+        out = x.new_zeros(x.shape).index_add(0, tok, back)
         return out, DispatchInfo(keep, sent, cap)
 
     def _dropless(self, x, route, experts, group):
-        keep = route.valid
-        tok = keep.nonzero()[:, 0]
-        ids = route.expert_ids[keep]
+        # Invalid slots sort after every expert (id E); the per-expert counts are the one host
+        # read (the split sizes of the expert segments and of the all-to-all).
+        num_tokens, k = route.valid.shape
+        ids = torch.where(route.valid, route.expert_ids, self.num_experts).reshape(-1)
         order = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids, minlength=self.num_experts).tolist()
-        rows = tok[order]
+        counts = counts_of(ids, self.num_experts + 1)[: self.num_experts].tolist()
+        order = order[: sum(counts)]
+        rows = torch.arange(num_tokens, device=x.device).repeat_interleave(k).index_select(0, order)
         y, sent = self._run_experts(x.index_select(0, rows), counts, experts, group, static=False)
-        w = route.weights[keep][order].to(x.dtype).unsqueeze(1)
+        w = route.weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1)
         out = x.new_zeros(x.shape).index_add(0, rows, y * w)
-        return out, DispatchInfo(keep, sent, 0)
+        return out, DispatchInfo(route.valid, sent, 0)
 
-    def _group_max(self, value: int, device, group) -> int:
+    def _group_max(self, value: int, group) -> int:
+        """The EP group's largest capacity: sizes the exchanged slot buffer, so it must be known on
+        the host (the one host sync of capacity mode at ep_size > 1; none at ep_size 1)."""
         if self.ep_size == 1:
             return value
-        t = torch.tensor([value], device=device, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return int(t)
+        return all_reduce_max_int(value, group)
 
     def _run_experts(self, rows: torch.Tensor, counts: Sequence[int], experts, group, static: bool):
         """rows sorted by global expert, counts[e] rows each -> expert outputs in the same order."""

@@ -4,8 +4,9 @@ Each expert is its own module so that DeepSpeed checkpoints it per expert: a lay
 local experts at `deepspeed_moe.experts.deepspeed_experts[i]` (see layer.py).
 
 `LocalExperts.forward` takes the tokens of all local experts sorted by expert, with the
-number of rows of each, and computes them in one grouped GEMM where that works (CUDA, bf16,
-torch._grouped_mm) or else by a loop over the contiguous per-expert segments.
+number of rows of each, and computes them in one grouped GEMM where that works (bf16 SwiGLU on
+an accelerator whose torch._grouped_mm runs forward and backward, probed once per device: CUDA
+capability 9+) or else by a loop over the contiguous per-expert segments.
 `LocalExperts.reference_forward` is the plain masked per-expert loop the tests compare with.
 """
 from __future__ import annotations
@@ -50,16 +51,36 @@ def make_expert(activation: str, d_model: int, d_hidden: int) -> nn.Module:
     raise ValueError(f"unknown expert activation {activation!r}; use 'swiglu' or 'gelu'")
 
 
+_GROUPED_MM_WORKS: dict = {}  # torch.device -> whether torch._grouped_mm runs forward and backward there
+
+
+def _grouped_mm_works(device: torch.device) -> bool:
+    """Probe once per device: a tiny bf16 torch._grouped_mm forward + backward (CUDA needs
+    compute capability 9+, other accelerators whatever their build supports)."""
+    if device not in _GROUPED_MM_WORKS:
+        try:
+            a = torch.ones(16, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
+            b = torch.ones(2, 16, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
+            offs = torch.arange(8, 17, 8, dtype=torch.int32, device=device)
+            torch._grouped_mm(a, b, offs=offs).sum().backward()
+            _GROUPED_MM_WORKS[device] = True
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_WORKS[device] = False
+    return _GROUPED_MM_WORKS[device]
+
+
 def _grouped_mm_usable(x: torch.Tensor, experts: Sequence[nn.Module]) -> bool:
-    # torch._grouped_mm's backward only works on CUDA (bf16); on CPU only its forward does.
+    # The CPU always takes the loop: its torch._grouped_mm has a forward but no backward.
+    from deepspeed.accelerator import get_accelerator
+
     return (
         hasattr(torch, "_grouped_mm")
-        and x.is_cuda
-        and torch.cuda.get_device_capability(x.device)[0] >= 9  # Hopper or newer
         and x.dtype == torch.bfloat16
         and isinstance(experts[0], SwiGLUExpert)
         and x.shape[-1] % 8 == 0
         and experts[0].w1.out_features % 8 == 0
+        and x.device.type == get_accelerator().device_name() != "cpu"
+        and _grouped_mm_works(x.device)
     )
 
 
@@ -81,7 +102,11 @@ class LocalExperts(nn.Module):
         return torch.cat([e(seg) for e, seg in zip(self.deepspeed_experts, torch.split(x, list(counts)))], dim=0)
 
     def _grouped_swiglu(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        # Counts are host ints: copy them from pinned memory without waiting for the device.
+        from deepspeed.accelerator import get_accelerator
+
+        host = get_accelerator().pin_memory(torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32))
+        offs = host.to(x.device, non_blocking=True)
         w1 = torch.stack([e.w1.weight for e in self.deepspeed_experts]).transpose(1, 2)  # [E, d, f]
         w3 = torch.stack([e.w3.weight for e in self.deepspeed_experts]).transpose(1, 2)
         w2 = torch.stack([e.w2.weight for e in self.deepspeed_experts]).transpose(1, 2)  # [E, f, d]

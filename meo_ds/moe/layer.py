@@ -26,7 +26,7 @@ import torch.nn as nn
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 
 from .config import MoEConfig, MoEConfigError
-from .dispatch import TokenDispatcher
+from .dispatch import TokenDispatcher, counts_of
 from .experts import LocalExperts
 from .routing import RouterOutput, ThresholdRouter, TopKRouter
 from .types import MoEOutput, RoutingStats
@@ -127,20 +127,23 @@ class MoELayer(_DeepSpeedMoE):
             )
 
     def _stats(self, route: RouterOutput, info) -> RoutingStats:
+        """Device-side statistics (no host sync; see types.py)."""
         with torch.no_grad():
             E = self.num_experts
-            load = torch.bincount(route.expert_ids[route.valid], minlength=E)
-            assigned = int(route.valid.sum())
+            ids = torch.where(route.valid, route.expert_ids, E).flatten()  # invalid slots -> bin E, dropped
+            load = counts_of(ids, E + 1)[:E]
+            assigned = route.valid.sum()
             kept_per_token = info.keep.sum(dim=1)
-            dropped = assigned - int(kept_per_token.sum())
+            num_tokens = kept_per_token.new_full((), kept_per_token.shape[0])
             return RoutingStats(
                 expert_load=load,
-                num_tokens=route.valid.shape[0],
-                dropped_fraction=dropped / max(1, assigned),
-                experts_per_token_mean=float(kept_per_token.float().mean()) if kept_per_token.numel() else 0.0,
-                experts_per_token_hist=torch.bincount(kept_per_token, minlength=E + 1),
-                balance_loss=float(route.balance_loss),
-                z_loss=float(route.z_loss),
+                num_tokens=num_tokens,
+                dropped_fraction=(assigned - kept_per_token.sum()) / assigned.clamp_min(1),
+                experts_per_token_mean=kept_per_token.sum() / num_tokens.clamp_min(1),
+                experts_per_token_hist=counts_of(kept_per_token, E + 1),
+                balance_loss=route.balance_loss.detach(),
+                z_loss=route.z_loss.detach(),
                 a2a_bytes=info.a2a_bytes,
                 extra={"capacity": info.capacity},
             )
+

@@ -21,7 +21,7 @@ Choices (documented here once):
 - Aux loss: per linear cv2(importance) + cv2(load) over the groups that hold a real token
   (importance = sum of gates per expert, load = number of selections; the count carries no
   gradient), *averaged* over the layer's linears, times cfg.aux_loss_coef (paper: 0.01).
-- Stats: expert_load is token-weighted (each real token counts once for each of its group's k
+- Stats (device tensors, no host sync): expert_load is token-weighted (each real token counts once for each of its group's k
   experts), averaged over the linears, so it sums to k * num_tokens like the top-k layers'.
 - Merging is a dense [N, E] x [E, d_out*d_in] GEMM (2 E d_in d_out per group; the paper counts
   2 k d_in d_out for a sparse merge). Both are small when the group is long; see `flops_per_token`.
@@ -261,7 +261,7 @@ class _Groups:
     T = segment_len (padded slots are masked out).
     """
 
-    def __init__(self, mask: torch.Tensor, causal: bool, segment_len: int, start: int):
+    def __init__(self, mask: torch.Tensor, causal: bool, segment_len: int, start: int, all_real: bool = False):
         self.batch, self.length = mask.shape
         self.causal = causal
         if causal:
@@ -278,7 +278,9 @@ class _Groups:
             self.group_len = self.length
         self.mask = self.to_groups(mask.unsqueeze(-1)).squeeze(-1)  # [N, T] bool
         self.tokens = self.mask.sum(dim=1)  # [N] real tokens per group
-        self.all_real = bool(self.mask.all())  # no padding slot: the masks can be skipped
+        # No padding slot (known without reading the mask: no padding mask and no segment padding):
+        # the masks can be skipped. Otherwise they are applied, even where they keep everything.
+        self.all_real = all_real and not (self.front or self.back)
 
     def to_groups(self, u: torch.Tensor) -> torch.Tensor:
         if self.front or self.back:
@@ -419,7 +421,7 @@ class MEOLayer(nn.Module):
         mask = padding_mask if padding_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         in_dtype = x.dtype
         start = int(state.get("pos", 0)) if state is not None else 0
-        groups = _Groups(mask, self.causal, self.cfg.segment_len, start)
+        groups = _Groups(mask, self.causal, self.cfg.segment_len, start, all_real=padding_mask is None)
         if self.token_block is not None:
             x = x + self.token_block(x)
         u = groups.to_groups(x)
@@ -444,30 +446,32 @@ class MEOLayer(nn.Module):
         return MoEOutput(groups.from_groups(y).to(in_dtype), aux, stats)
 
     def _aux_and_stats(self, gate_log: list, groups: _Groups) -> tuple[torch.Tensor, RoutingStats]:
-        real = groups.tokens > 0
-        tokens = groups.tokens.float()
+        real = (groups.tokens > 0).unsqueeze(-1)  # [N, 1] groups holding a real token
+        tokens = groups.tokens.unsqueeze(-1)
         losses, loads, group_loads = [], [], []
         for gates, top_idx in gate_log:
             selected = torch.zeros_like(gates).scatter(-1, top_idx, 1.0)
-            importance = gates[real].sum(dim=0)
-            load = selected[real].sum(dim=0)
-            losses.append(cv_squared(importance) + cv_squared(load))
-            loads.append((selected * tokens.unsqueeze(-1)).sum(dim=0))
+            load = (selected * real).sum(dim=0)
+            losses.append(cv_squared((gates * real).sum(dim=0)) + cv_squared(load))
+            loads.append((selected * tokens).sum(dim=0))
             group_loads.append(load)
         balance = torch.stack(losses).mean()
-        num_tokens = int(groups.tokens.sum())
-        hist = torch.zeros(self.cfg.num_experts + 1)
-        hist[self.cfg.top_k] = num_tokens
-        stats = RoutingStats(
-            expert_load=torch.stack(loads).mean(dim=0).detach().cpu(),
-            num_tokens=num_tokens,
-            dropped_fraction=0.0,
-            experts_per_token_mean=float(self.cfg.top_k),
-            experts_per_token_hist=hist,
-            balance_loss=float(balance.detach()),
-            a2a_bytes=0,
-            extra={"group_load_per_linear": torch.stack(group_loads).detach().cpu(), "num_groups": int(real.sum())},
-        )
+        with torch.no_grad():
+            num_tokens = groups.tokens.sum()
+            k = self.cfg.top_k
+            hist = torch.zeros(self.cfg.num_experts + 1, dtype=torch.int64, device=num_tokens.device)
+            hist[k] = num_tokens
+            stats = RoutingStats(
+                expert_load=torch.stack(loads).mean(dim=0),
+                num_tokens=num_tokens,
+                dropped_fraction=balance.new_zeros(()),
+                experts_per_token_mean=balance.new_full((), float(k)),
+                experts_per_token_hist=hist,
+                balance_loss=balance.detach(),
+                z_loss=balance.new_zeros(()),
+                a2a_bytes=0,
+                extra={"group_load_per_linear": torch.stack(group_loads), "num_groups": real.sum()},
+            )
         return self.cfg.aux_loss_coef * balance, stats
 
     # --- accounting ---------------------------------------------------------------------------

@@ -136,7 +136,8 @@ class ThresholdRouter(_RouterBase):
     """XMoE threshold router: in descending probability, expert j is taken iff the sum of the
     probabilities before it is < threshold; at least one expert, at most `max_k`.
 
-    Combine weights are the raw (not renormalised) probabilities. The Switch balance loss counts
+    Combine weights are the raw (not renormalised) probabilities. The output has max_k slots per
+    token (`valid` marks the taken ones), a shape known without looking at the data. The Switch balance loss counts
     each token's top-1 assignment only.
     """
 
@@ -160,9 +161,9 @@ class ThresholdRouter(_RouterBase):
         before = torch.cumsum(sorted_p, dim=-1) - sorted_p
         valid = before < self.threshold
         valid[:, 0] = True
-        # Trim the slots no token uses (keeps K small for confident routers).
-        k_used = int(valid.sum(dim=-1).max()) if valid.shape[0] else 1
-        ids, sorted_p, valid = ids[:, :k_used], sorted_p[:, :k_used], valid[:, :k_used]
+        # All max_k slots are kept, used or not: trimming the slots no token uses would need the
+        # largest per-token count on the host (a sync in every layer); the unused slots cost only
+        # integer sorting in the dispatcher, never expert work.
         weights = sorted_p * valid
         top1 = torch.zeros_like(probs).scatter_(1, ids[:, :1], 1.0)
         bal, z = self._losses(clean, probs, top1)

@@ -47,17 +47,17 @@ def test_topk_selects_largest_and_renormalises():
 def test_threshold_takes_experts_while_cumulative_before_is_below_t(threshold, max_k, want):
     x = torch.cat([LOGITS, LOGITS[:, [3, 2, 1, 0]]])  # second token: same probs, reversed experts
     out = identity_router(ThresholdRouter, threshold=threshold, max_k=max_k)(x)
-    k = len(want)
-    assert out.valid.tolist() == [[True] * k, [True] * k]
-    assert out.expert_ids.tolist() == [list(range(k)), [3, 2, 1, 0][:k]]
-    torch.testing.assert_close(out.weights, torch.tensor([want, want]))  # raw, not renormalised
+    k, slots = len(want), max_k or 4  # always max_k slots (a data-independent shape); `valid` marks the taken ones
+    assert out.valid.tolist() == [[True] * k + [False] * (slots - k)] * 2
+    assert out.expert_ids[:, :k].tolist() == [list(range(k)), [3, 2, 1, 0][:k]]
+    torch.testing.assert_close(out.weights, torch.tensor([want + [0.0] * (slots - k)] * 2))  # raw, not renormalised
 
 
 def test_threshold_router_pads_tokens_with_fewer_experts():
     confident = torch.log(torch.tensor([[97.0, 1.0, 1.0, 1.0]]))
     out = identity_router(ThresholdRouter, threshold=0.6)(torch.cat([LOGITS, confident]))
-    assert out.valid.tolist() == [[True, True], [True, False]]
-    assert out.weights[1, 1] == 0
+    assert out.valid.tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert (out.weights[1, 1:] == 0).all() and (out.scores[1, 1:] == 0).all()
 
 
 def test_balance_and_z_loss_values():
