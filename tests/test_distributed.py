@@ -16,3 +16,36 @@ def test_no_shm_buffer_left_behind(mode):
     assert proc.stdout.count("all_reduce ok") == 2, proc.stdout[-2000:]
     port = re.search(r"port (\d+)", proc.stdout).group(1)
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
+
+
+def test_seam_reduces_on_the_communication_device_and_returns_host_values(monkeypatch):
+    """The seam hands each collective a tensor on comm_device() (here forced to "meta", which is
+    not where host values live) and gives back host tensors / Python numbers."""
+    import torch
+
+    import meo_ds.distributed as seam
+
+    class Reached(Exception):
+        pass
+
+    seen = []
+
+    def fake_all_reduce(tensor, op=None, group=None):
+        seen.append((tensor.device.type, tensor.dtype, op))
+        raise Reached
+
+    # One process without a group: values come back unchanged, on the host.
+    out = seam.all_reduce([1.5, 2.0])
+    assert out.tolist() == [1.5, 2.0] and out.device.type == "cpu" and out.dtype == torch.float64
+    assert seam.all_reduce_max_int(7) == 7
+    with pytest.raises(ValueError, match="op 'mean' is unknown"):
+        seam.all_reduce([1.0], op="mean")
+    monkeypatch.setattr(seam, "comm_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(seam.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(seam.dist, "all_reduce", fake_all_reduce)
+    for call in (lambda: seam.all_reduce([1.0, 2.0]), lambda: seam.all_reduce(torch.ones(3), op="max"),
+                 lambda: seam.all_reduce_max_int(3)):
+        with pytest.raises(Reached):
+            call()
+    ops = seam.dist.ReduceOp
+    assert seen == [("meta", torch.float64, ops.SUM), ("meta", torch.float64, ops.MAX), ("meta", torch.int64, ops.MAX)]
