@@ -5,6 +5,10 @@ ep = world // edp, checked against a single-process torch reference on every ran
 Usage: ds_train.py OUT_DIR EDP STAGES   (e.g. /tmp/x 1 0,1,2)
 The engine averages gradients over all data-parallel ranks (expert gradients too: deepspeed
 divides by the full dp world size), so the reference minimises the mean of the ranks' losses.
+Two checks per stage: the engine's reduced gradients of the first step (deepspeed.utils.
+safe_get_full_grad, after backward and before the step) equal the reference gradients, which
+catches any scale error of a gradient (e.g. an expert gradient x2: Adam would hide it, as it
+cancels a constant scale); then the parameters after STEPS Adam steps equal the reference's.
 After the last stage the engine saves a checkpoint to OUT_DIR/ckpt, and every rank writes the
 eval outputs of its micro-batch to OUT_DIR/eval_{rank}.pt (ds_load.py reloads them at ep=1).
 """
@@ -61,26 +65,36 @@ def data(world: int):
 
 
 def reference(world: int, batches):
+    """The single-process model after STEPS steps, and its gradients of the first step."""
     torch.manual_seed(0)
     ref = TinyMoEModel(1)
     opt = torch.optim.Adam(ref.parameters(), lr=LR)
+    first_grads = None
     for _ in range(STEPS):
         opt.zero_grad()
         loss = sum(ref(*b)[0] for b in batches) / world
         loss.backward()
+        if first_grads is None:
+            first_grads = {name: p.grad.clone() for name, p in ref.named_parameters()}
         opt.step()
-    return ref
+    return ref, first_grads
 
 
-def train_stage(stage: int, rank: int, world: int, ep: int, batches, ref):
+def train_stage(stage: int, rank: int, world: int, ep: int, batches, ref, ref_grads):
+    from deepspeed.utils import safe_get_full_grad
+
     torch.manual_seed(0)
     full = TinyMoEModel(1)
     model = TinyMoEModel(ep)
     model.load_state_dict(global_to_local(full.state_dict(), rank % ep, 4 // ep))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(stage))
-    for _ in range(STEPS):
+    want_grads = global_to_local(ref_grads, rank % ep, 4 // ep)
+    for step in range(STEPS):
         loss, _ = engine(*batches[rank])
         engine.backward(loss)
+        if step == 0:
+            for name, p in engine.module.named_parameters():
+                check_close(f"ZeRO-{stage} ep={ep} reduced grad {name}", safe_get_full_grad(p), want_grads[name], tol=1e-5)
         engine.step()
     want = global_to_local(ref.state_dict(), rank % ep, 4 // ep)
     for key, value in engine.module.state_dict().items():
@@ -94,9 +108,9 @@ def main() -> None:
     rank, world = init_dist()
     ep = world // edp
     batches = data(world)
-    ref = reference(world, batches)
+    ref, ref_grads = reference(world, batches)
     for stage in stages:
-        engine = train_stage(stage, rank, world, ep, batches, ref)
+        engine = train_stage(stage, rank, world, ep, batches, ref, ref_grads)
         print(f"rank {rank} ZeRO-{stage} ep={ep} edp={edp}: matches the reference", flush=True)
     engine.save_checkpoint(f"{out_dir}/ckpt", tag="t")
     engine.module.eval()
