@@ -7,6 +7,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))  # tests/moe: host_syncs
 
 from meo_ds.moe import MoEConfig, MoELayer  # noqa: E402
 

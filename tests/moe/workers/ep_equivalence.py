@@ -7,7 +7,9 @@ reference) and checks: its output and input gradient equal the reference on its 
 local experts' gradients equal the reference experts' gradients summed over all batches (the
 all-to-all brings every rank's tokens to them); the router gradient summed over ranks equals the
 reference's summed over batches. Then uneven routing: all tokens to expert 0 and rank 1 with
-zero real tokens must neither hang nor differ. Raises on any mismatch.
+zero real tokens must neither hang nor differ. Each case also counts the host syncs of one ep=N
+forward (tests/moe/host_syncs.py): what the all-to-all needs and nothing else. Raises on any
+mismatch.
 """
 from __future__ import annotations
 
@@ -15,10 +17,14 @@ import torch
 import torch.distributed as dist
 
 from common import finish, batch, check_close, expert_grads, global_to_local, init_dist, make_cfg
+from host_syncs import count_host_syncs
 
 from meo_ds.moe import MoELayer
 
 D, F, B, L = 8, 12, 2, 6
+# Host syncs of one ep>1 forward with a padding mask: the real-token selection (nonzero), and
+# capacity: the EP group's max capacity (int) / dropless: own and received counts (tolist).
+EP_SYNCS = {"capacity": {"nonzero": 1, "int": 1}, "dropless": {"nonzero": 1, "tolist": 2}}
 
 
 def run(layer: MoELayer, x, mask, probe):
@@ -53,6 +59,10 @@ def check_case(rank: int, world: int, kind: str, mode: str, batches, force=None,
     for key, grad in expert_grads(layer, rank).items():
         check_close(f"{tag} expert {key} grad", grad, ref_experts[key])
     check_a2a_bytes(tag, mode, out.stats, rank, world, layer.num_local_experts)
+    with count_host_syncs() as syncs:
+        layer(*batches[rank][:2])
+    if dict(syncs) != EP_SYNCS[mode]:
+        raise AssertionError(f"{tag}: host syncs of an ep={world} forward {dict(syncs)}, allowed {EP_SYNCS[mode]}")
     return out.stats
 
 
