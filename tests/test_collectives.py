@@ -16,8 +16,10 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
+from typing import Sequence
 
-from train_helpers import CPU_DS_ZERO0, train, write_config
+from tests.distributed import run_ranks
+from train_helpers import CPU_DS_ZERO0, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIT_SCRIPT = REPO / "tests" / "workers" / "collective_audit.py"
@@ -45,14 +47,20 @@ def test_trainer_collectives_all_go_through_the_seam_on_its_device(tmp_path):
         "logging": {"out_dir": str(out), "interval": 2},
         "eval": {"interval": 2, "max_batches": 1, "at_end": False},
     })
-    train(config, CPU_DS_ZERO0, script=AUDIT_SCRIPT, timeout=300)
-    for rank in (0, 1):
+    run_ranks(AUDIT_SCRIPT, 2, ["--deepspeed_config", CPU_DS_ZERO0, str(config)], timeout=300)
+    check_audit(out, 2, ["train_step", "_grad_norm_before_step", "_global_routing_loads", "validation_loss",
+                         "all_reduce_max_int"])
+
+
+def check_audit(out: Path, ranks: int, needed: Sequence[str]) -> None:
+    """Every rank's audit of the run in `out` (tests/workers/collective_audit.py) is clean, and the
+    seam carried a collective from each function in `needed`."""
+    for rank in range(ranks):
         audit = json.loads((out / f"collective_audit.rank{rank}.json").read_text())
         assert audit["violations"] == [], "\n".join(audit["violations"])
         callers = {key.split("->")[0] for key in audit["seam_callers"]}
-        for needed in ("train_step", "_grad_norm_before_step", "_global_routing_loads", "validation_loss",
-                       "all_reduce_max_int"):
-            assert needed in callers, f"rank {rank}: no collective from {needed} reached the seam: {audit['seam_callers']}"
+        for name in needed:
+            assert name in callers, f"rank {rank}: no collective from {name} reached the seam: {audit['seam_callers']}"
 
 
 COMM_MODULES = {"torch.distributed", "deepspeed.comm"}

@@ -1,11 +1,11 @@
-"""Trainer rank (exactly `meo_ds.train.main`) with every torch.distributed collective audited.
+"""Trainer rank (meo_ds's Trainer, run by run) with every torch.distributed collective audited.
 
 Before anything imports deepspeed or meo_ds, each collective of torch.distributed is wrapped.
 A call's issuer is the first frame outside torch and deepspeed.comm. When the issuer is meo_ds
 code it must be the seam (meo_ds/distributed.py), with its tensors on the seam's
 communication device, or the all-to-all of model tensors in meo_ds/moe/dispatch.py
 (`_all_to_all`); anything else is a violation. Collectives DeepSpeed issues on its own (engine
-gradient reductions, checkpoint barriers) are not ours and pass. The rank writes
+gradient reductions, checkpoint barriers) are not ours and pass. After each run the rank writes
 {out_dir}/collective_audit.rank{r}.json: the seam's callers and the violations.
 """
 import json
@@ -84,16 +84,27 @@ for _name in COLLECTIVES:
 
 
 def main() -> int:
-    from meo_ds.config import load_run_config
-    from meo_ds.train import main as train_main, parse_args
+    """argv: --deepspeed_config DS.json RUN1.yaml [RUN2.yaml ...] (as tests/export/train_many_worker.py):
+    each run is what `meo-train --config RUNi.yaml` does; its audit lands in its out_dir."""
+    from meo_ds.train import Trainer, load_configs, parse_args
 
-    args = parse_args(sys.argv[1:])
-    out_dir = Path(load_run_config(args.config, args.set).logging.out_dir)
-    code = train_main(sys.argv[1:])
-    rank = os.environ.get("RANK", "0")
-    (out_dir / f"collective_audit.rank{rank}.json").write_text(
-        json.dumps({"seam_callers": dict(seam_callers), "violations": violations}, indent=1))
-    return code
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    ds_path, configs = argv[1], argv[2:]
+    for config in configs:
+        cfg, ds = load_configs(parse_args(["--config", config, "--deepspeed_config", ds_path]),
+                               int(os.environ.get("WORLD_SIZE", "1")))
+        seam_callers.clear()
+        violations.clear()
+        trainer = Trainer(cfg, ds)
+        trainer.setup()
+        code = trainer.train()
+        dist.barrier()
+        (Path(cfg.logging.out_dir) / f"collective_audit.rank{trainer.rank}.json").write_text(
+            json.dumps({"seam_callers": dict(seam_callers), "violations": violations}, indent=1))
+        if code != 0:
+            return code
+    dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
