@@ -24,7 +24,9 @@ i mod world), rank 0 gathers the digests into COMPLETE; resume (`verify_collecti
 its share again) and export (`verify_files`, the files it reads) compare them before loading, so
 flipped or zeroed bytes name the file and the tag instead of loading garbage. sha256 (hashlib,
 ~1.7 GB/s on one core with SHA extensions) is cheap next to writing the bytes, and sound; spread
-over the ranks it costs size / (world * 1.7 GB/s). COMPLETE itself is not covered: the digests
+over the ranks it costs size / (world * 1.7 GB/s) (the 20 MB demo tag: 14 ms on one core). Every
+rank reads files other ranks wrote, so the directory must be on a file system all ranks see
+(DeepSpeed's default; not use_node_local_storage). COMPLETE itself is not covered: the digests
 detect corruption, not a deliberate edit. Tags written before checksums were recorded (COMPLETE
 without `files`) load with a warning that they were not verified.
 

@@ -48,7 +48,7 @@ def test_payload_in_trainer_state_never_runs_and_resume_exits_2(run: Path, tmp_p
     assert (copy / "checkpoints" / "latest").read_text() == TAGS[-1]
 
 
-def test_damaged_tags_are_refused_and_a_stale_latest_is_repaired(run: Path, tmp_path: Path) -> None:
+def test_damaged_tags_are_refused_old_tags_load_and_a_stale_latest_is_repaired(run: Path, tmp_path: Path) -> None:
     cases = {
         "payload_expert": lambda tag: plant_payload(tag / EXPERT, tmp_path / "pwned"),
         "flip_expert": lambda tag: flip_tensor_bytes(tag / EXPERT),
@@ -63,12 +63,17 @@ def test_damaged_tags_are_refused_and_a_stale_latest_is_repaired(run: Path, tmp_
     shutil.rmtree(stale / "checkpoints" / TAGS[-1])
     (stale / "checkpoints" / "latest").write_text(TAGS[0])
 
+    # a tag saved before checksums were recorded: loads, with a warning
+    old = copies["unverified"] = copy_run(run, tmp_path / "unverified")
+    complete = old / "checkpoints" / TAGS[-1] / ckpt.COMPLETE
+    complete.write_text(json.dumps({k: v for k, v in json.loads(complete.read_text()).items() if k != "files"}))
+
     outcomes = tmp_path / "outcomes.json"
     proc = run_ranks(START_MANY, 2, ["--deepspeed_config", CPU_DS, str(outcomes),
                                      *(str(c / "run.yaml") for c in copies.values())], timeout=300)
     text = proc.stdout + proc.stderr
     codes = {Path(k).parent.name: v for k, v in json.loads(outcomes.read_text()).items()}
-    assert codes == {"payload_expert": 2, "flip_expert": 2, "zero_main": 2, "stale": 0}, text[-4000:]
+    assert codes == {"payload_expert": 2, "flip_expert": 2, "zero_main": 2, "stale": 0, "unverified": 0}, text[-4000:]
 
     assert not (tmp_path / "pwned").exists()
     assert _refusal(copies["payload_expert"], EXPERT) + ": refusing to load" in text, text[-4000:]
@@ -76,6 +81,9 @@ def test_damaged_tags_are_refused_and_a_stale_latest_is_repaired(run: Path, tmp_
     assert _refusal(copies["zero_main"], MAIN) + ": contents changed" in text
     for name in cases:
         assert max(r["step"] for r in metrics(copies[name])) == STEPS, name
+
+    assert f"warning: checkpoint {old / 'checkpoints' / TAGS[-1]} records no checksums" in text
+    assert f"resumed exactly from {old / 'checkpoints' / TAGS[-1]} at step {STEPS}" in text
 
     assert f"`latest` now names {TAGS[1]}" in text
     assert f"resumed exactly from {stale / 'checkpoints' / TAGS[1]} at step 6" in text
