@@ -31,13 +31,16 @@ detect corruption, not a deliberate edit. Tags written before checksums were rec
 without `files`) load with a warning that they were not verified.
 
 Loading. Every file goes through `safe_load`: torch.load(weights_only=True), which rebuilds only
-tensors, plain containers and the types in SAFE_TYPES, so a pickle payload in a checkpoint file
-raises CheckpointError naming the file instead of running. SAFE_TYPES are exactly the non-tensor
-types our files hold, found by scanning checkpoints the trainer wrote under ZeRO 0/1/2/3 in fp32
-and bf16: numpy's RNG state array (trainer_state_rank*.pt) and DeepSpeed's ZeroStageEnum,
-fragment_address and (Dynamic)LossScaler (its optimizer state files); all are rebuilt from their
-fields without calling anything else. DeepSpeed's engine reads its files through
-`engine.checkpoint_engine.load`; `load_engine_checkpoint` routes that through `safe_load` too.
+tensors, plain containers and the types `safe_types()` lists, so a pickle payload in a checkpoint
+file raises CheckpointError naming the file instead of running. Those types are exactly the
+non-tensor ones our files hold, found by scanning checkpoints the trainer wrote under ZeRO 0/1/2/3
+in fp32 and bf16: numpy's RNG state array (trainer_state_rank*.pt) and DeepSpeed's ZeroStageEnum,
+fragment_address and LossScaler (its optimizer state files), plus DynamicLossScaler, LossScaler's
+fp16 form, which CPU runs cannot produce; all are rebuilt from their fields without calling
+anything else. DeepSpeed's engine reads its files through `engine.checkpoint_engine.load`;
+`load_engine_checkpoint` routes that through `safe_load` as well, after `verify_collectively` has
+safe-unpickled every file on some rank, so a refused file stops all ranks together (exit 2)
+rather than one rank in the middle of DeepSpeed's load.
 """
 from __future__ import annotations
 

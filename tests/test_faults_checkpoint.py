@@ -3,7 +3,7 @@ is loaded, `latest` left behind by a crash is repaired, and the metrics log rest
 resumed step.
 
 Each test damages a copy of one checkpoint trained per session (tests/checkpoint_faults.py: tags
-at steps 3, 6, 8). One launch of tests/workers/start_many_worker.py starts the trainer on several
+at steps 3, 6, 8). One launch of tests/export/train_many_worker.py starts the trainer on several
 damaged copies in turn; one launch of the real entry point pins the exit status and message.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from distributed import REPO_ROOT, run_ranks
 from meo_ds import checkpoint as ckpt
 from train_helpers import CPU_DS, losses, metrics, train
 
-START_MANY = REPO_ROOT / "tests" / "workers" / "start_many_worker.py"
+TRAIN_MANY = REPO_ROOT / "tests" / "export" / "train_many_worker.py"
 STATE = "trainer_state_rank00001.pt"
 
 
@@ -69,7 +69,7 @@ def test_damaged_tags_are_refused_old_tags_load_and_a_stale_latest_is_repaired(r
     complete.write_text(json.dumps({k: v for k, v in json.loads(complete.read_text()).items() if k != "files"}))
 
     outcomes = tmp_path / "outcomes.json"
-    proc = run_ranks(START_MANY, 2, ["--deepspeed_config", CPU_DS, str(outcomes),
+    proc = run_ranks(TRAIN_MANY, 2, ["--deepspeed_config", CPU_DS, "--outcomes", str(outcomes),
                                      *(str(c / "run.yaml") for c in copies.values())], timeout=300)
     text = proc.stdout + proc.stderr
     codes = {Path(k).parent.name: v for k, v in json.loads(outcomes.read_text()).items()}
