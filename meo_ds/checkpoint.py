@@ -1,4 +1,5 @@
-"""Checkpoints: DeepSpeed engine state + per-rank trainer state, keep-last-K, a safe `latest`.
+"""Checkpoints: DeepSpeed engine state + per-rank trainer state, keep-last-K, a safe `latest`,
+checksums, and loading that never runs code from a file.
 
 Layout of a checkpoint directory:
 
@@ -6,17 +7,45 @@ Layout of a checkpoint directory:
         mp_rank_00_model_states.pt, layer_*_expert_*_model_states.pt, *optim_states.pt
                                      written by engine.save_checkpoint (experts per file)
         trainer_state_rank00000.pt   this rank's trainer state: step, data position, RNG states
-        COMPLETE                     written by rank 0 once every rank finished writing
+        COMPLETE                     JSON written by rank 0 once every rank finished writing:
+                                     step, world/ep size, and `files`: {name: {bytes, sha256}}
+                                     for every other file of the tag (every rank's)
     <dir>/latest                    the tag of the newest COMPLETE checkpoint
 
 `latest` moves (atomically: write + rename) only after every rank has written every file and
 passed a barrier, so a rank dying in the middle of a save leaves `latest` on the previous
-checkpoint; such an incomplete tag directory is removed at the next start. The engine's own
-`latest` file is never written (save_latest=False); ours uses the same format, so
-`engine.load_checkpoint(dir)` also understands it.
+checkpoint; such an incomplete tag directory is removed at the next start. A crash between
+COMPLETE and `latest` leaves `latest` behind a complete tag: `repair_latest` (start-up) moves it
+forward. The engine's own `latest` file is never written (save_latest=False); ours uses the same
+format, so `engine.load_checkpoint(dir)` also understands it.
+
+Checksums. After the barrier every rank hashes a share of the tag's files (file i goes to rank
+i mod world), rank 0 gathers the digests into COMPLETE; resume (`verify_collectively`, each rank
+its share again) and export (`verify_files`, the files it reads) compare them before loading, so
+flipped or zeroed bytes name the file and the tag instead of loading garbage. sha256 (hashlib,
+~1.7 GB/s on one core with SHA extensions) is cheap next to writing the bytes, and sound; spread
+over the ranks it costs size / (world * 1.7 GB/s) (the 20 MB demo tag: 14 ms on one core). Every
+rank reads files other ranks wrote, so the directory must be on a file system all ranks see
+(DeepSpeed's default; not use_node_local_storage). COMPLETE itself is not covered: the digests
+detect corruption, not a deliberate edit. Tags written before checksums were recorded (COMPLETE
+without `files`) load with a warning that they were not verified.
+
+Loading. Every file goes through `safe_load`: torch.load(weights_only=True), which rebuilds only
+tensors, plain containers and the types `safe_types()` lists, so a pickle payload in a checkpoint
+file raises CheckpointError naming the file instead of running. Those types are exactly the
+non-tensor ones our files hold, found by scanning checkpoints the trainer wrote under ZeRO 0/1/2/3
+in fp32 and bf16: numpy's RNG state array (trainer_state_rank*.pt) and DeepSpeed's ZeroStageEnum,
+fragment_address and LossScaler (its optimizer state files), plus DynamicLossScaler, LossScaler's
+fp16 form, which CPU runs cannot produce; all are rebuilt from their fields without calling
+anything else. DeepSpeed's engine reads its files through `engine.checkpoint_engine.load`;
+`load_engine_checkpoint` routes that through `safe_load` as well, after `verify_collectively` has
+safe-unpickled every file on some rank, so a refused file stops all ranks together (exit 2)
+rather than one rank in the middle of DeepSpeed's load.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -25,7 +54,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,7 +62,19 @@ import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+TRAINER_STATE_PREFIX = "trainer_state_rank"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
+_HASH_CHUNK = 8 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file and what to do.
+
+    `all_ranks`: every rank raised the same error (a collective check), so one rank may report it."""
+
+    def __init__(self, message: str, all_ranks: bool = False) -> None:
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
 def tag_for(step: int) -> str:
@@ -46,7 +87,7 @@ def step_of(tag: str) -> Optional[int]:
 
 
 def rank_state_path(tag_dir: Path, rank: int) -> Path:
-    return Path(tag_dir) / f"trainer_state_rank{rank:05d}.pt"
+    return Path(tag_dir) / f"{TRAINER_STATE_PREFIX}{rank:05d}.pt"
 
 
 # --------------------------------------------------------------------------- RNG
@@ -88,23 +129,146 @@ def save(
     mid_save_hook: Optional[Callable[[], None]] = None,
     info: Optional[dict] = None,
 ) -> SaveResult:
-    """Save on every rank; `latest` moves only when all ranks are done. Collective."""
+    """Save on every rank; COMPLETE (with every file's checksum) and `latest` are written only when
+    all ranks are done. Collective."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if mid_save_hook is not None:
         mid_save_hook()
     torch.save(rank_state, rank_state_path(ckpt_dir / tag, rank))
     dist.barrier()  # every rank has written every file of this tag
+    names = tag_files(ckpt_dir / tag)
+    digests = {name: file_digest(ckpt_dir / tag / name) for name in names[rank::world]}
+    gathered: Optional[list] = [None] * world if rank == 0 else None
+    dist.gather_object(digests, gathered, dst=0)
     removed: list[str] = []
     if rank == 0:
-        marker = {**(info or {}), "step": step, "world_size": dist.get_world_size(), "time": time.time()}
+        files = {name: d for part in gathered for name, d in part.items()}
+        marker = {**(info or {}), "step": step, "world_size": world, "time": time.time(), "files": files}
         _atomic_write(ckpt_dir / tag / COMPLETE, json.dumps(marker))
         _atomic_write(ckpt_dir / LATEST, tag)
         removed = prune(ckpt_dir, keep_last)
     dist.barrier()  # nobody reads or writes the directory while rank 0 prunes it
     return SaveResult(tag=tag, path=ckpt_dir / tag, removed=removed)
+
+
+# --------------------------------------------------------------------------- checksums
+def tag_files(tag_dir: Path) -> list[str]:
+    """Every file of a tag (relative names, sorted) but the COMPLETE marker and its temporaries."""
+    tag_dir = Path(tag_dir)
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                  if p.is_file() and not p.name.startswith(COMPLETE))
+
+
+def file_digest(path: Path) -> dict:
+    """{"bytes": size, "sha256": hex digest} of one file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def read_marker(tag_dir: Path) -> dict:
+    """The COMPLETE marker of a tag as a dict (CheckpointError if missing or unreadable)."""
+    path = Path(tag_dir) / COMPLETE
+    try:
+        marker = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{tag_dir} has no {COMPLETE} marker: the save of this tag did not finish; "
+                              f"use another tag") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err}); the marker is damaged: use another tag") from err
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; the marker is damaged: use another tag")
+    return marker
+
+
+def recorded_files(tag_dir: Path) -> Optional[dict]:
+    """{name: {bytes, sha256}} recorded in COMPLETE, or None for a tag saved before checksums."""
+    files = read_marker(tag_dir).get("files")
+    return files if isinstance(files, dict) else None
+
+
+def check_files(tag_dir: Path, names: list[str], recorded: dict) -> list[str]:
+    """Problems (one line per file) of `names` against their recorded size and digest."""
+    problems = []
+    for name in names:
+        path, want = Path(tag_dir) / name, recorded.get(name)
+        if want is None:
+            problems.append(f"{name}: no checksum was recorded for it when the tag was completed")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        else:
+            got = file_digest(path)
+            if got["bytes"] != want.get("bytes"):
+                problems.append(f"{name}: {got['bytes']} bytes, {want.get('bytes')} were written")
+            elif got["sha256"] != want.get("sha256"):
+                problems.append(f"{name}: contents changed since the tag was completed (sha256 mismatch)")
+    return problems
+
+
+def damaged(tag_dir: Path, problems: list[str]) -> CheckpointError:
+    """The error for a tag whose files failed their checks, suggesting the previous complete tag."""
+    tag_dir = Path(tag_dir)
+    step = step_of(tag_dir.name)
+    older = [t for t in complete_tags(tag_dir.parent) if step is not None and step_of(t) < step]
+    hint = (f"use the previous complete tag {older[-1]} (resume: --set checkpoint.resume={tag_dir.parent / older[-1]}; "
+            f"export: --tag {older[-1]})" if older else "no earlier complete tag exists in this directory")
+    return CheckpointError(f"checkpoint tag {tag_dir.name} in {tag_dir.parent} fails its checks: "
+                           + "; ".join(problems) + f". Do not load it; {hint}")
+
+
+def verify_files(tag_dir: Path, names: list[str]) -> Optional[str]:
+    """Check `names` of a tag against COMPLETE (one process: export). Returns a warning when the tag
+    records no checksums (saved before they were recorded); raises CheckpointError on a mismatch."""
+    recorded = recorded_files(tag_dir)
+    if recorded is None:
+        return unverified_note(tag_dir)
+    problems = check_files(tag_dir, names, recorded)
+    if problems:
+        raise damaged(tag_dir, problems)
+    return None
+
+
+def unverified_note(tag_dir: Path) -> str:
+    return (f"checkpoint {tag_dir} records no checksums (saved by an older meo_ds, or not by meo-train): "
+            f"its files were not verified")
+
+
+def verify_collectively(tag_dir: Path) -> Optional[str]:
+    """Every rank checks its share of the tag's files (checksums, and that each .pt file unpickles
+    with safe_load) and all ranks raise the same CheckpointError if any file fails, before anything
+    is loaded. Returns a warning when the tag records no checksums. Collective."""
+    tag_dir = Path(tag_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problems: list[str] = []
+    try:
+        recorded = recorded_files(tag_dir)
+        names = sorted(set(recorded or {}) | set(tag_files(tag_dir)))
+        share = names[rank::world]
+        if recorded is not None:
+            problems += check_files(tag_dir, share, recorded)
+        for name in share:
+            if name.endswith(".pt") and (tag_dir / name).is_file() and not any(p.startswith(f"{name}:") for p in problems):
+                try:
+                    safe_load(tag_dir / name, mmap=True)
+                except CheckpointError as err:
+                    problems.append(f"{name}: {err}")
+    except CheckpointError as err:
+        problems.append(str(err))
+        recorded = None
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, problems)
+    found = sorted({p for part in everyone for p in part})
+    if found:
+        error = damaged(tag_dir, found)
+        raise CheckpointError(str(error), all_ranks=True)
+    return unverified_note(tag_dir) if recorded is None else None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -148,6 +312,22 @@ def remove_incomplete(ckpt_dir: Path) -> list[str]:
     for tag in tags:
         shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
     return tags
+
+
+def repair_latest(ckpt_dir: Path, log: Callable[[str], None] = print) -> Optional[str]:
+    """Point `latest` at the newest complete tag when a newer one than it names exists (a crash
+    between writing COMPLETE and `latest`). Rank 0, before training starts. Returns the new tag."""
+    newest = newest_complete(ckpt_dir)
+    if newest is None:
+        return None
+    current = read_latest(ckpt_dir)
+    current_step = step_of(current) if current else None
+    if current is not None and (current_step is None or current_step >= step_of(newest)):
+        return None
+    _atomic_write(Path(ckpt_dir) / LATEST, newest)
+    log(f"{Path(ckpt_dir) / LATEST} named {current!r} but {newest} is complete (a save was interrupted "
+        f"after it finished): `latest` now names {newest}")
+    return newest
 
 
 # --------------------------------------------------------------------------- load
@@ -194,4 +374,100 @@ def load_rank_state(point: ResumePoint, rank: int) -> Optional[dict]:
     path = rank_state_path(point.path, rank)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)
+
+
+def newest_complete(ckpt_dir: Path) -> Optional[str]:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+# --------------------------------------------------------------------------- safe loading
+def safe_types() -> list:
+    """The non-tensor types our checkpoint files hold (module docstring: how they were found)."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler,
+            _reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_load(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """torch.load with weights_only=True and SAFE types only; anything else -> CheckpointError."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(safe_types()):
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as err:  # noqa: BLE001 - any unloadable file gets one clear message
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise CheckpointError(
+                f"refusing to load {path}: its pickle calls `{found.group(1)}`, which is neither a tensor nor a "
+                f"type meo_ds writes, so unpickling it could run code. Only load checkpoints from sources you trust"
+            ) from err
+        text = str(err).split("WeightsUnpickler error:")[-1]  # not torch's advice to load unsafely
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        raise CheckpointError(f"cannot read {path} ({type(err).__name__}: {first[:300]}); the file is damaged or "
+                              f"not a checkpoint file") from err
+
+
+class _SafeLoads:
+    """Stands in for a DeepSpeed checkpoint engine: `load` goes through safe_load, the rest is its own."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(Path(path), map_location="cpu" if map_location is None else map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def safe_engine_loads(engine: Any) -> Iterator[None]:
+    """While active, every file `engine.load_checkpoint` reads goes through safe_load."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _SafeLoads(inner)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+
+
+def load_engine_checkpoint(engine: Any, point: ResumePoint, **kwargs: Any) -> Optional[str]:
+    """Verify the tag on every rank (verify_collectively), then engine.load_checkpoint through
+    safe_load. Returns a warning when the tag records no checksums. Collective."""
+    note = verify_collectively(point.path)
+    with safe_engine_loads(engine):
+        engine.load_checkpoint(str(point.load_dir), tag=point.tag, **kwargs)
+    return note
+
+
+def truncate_log(path: Path, step: int) -> int:
+    """Keep only the records of a JSON-lines log with "step" <= `step` (resume at `step`: the steps
+    after it are trained again). Unparseable lines (a torn last write) go too. Returns lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        _atomic_write(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)

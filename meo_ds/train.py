@@ -205,6 +205,7 @@ class Trainer:
             removed = ckpt.remove_incomplete(self.cfg.checkpoint_dir)
             if removed:
                 self.log(f"removed incomplete checkpoint(s) {removed} left by an interrupted save")
+            ckpt.repair_latest(self.cfg.checkpoint_dir, log=self.log)
             (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         dist.barrier()
 
@@ -220,26 +221,43 @@ class Trainer:
 
     # ---------------------------------------------------------------- resume
     def _resume_or_init(self) -> None:
+        """A damaged or unsafe checkpoint (CheckpointError, agreed by every rank) ends the run with
+        exit status 2 and one line naming the file, before any weight is loaded."""
+        try:
+            self._load_start_point()
+        except ckpt.CheckpointError as err:
+            if self.rank == 0 or not err.all_ranks:
+                print(f"[meo-train] checkpoint error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CONFIG) from err
+
+    def _load_start_point(self) -> None:
         cfg = self.cfg
         point = ckpt.resolve(cfg.checkpoint.resume, cfg.checkpoint_dir)
         if point is not None:
             self._resume(point)
         elif cfg.checkpoint.init_from:
             init = ckpt.resolve(cfg.checkpoint.init_from, cfg.checkpoint_dir)
-            self.engine.load_checkpoint(str(init.load_dir), tag=init.tag, load_module_only=True,
-                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+            self._warn(ckpt.load_engine_checkpoint(self.engine, init, load_module_only=True,
+                                                   load_optimizer_states=False, load_lr_scheduler_states=False))
             self.log(f"initialised model weights from {init.path}")
 
+    def _warn(self, note: Optional[str]) -> None:
+        if note:
+            self.log(f"warning: {note}")
+
     def _resume(self, point: ckpt.ResumePoint) -> None:
-        info = json.loads((point.path / ckpt.COMPLETE).read_text())
+        info = ckpt.read_marker(point.path)
         same_layout = info.get("world_size") == self.world and info.get("ep_size") == self.cfg.ep_size
         if same_layout:
-            self.engine.load_checkpoint(str(point.load_dir), tag=point.tag)
+            self._warn(ckpt.load_engine_checkpoint(self.engine, point))
         else:
-            self.engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_only=True,
-                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+            self._warn(ckpt.load_engine_checkpoint(self.engine, point, load_module_only=True,
+                                                   load_optimizer_states=False, load_lr_scheduler_states=False))
         state = ckpt.load_rank_state(point, self.rank) if same_layout else None
         self.step = int(info["step"])
+        if self.rank == 0:  # the steps after the checkpoint are trained (and logged) again
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                ckpt.truncate_log(self.out_dir / name, self.step)
         if state is not None:
             self.loader.load_state_dict(state["data"])
             self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)

@@ -2,8 +2,9 @@
 
 Sources: the exported HuggingFace config, the run config saved in the checkpoint's client state
 (MoE settings, data), the data directory's manifest (corpus summary) and the trainer's
-`metrics.jsonl` and `eval.jsonl` (the last logged value of every training/evaluation metric),
-when present.
+`metrics.jsonl` and `eval.jsonl` (the last value of every training/evaluation metric logged at
+or before the exported checkpoint's step: a run that went on after the tag, or trained the same
+steps twice after a crash, does not leak later numbers into the card), when present.
 """
 from __future__ import annotations
 
@@ -30,16 +31,17 @@ def find_logs(checkpoint_dir: Path, run_config: Optional[dict]) -> dict[str, Pat
     return found
 
 
-def logged_metrics(logs: dict[str, Path]) -> dict[str, Any]:
-    """{prefix/key: last value} over every log file."""
+def logged_metrics(logs: dict[str, Path], up_to_step: Optional[int] = None) -> dict[str, Any]:
+    """{prefix/key: last value} over every log file (records with "step" <= up_to_step only)."""
     out = {}
     for prefix, path in logs.items():
-        out.update({f"{prefix}/{k}": v for k, v in last_metrics(path).items()})
+        out.update({f"{prefix}/{k}": v for k, v in last_metrics(path, up_to_step).items()})
     return out
 
 
-def last_metrics(path: Path) -> dict[str, Any]:
-    """Last finite value of every numeric key over the JSON lines (unparseable lines skipped)."""
+def last_metrics(path: Path, up_to_step: Optional[int] = None) -> dict[str, Any]:
+    """Last finite value of every numeric key over the JSON lines (unparseable lines skipped), in
+    file order, over the records with "step" <= up_to_step when it is given."""
     latest: dict[str, Any] = {}
     for line in path.read_text(errors="replace").splitlines():
         try:
@@ -47,6 +49,9 @@ def last_metrics(path: Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             continue
         if not isinstance(record, dict):
+            continue
+        step = record.get("step")
+        if up_to_step is not None and not (isinstance(step, int) and step <= up_to_step):
             continue
         for key, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -77,6 +82,7 @@ def render_card(
     metrics: dict[str, Any],
     source: dict[str, Any],
     usage: str,
+    step: Optional[int] = None,
 ) -> str:
     """Markdown model card."""
     out = [f"# {title}", "", f"Exported by meo_ds (`meo-export`) as **{target}**.", ""]
@@ -91,7 +97,8 @@ def render_card(
         out += [f"**{where}**", ""] + _table((k, _fmt(v)) for k, v in sorted(layer_cfg.items())) + [""]
     out += ["## Training data", ""]
     out += _data_lines(run_config, data_manifest) + [""]
-    out += ["## Metrics (last logged values)", ""]
+    out += ["## Metrics (last logged values" + (f" up to step {step}, the exported checkpoint)" if step is not None
+                                                else ")"), ""]
     if metrics:
         out += _table((k, _fmt(v)) for k, v in sorted(metrics.items())) + [""]
     else:

@@ -17,8 +17,12 @@ tensor/pipeline parallelism), all under `<dir>/<tag>/`:
 - `zero_pp_rank_*_mp_rank_00_optim_states.pt` / `expp_rank_*_..._optim_states.pt`: optimizer
   state, ignored.
 - `<dir>/latest`: the tag of the newest complete checkpoint (written last by rank 0).
-- meo-train adds `trainer_state_rank*.pt` and, once every rank is done, `COMPLETE`; a tag with
-  trainer state but no `COMPLETE` is an interrupted save and is refused.
+- meo-train adds `trainer_state_rank*.pt` and, once every rank is done, `COMPLETE` with every
+  file's checksum; a tag with trainer state but no `COMPLETE` is an interrupted save and is refused.
+
+Trust (meo_ds/checkpoint.py): the default tag is the newest complete one (`latest` can lag behind
+it after a crash), the files read are checked against the checksums in COMPLETE before they are
+loaded, and every file is unpickled by `safe_load` (weights_only=True), never by plain pickle.
 """
 from __future__ import annotations
 
@@ -29,19 +33,13 @@ from typing import Any, Optional
 
 import torch
 
+from meo_ds import checkpoint as ckpt
+from meo_ds.checkpoint import CheckpointError
+
 MAIN_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 _EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 _DROPPED_KEYS = ("module", "optimizer")
-# meo-train (meo_ds/checkpoint.py) writes per-rank trainer state, then COMPLETE once all ranks are done.
-TRAINER_STATE_PREFIX = "trainer_state_rank"
-COMPLETE_MARKER = "COMPLETE"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be consolidated; the message names the file and what to do."""
-
-
 @dataclass
 class Consolidated:
     """A full model state dict plus what the checkpoint says about itself."""
@@ -51,6 +49,7 @@ class Consolidated:
     path: Path  # the tag directory that was read
     num_experts: list[int] = field(default_factory=list)  # per DeepSpeed MoE layer
     metadata: dict[str, Any] = field(default_factory=dict)  # every top-level key but module/optimizer
+    notes: list[str] = field(default_factory=list)  # e.g. "not verified" for a tag without checksums
 
     @property
     def global_steps(self) -> Optional[int]:
@@ -58,10 +57,13 @@ class Consolidated:
 
 
 def resolve_tag(checkpoint_dir: str | Path, tag: Optional[str] = None) -> tuple[Path, str]:
-    """(tag directory, tag) for `checkpoint_dir`: the given tag, else the one in `latest`."""
+    """(tag directory, tag) for `checkpoint_dir`: the given tag, else the newest complete one
+    (meo-train), else the one in `latest` (a plain DeepSpeed checkpoint)."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a directory; pass a DeepSpeed checkpoint directory")
+    if tag is None:
+        tag = ckpt.newest_complete(root)
     if tag is None:
         latest = root / "latest"
         if not latest.is_file():
@@ -95,19 +97,15 @@ def _no_latest_message(root: Path) -> str:
 
 
 def _load(path: Path) -> Any:
-    try:
-        # weights_only=False: DeepSpeed pickles its config object into the main file. mmap keeps
-        # large expert files out of memory until their tensors are touched.
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear message
-        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {err}") from err
+    # mmap keeps large expert files out of memory until their tensors are touched.
+    return ckpt.safe_load(path, mmap=True)
 
 
 def _check_layout(tag_dir: Path) -> None:
     names = {p.name for p in tag_dir.iterdir()}
-    if any(n.startswith(TRAINER_STATE_PREFIX) for n in names) and COMPLETE_MARKER not in names:
+    if any(n.startswith(ckpt.TRAINER_STATE_PREFIX) for n in names) and ckpt.COMPLETE not in names:
         raise CheckpointError(
-            f"{tag_dir} has no {COMPLETE_MARKER} marker: meo-train did not finish writing this checkpoint; "
+            f"{tag_dir} has no {ckpt.COMPLETE} marker: meo-train did not finish writing this checkpoint; "
             f"export another tag"
         )
     if MAIN_FILE in names:
@@ -160,6 +158,7 @@ def consolidate(checkpoint_dir: str | Path, tag: Optional[str] = None) -> Consol
     """Read a ZeRO 0-2 DeepSpeed checkpoint (any expert-parallel size) into one CPU state dict."""
     tag_dir, tag = resolve_tag(checkpoint_dir, tag)
     _check_layout(tag_dir)
+    note = _verify(tag_dir)
     main = _load(tag_dir / MAIN_FILE)
     if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
         raise CheckpointError(f"{tag_dir / MAIN_FILE} has no 'module' state dict; not a DeepSpeed model checkpoint")
@@ -170,7 +169,16 @@ def consolidate(checkpoint_dir: str | Path, tag: Optional[str] = None) -> Consol
     elif _expert_files(tag_dir):
         raise CheckpointError(f"{tag_dir} has expert files but {MAIN_FILE} records no MoE layers")
     metadata = {k: v for k, v in main.items() if k not in _DROPPED_KEYS}
-    return Consolidated(state_dict=state_dict, tag=tag, path=tag_dir, num_experts=num_experts, metadata=metadata)
+    return Consolidated(state_dict=state_dict, tag=tag, path=tag_dir, num_experts=num_experts, metadata=metadata,
+                        notes=[note] if note else [])
+
+
+def _verify(tag_dir: Path) -> Optional[str]:
+    """The model files (main + experts) against COMPLETE's checksums; the optimizer state is not read."""
+    if not (tag_dir / ckpt.COMPLETE).is_file():
+        return ckpt.unverified_note(tag_dir)
+    names = [MAIN_FILE] + sorted(p.name for p in _expert_files(tag_dir).values())
+    return ckpt.verify_files(tag_dir, names)
 
 
 def local_to_global(key: str, local_offset: int) -> str:

@@ -114,7 +114,20 @@ def data_manifest(cfg: Any) -> Optional[dict]:
         return None
 
 
-def check_output(out_dir: Path, overwrite: bool) -> None:
+def check_output(out_dir: Path, overwrite: bool, checkpoint_dir: Path) -> None:
+    """The output may be replaced wholesale (--overwrite) and is staged beside itself, so it must be
+    neither the checkpoint directory, nor inside it or one of its tags, nor above it."""
+    out = out_dir.resolve()
+    sources = [Path(checkpoint_dir).resolve()]
+    if sources[0].is_dir():
+        sources += [p.resolve() for p in sources[0].iterdir() if p.is_dir()]  # tags, wherever links lead
+    for src in sources:
+        relation = ("is" if out == src else "lies inside" if src in out.parents
+                    else "contains" if out in src.parents else None)
+        if relation:
+            raise ExportError(f"output {out_dir} {relation} the checkpoint {src}; exporting there would "
+                              f"{'replace' if overwrite else 'mix files into'} the checkpoint. Choose an output "
+                              f"directory outside {checkpoint_dir}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -157,7 +170,7 @@ def export(
     from meo_ds.data.io import staging_dir
 
     out_dir = Path(out_dir)
-    check_output(out_dir, overwrite)
+    check_output(out_dir, overwrite, Path(checkpoint_dir))
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     ck = consolidate(checkpoint_dir, tag)
@@ -171,7 +184,7 @@ def export(
     state_dict = ck.state_dict
     if dtype is not None:
         state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
-    result = ExportResult(out_dir=out_dir, target=chosen, tag=ck.tag)
+    result = ExportResult(out_dir=out_dir, target=chosen, tag=ck.tag, notes=list(ck.notes))
     with staging_dir(out_dir) as tmp:
         hf_model = _write_model(tmp, chosen, cfg, state_dict, max_shard_size)
         if tok_path is not None:
@@ -203,6 +216,7 @@ def _write_tokenizer(tmp: Path, model_path: Path) -> None:
 def _write_card(tmp: Path, target: str, cfg: Any, ck: Consolidated, hf_config: dict, checkpoint_dir: Path) -> None:
     run_tree = ck.metadata.get("config")
     logs = card.find_logs(checkpoint_dir, run_tree)
+    step = ck.metadata.get("trainer_step", ck.global_steps)
     source = {"checkpoint": str(checkpoint_dir), "tag": ck.tag, "global_steps": ck.global_steps,
               "expert_parallel_size": ck.metadata.get("ep_size"), "world_size": ck.metadata.get("world_size"),
               "deepspeed": ck.metadata.get("ds_version")}
@@ -213,7 +227,8 @@ def _write_card(tmp: Path, target: str, cfg: Any, ck: Consolidated, hf_config: d
         moe=remote.moe_summary(cfg.task, cfg.model),
         run_config=run_tree,
         data_manifest=data_manifest(cfg),
-        metrics=card.logged_metrics(logs),
+        metrics=card.logged_metrics(logs, up_to_step=step),
+        step=step,
         source={k: v for k, v in source.items() if v is not None},
         usage=remote.usage(cfg.task, target),
     )

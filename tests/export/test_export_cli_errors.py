@@ -31,7 +31,7 @@ def test_non_empty_output_is_refused(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rc, err = _run(capsys, tmp_path, out)
+    rc, err = _run(capsys, tmp_path / "ckpt", out)
     assert rc == 2 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
 
 
