@@ -1,4 +1,4 @@
-"""Process-group start-up, and the one seam for collectives on values the package makes itself.
+"""Process-group start-up, its timeouts, and the one seam for collectives on values the package makes itself.
 
 The trainer, evaluation, the MoE capacity exchange and the benchmarks reduce small values of
 their own over ranks: step flags and loss sums, gradient norms, routing loads, validation sums,
@@ -10,26 +10,48 @@ call costs, so callers reduce once per step / log interval / evaluation, not per
 Collectives on model tensors (the all-to-all in moe/dispatch.py, DeepSpeed's gradient
 reductions) already live on the device and stay where they are.
 tests/test_collectives.py fails when any other module issues a collective of its own.
+
+Timeouts. `init_distributed(timeout_s)` gives the world group that timeout, and also every
+group created afterwards: torch's `new_group(ranks)` without a timeout (how DeepSpeed creates
+its expert-parallel, expert-data-parallel and data-parallel groups) takes the module default of
+`torch.distributed.distributed_c10d` at call time, 30 min for gloo and 10 min for NCCL, so a
+stuck rank held the others in an all_to_all for half an hour. We set that default to the run's
+timeout before DeepSpeed creates anything (`set_default_group_timeout`), which covers every
+group of the run whoever creates it, at any later time, on every backend; passing a timeout to
+each call instead would mean re-creating DeepSpeed's group layouts ourselves.
+
+When a collective fails (gloo: a RuntimeError "Timed out waiting ...ms" or "Connection closed
+by peer"; NCCL with TORCH_NCCL_BLOCKING_WAIT: a DistBackendError; NCCL's default watchdog
+instead aborts the process itself, naming the operation and sequence number),
+`describe_collective_failure` turns the exception into one line naming the collective, the
+group's ranks, this rank and our call site, read from the traceback.
 """
 from __future__ import annotations
 
 import os
+import traceback
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
 def init_distributed(timeout_s: Optional[float] = None) -> None:
     """deepspeed.init_distributed with the accelerator's backend (nccl on GPUs, gloo on CPU), then
-    release the CPU all-reduce buffer's name (see release_cpu_allreduce_buffer). Idempotent."""
+    release the CPU all-reduce buffer's name (see release_cpu_allreduce_buffer). Idempotent.
+    With `timeout_s`, every process group of this process gets it (module docstring)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    kwargs = {}
+    if timeout_s:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+        set_default_group_timeout(kwargs["timeout"])
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False, **kwargs)
     release_cpu_allreduce_buffer()
 
@@ -81,3 +103,40 @@ def all_reduce(values: Union[torch.Tensor, Sequence[float]], op: str = "sum", gr
 def all_reduce_max_int(value: int, group=None) -> int:
     """The largest of the ranks' `value` over `group` as a Python int (one host sync)."""
     return int(all_reduce([value], op="max", group=group, dtype=torch.int64)[0])
+
+
+def set_default_group_timeout(timeout: timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on in this process."""
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if not hasattr(distributed_c10d, name):
+            raise RuntimeError(f"torch.distributed.distributed_c10d.{name} is gone in this torch version: "
+                               f"meo_ds cannot give DeepSpeed's process groups the run's timeout; "
+                               f"update meo_ds/distributed.py:set_default_group_timeout")
+        setattr(distributed_c10d, name, timeout)
+
+
+def describe_collective_failure(err: BaseException) -> Optional[str]:
+    """One line naming the failed collective, its group's ranks, this rank and the calling line
+    of meo_ds, or None when `err` was not raised inside a torch.distributed collective."""
+    frames = list(traceback.walk_tb(err.__traceback__))
+    where = next((i for i, (frame, _) in enumerate(frames) if frame.f_code.co_filename == distributed_c10d.__file__), None)
+    if where is None:
+        return None
+    collective_frame = frames[where][0]
+    group = collective_frame.f_locals.get("group")
+    try:
+        ranks = dist.get_process_group_ranks(group or distributed_c10d.GroupMember.WORLD)
+        rank = dist.get_rank()
+    except (RuntimeError, ValueError):  # the default group is already gone
+        ranks, rank = "?", os.environ.get("RANK", "?")
+    package = str(Path(__file__).resolve().parent)
+    # The innermost meo_ds frame outside this module: the caller of the seam, not the seam itself.
+    ours = [(f, line) for f, line in frames[:where]
+            if f.f_code.co_filename.startswith(package) and f.f_code.co_filename != __file__]
+    site = ""
+    if ours:
+        frame, line = ours[-1]
+        site = f" called at {os.path.relpath(frame.f_code.co_filename, os.path.dirname(package))}:{line}"
+    reason = " ".join(str(err).split("] ", 1)[-1].split())  # gloo prefixes its source file and line
+    return (f"rank {rank}: collective {collective_frame.f_code.co_name} over ranks {ranks}{site} failed: {reason}. "
+            f"A rank of that group is stuck or dead (see its log); if it is only slow, raise train.dist_timeout_s")

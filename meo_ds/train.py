@@ -28,12 +28,13 @@ import torch.distributed as dist
 from meo_ds import checkpoint as ckpt
 from meo_ds import distributed
 from meo_ds import metrics
-from meo_ds.distributed import init_distributed
+from meo_ds.distributed import describe_collective_failure, init_distributed
 from meo_ds.config import ConfigError, RunConfig, load_ds_config, load_run_config, reconcile_ds_config
 from meo_ds.optim import SkippableAdamW, lr_at, param_groups, set_lr
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_COLLECTIVE = 4  # a collective timed out or lost a peer: some rank is stuck or dead
 
 
 # --------------------------------------------------------------------------- arguments
@@ -554,13 +555,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[meo-train] configuration error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     trainer = Trainer(cfg, ds)
-    trainer.setup()
     try:
+        trainer.setup()
         code = trainer.train()
     except NonFiniteLoss as err:
         trainer.log(str(err))
         print(f"[meo-train] {err}", file=sys.stderr, flush=True)
         code = EXIT_NONFINITE
+    except RuntimeError as err:
+        failure = describe_collective_failure(err)
+        if failure is None:
+            raise
+        # No barrier or destroy_process_group: a peer is gone, they would wait for it.
+        print(f"[meo-train] {failure}; stopping with exit status {EXIT_COLLECTIVE}", file=sys.stderr, flush=True)
+        return EXIT_COLLECTIVE
     dist.barrier()
     dist.destroy_process_group()
     return code
