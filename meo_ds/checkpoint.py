@@ -60,6 +60,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from meo_ds.distributed import all_gather_objects
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAINER_STATE_PREFIX = "trainer_state_rank"
@@ -141,8 +143,7 @@ def save(
     dist.barrier()  # every rank has written every file of this tag
     names = tag_files(ckpt_dir / tag)
     digests = {name: file_digest(ckpt_dir / tag / name) for name in names[rank::world]}
-    gathered: Optional[list] = [None] * world if rank == 0 else None
-    dist.gather_object(digests, gathered, dst=0)
+    gathered = all_gather_objects(digests)
     removed: list[str] = []
     if rank == 0:
         files = {name: d for part in gathered for name, d in part.items()}
@@ -262,9 +263,7 @@ def verify_collectively(tag_dir: Path) -> Optional[str]:
     except CheckpointError as err:
         problems.append(str(err))
         recorded = None
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, problems)
-    found = sorted({p for part in everyone for p in part})
+    found = sorted({p for part in all_gather_objects(problems) for p in part})
     if found:
         error = damaged(tag_dir, found)
         raise CheckpointError(str(error), all_ranks=True)

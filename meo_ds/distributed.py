@@ -2,8 +2,8 @@
 
 The trainer, evaluation, the MoE capacity exchange and the benchmarks reduce small values of
 their own over ranks: step flags and loss sums, gradient norms, routing loads, validation sums,
-capacity maxima, timings. Those collectives go through `all_reduce` / `all_reduce_max_int` here
-and nowhere else: they move the values to `comm_device()` (the accelerator's current device,
+capacity maxima, timings, checkpoint checksums. Those collectives go through `all_reduce` /
+`all_reduce_max_int` (tensors and numbers) and `all_gather_objects` (small records) here and nowhere else: they move the values to `comm_device()` (the accelerator's current device,
 which is where NCCL needs them on GPUs; the CPU under gloo), reduce them there, and hand back a
 host tensor or a Python number. Reading the result back is the one host synchronisation each
 call costs, so callers reduce once per step / log interval / evaluation, not per value.
@@ -103,6 +103,18 @@ def all_reduce(values: Union[torch.Tensor, Sequence[float]], op: str = "sum", gr
 def all_reduce_max_int(value: int, group=None) -> int:
     """The largest of the ranks' `value` over `group` as a Python int (one host sync)."""
     return int(all_reduce([value], op="max", group=group, dtype=torch.int64)[0])
+
+
+def all_gather_objects(obj: object, group=None) -> list:
+    """Every rank's picklable `obj` over `group`, in rank order ([obj] without a process group).
+
+    For small host-side records (checksums, per-rank problems), never tensors. torch pickles
+    them into byte tensors on the current device, which DeepSpeed's init set for NCCL."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
 
 
 def set_default_group_timeout(timeout: timedelta) -> None:
