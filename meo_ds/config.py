@@ -174,7 +174,7 @@ class RunConfig:
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
         problems = list(self._problems(world_size))
         if problems:
-            raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(listing("invalid run config", problems))
         return self
 
     def _problems(self, world_size: Optional[int]) -> Iterator[str]:
@@ -235,6 +235,13 @@ class RunConfig:
             except ValueError as err:
                 yield str(err)
                 return
+
+
+def listing(title: str, problems: list[str]) -> str:
+    """One problem: one line; several: one per line."""
+    if len(problems) == 1:
+        return f"{title}: {problems[0]}"
+    return f"{title}:\n  - " + "\n  - ".join(problems)
 
 
 # --------------------------------------------------------------------------- dict <-> dataclass
@@ -559,7 +566,7 @@ def reconcile_ds_config(cfg: RunConfig, ds: dict, world_size: int, device: str =
     problems += _zero_problems(cfg, ds)
     problems += _monitor_problems(cfg, ds)
     if problems:
-        raise ConfigError("run config and DeepSpeed config disagree:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(listing("run config and DeepSpeed config disagree", problems))
     ds["zero_allow_untested_optimizer"] = True  # our AdamW subclass (skippable steps)
     ds.setdefault("steps_per_print", 10**9)  # the trainer prints its own log lines
     return ds
