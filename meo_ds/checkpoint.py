@@ -136,10 +136,13 @@ def save(
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    if mid_save_hook is not None:
-        mid_save_hook()
-    torch.save(rank_state, rank_state_path(ckpt_dir / tag, rank))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        if mid_save_hook is not None:
+            mid_save_hook()
+        torch.save(rank_state, rank_state_path(ckpt_dir / tag, rank))
+    except (OSError, RuntimeError) as err:  # torch/DeepSpeed word a full or read-only disk unhelpfully
+        raise CheckpointSaveError(describe_save_error(ckpt_dir / tag, err)) from err
     dist.barrier()  # every rank has written every file of this tag
     names = tag_files(ckpt_dir / tag)
     digests = {name: file_digest(ckpt_dir / tag / name) for name in names[rank::world]}
@@ -268,6 +271,33 @@ def verify_collectively(tag_dir: Path) -> Optional[str]:
         error = damaged(tag_dir, found)
         raise CheckpointError(str(error), all_ranks=True)
     return unverified_note(tag_dir) if recorded is None else None
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names the path, the cause and the fix."""
+
+
+def describe_save_error(path: Path, err: BaseException) -> str:
+    """Why writing under `path` failed, in words: a read-only file system, a full disk, missing
+    permission, or else the error itself (torch reports all of them as `basic_ios::clear:
+    iostream error` or a wrong "Parent directory does not exist")."""
+    import errno
+
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    code = getattr(err, "errno", None)
+    stats = os.statvfs(existing)
+    free = stats.f_bavail * stats.f_frsize
+    if code == errno.EROFS or stats.f_flag & os.ST_RDONLY:
+        reason = f"{existing} is on a read-only file system"
+    elif code in (errno.ENOSPC, errno.EDQUOT) or free < (1 << 20):
+        reason = f"the disk holding {existing} is full ({free / 2**20:.1f} MiB free)"
+    elif code == errno.EACCES or not os.access(existing, os.W_OK):
+        reason = f"no permission to write in {existing}"
+    else:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return (f"cannot write checkpoint {path}: {reason}. Free space or make it writable, or set checkpoint.dir "
+            f"elsewhere; the last complete checkpoint (`latest`) is untouched and resumes the run")
 
 
 def _atomic_write(path: Path, text: str) -> None:

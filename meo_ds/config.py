@@ -59,6 +59,9 @@ class DataConfig:
     val_split: str = "validation"
     # Shuffle seed of the training stream (the data order is a pure function of it and the step).
     seed: int = 1234
+    # Check every shard against the manifest's sha256 before training (once per machine; reads the
+    # whole corpus). Off: only the cheap checks (sizes, indexes; token ids batch by batch).
+    verify: bool = False
 
 
 @dataclass
@@ -171,7 +174,7 @@ class RunConfig:
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
         problems = list(self._problems(world_size))
         if problems:
-            raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(listing("invalid run config", problems))
         return self
 
     def _problems(self, world_size: Optional[int]) -> Iterator[str]:
@@ -182,6 +185,15 @@ class RunConfig:
             yield "model is missing; set model.preset (a name in meo_ds/presets or a YAML file)"
         if not self.data.path:
             yield "data.path is empty; point it at a directory written by `meo-prepare`"
+        for name in ("seq_len", "max_tokens"):
+            if getattr(self.data, name) < 1:
+                yield f"data.{name}={getattr(self.data, name)} must be >= 1"
+        if self.data.seed < 0:
+            yield f"data.seed={self.data.seed} must be >= 0 (it seeds numpy's generator of the data order)"
+        if not t.dist_timeout_s > 0:
+            yield f"train.dist_timeout_s={t.dist_timeout_s} must be > 0 (seconds a collective may wait)"
+        if not (0 <= t.betas[0] < 1 and 0 <= t.betas[1] < 1) or not t.eps > 0:
+            yield f"train.betas={list(t.betas)} must lie in [0, 1) and train.eps={t.eps} must be > 0"
         for name in ("steps", "micro_batch_size", "grad_accum"):
             if getattr(t, name) < 1:
                 yield f"train.{name}={getattr(t, name)} must be >= 1"
@@ -205,6 +217,10 @@ class RunConfig:
             yield f"logging.interval={self.logging.interval} must be >= 1"
         if self.eval.beam_size < 1:
             yield f"eval.beam_size={self.eval.beam_size} must be >= 1"
+        if self.eval.interval < 0 or self.eval.max_batches < 1:
+            yield "eval.interval must be >= 0 and eval.max_batches >= 1"
+        if self.logging.throughput_warmup_steps < 0:
+            yield f"logging.throughput_warmup_steps={self.logging.throughput_warmup_steps} must be >= 0"
         yield from self._moe_problems(world_size)
 
     def _moe_problems(self, world_size: Optional[int]) -> Iterator[str]:
@@ -219,6 +235,13 @@ class RunConfig:
             except ValueError as err:
                 yield str(err)
                 return
+
+
+def listing(title: str, problems: list[str]) -> str:
+    """One problem: one line; several: one per line."""
+    if len(problems) == 1:
+        return f"{title}: {problems[0]}"
+    return f"{title}:\n  - " + "\n  - ".join(problems)
 
 
 # --------------------------------------------------------------------------- dict <-> dataclass
@@ -332,13 +355,40 @@ def read_mapping(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          f"save it as UTF-8") from None
+    data = parse_text(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
+
+
+def parse_text(text: str, path: Path) -> Any:
+    """JSON (a .json file) or YAML text -> data; a syntax error is a ConfigError naming file, line and column."""
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}); fix the file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}{_yaml_where(err)}: not valid YAML ({_yaml_problem(err)}); fix the file") from None
+
+
+def _yaml_where(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(err: Exception) -> str:
+    problem, context = getattr(err, "problem", None), getattr(err, "context", None)
+    return " ".join(filter(None, [context, problem])) or str(err).splitlines()[0]
 
 
 def apply_override(tree: dict, assignment: str) -> None:
@@ -357,7 +407,11 @@ def apply_override(tree: dict, assignment: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
         node = nxt
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({_yaml_problem(err)}); quote it, "
+                          f"e.g. {dotted}='\"...\"'") from None
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -512,7 +566,7 @@ def reconcile_ds_config(cfg: RunConfig, ds: dict, world_size: int, device: str =
     problems += _zero_problems(cfg, ds)
     problems += _monitor_problems(cfg, ds)
     if problems:
-        raise ConfigError("run config and DeepSpeed config disagree:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(listing("run config and DeepSpeed config disagree", problems))
     ds["zero_allow_untested_optimizer"] = True  # our AdamW subclass (skippable steps)
     ds.setdefault("steps_per_print", 10**9)  # the trainer prints its own log lines
     return ds

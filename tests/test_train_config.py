@@ -165,3 +165,32 @@ def test_paper_size_translation_config_checks_out_for_8_ranks():
     assert cfg.task == "translation" and cfg.schedule == "inverse_sqrt" and cfg.ep_size == 8
     assert (cfg.model.moe.kind, cfg.model.moe.num_experts, cfg.model.d_model) == ("xmoe", 64, 512)
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+
+
+def test_malformed_yaml_json_and_override_name_the_file_and_place(tmp_path: Path):
+    from meo_ds.config import load_ds_config, load_run_config
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("task: lm\ntrain:\n  steps: [1, 2\n  lr: 3\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4:5: not valid YAML \(.*expected ',' or '\]'.*\); fix the file"):
+        load_run_config(str(bad))
+    bad.write_bytes(b"task: lm\nname: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: not UTF-8 text \(byte 0xe9 at offset 18\)"):
+        load_run_config(str(bad))
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(ConfigError, match=r"ds\.json:1:35: not valid JSON \(Expecting property name"):
+        load_ds_config(str(ds))
+    with pytest.raises(ConfigError, match=r"override 'train.betas=\[0.9': the value is not valid YAML"):
+        apply_override({}, "train.betas=[0.9")
+
+
+def test_unvalidated_values_that_failed_inside_the_loop_are_config_errors():
+    cfg = make_cfg(dist_timeout_s=0.0, betas=(0.9, 1.5))
+    cfg.data.seed, cfg.data.seq_len = -1, 0
+    cfg.eval.max_batches = 0
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(world_size=2)
+    for needle in ("data.seed=-1 must be >= 0", "data.seq_len=0 must be >= 1", "train.dist_timeout_s=0.0 must be > 0",
+                   "train.betas=[0.9, 1.5] must lie in [0, 1)", "eval.max_batches >= 1"):
+        assert needle in str(err.value), str(err.value)

@@ -1,4 +1,4 @@
-"""`meo-prepare tokenizer|lm|mt|demo`: command-line front end of meo_ds.data."""
+"""`meo-prepare tokenizer|lm|mt|demo|verify`: command-line front end of meo_ds.data."""
 from __future__ import annotations
 
 import argparse
@@ -73,7 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vocab-size", type=int, default=None, help="default 8000 (lm) / 1000 (mt)")
     demo.add_argument("--pairs", type=int, default=20_000, help="mt: number of synthetic pairs")
     demo.add_argument("--max-chars", type=int, default=3_000_000, help="lm: docstring characters at most")
+
+    verify = sub.add_parser("verify", help="check every file of a prepared corpus against its manifest (sha256, ids)")
+    verify.add_argument("directory", type=Path, help="a directory written by `meo-prepare lm|mt`")
     return parser
+
+
+def run_verify(args: argparse.Namespace) -> dict:
+    from meo_ds.data.verify import verify_corpus
+
+    report = verify_corpus(args.directory)
+    print(f"{args.directory}: OK, {report['files']} token files, {report['tokens']:,} tokens "
+          f"({report['bytes'] / 2**20:.1f} MiB) match the manifest")
+    return report
 
 
 def run_tokenizer(args: argparse.Namespace) -> dict:
@@ -141,12 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_lm(args)
         elif args.command == "mt":
             run_mt(args)
+        elif args.command == "verify":
+            run_verify(args)
         else:
             from meo_ds.data.demo import build_demo
 
             build_demo(args.task, args.out, num_proc=args.num_proc, vocab_size=args.vocab_size,
                        pairs=args.pairs, max_chars=args.max_chars, overwrite=args.overwrite)
-    except (CorpusError, ValueError, FileExistsError, FileNotFoundError, KeyError) as err:
+    except (CorpusError, ValueError, OSError, KeyError) as err:  # OSError: a full disk, a read-only output
         print(f"meo-prepare {args.command}: error: {err}", file=sys.stderr)
         return 2
     print(f"done in {time.time() - start:.1f} s")

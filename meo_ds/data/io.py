@@ -1,19 +1,43 @@
-"""Atomic file/directory writes, checksums, manifests and the streaming token-file writer."""
+"""Atomic file/directory writes, checksums, manifests and the streaming token-file writer.
+
+Staging directories are named ``.{out}.tmp-{host}-{pid}-{random}`` (and the replaced output
+``.{out}.old-...`` while it is swapped out), so a later run can tell whose they are: one whose
+process is gone on this host (a killed `meo-prepare`), or one without that information (written
+before the names carried it), is stale and removed when the next run stages the same output.
+
+Reading is checked where it is cheap: the manifest must parse, every token file must have the
+size the manifest gives, every index must load (no pickles), start at 0, never decrease and end
+at the manifest's token count. Token ids are checked against the vocabulary batch by batch by
+the loaders (`check_token_ids`); the full check, sha256 of every file against the manifest, is
+`meo_ds.data.verify` (`meo-prepare verify DIR`).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from array import array
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
+from meo_ds.data.readers import CorpusError
+
 MANIFEST = "manifest.json"
+
+
+class StreamMismatch(ValueError):
+    """A loader state saved by another data stream; `key` names the loader setting that differs."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -64,7 +88,25 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a prepared corpus (or an interrupted run)")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorpusError(f"{path}: corrupt, not valid JSON ({err}); prepare the corpus again with "
+                          f"`meo-prepare ... --out {directory} --overwrite`") from None
+    if not isinstance(manifest, dict):
+        raise CorpusError(f"{path}: corrupt, not a JSON object; prepare the corpus again with --overwrite")
+    return manifest
+
+
+def manifest_field(manifest: dict, directory: str | os.PathLike, *keys: str):
+    """manifest[k1][k2]...; a missing key is a CorpusError naming the manifest."""
+    node = manifest
+    for i, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise CorpusError(f"{Path(directory) / MANIFEST}: corrupt, no {'.'.join(keys[:i + 1])!r}; prepare the "
+                              f"corpus again with --overwrite")
+        node = node[key]
+    return node
 
 
 def check_output_dir(out: Path, corpus_key: str, overwrite: bool) -> bool:
@@ -90,12 +132,45 @@ def check_output_dir(out: Path, corpus_key: str, overwrite: bool) -> bool:
     raise FileExistsError(f"{out}: output directory holds {what}; choose another --out or pass --overwrite")
 
 
+def _owned_name(out: Path, kind: str) -> Path:
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    return out.with_name(f".{out.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _stale(name: str, out: Path) -> bool:
+    """A staging/old sibling of `out` whose writer is gone (see the module docstring)."""
+    prefix = re.escape(f".{out.name}.")
+    owned = re.fullmatch(prefix + r"(?:tmp|old)-(.+)-(\d+)-[0-9a-f]{8}", name)
+    if owned is None:
+        return re.fullmatch(prefix + r"(?:tmp|old)-[0-9a-f]{8}", name) is not None
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    if owned.group(1) != host:
+        return False  # another machine's: we cannot tell whether its writer still runs
+    import psutil
+
+    return not psutil.pid_exists(int(owned.group(2)))
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging directories of `out` that killed runs left behind; returns them."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    stale = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and _stale(p.name, out)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"removed {path}: staging left by an interrupted run")
+    return stale
+
+
 @contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `out`, on error it vanishes."""
+    """Yield a temporary sibling directory; on success it replaces `out`, on error it vanishes.
+    Stale staging directories of `out` from killed runs are removed first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_staging(out)
+    tmp = _owned_name(out, "tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -104,7 +179,7 @@ def staging_dir(out: Path) -> Iterator[Path]:
         raise
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        old = _owned_name(out, "old")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
@@ -149,19 +224,56 @@ class TokenFileWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         offsets = np.frombuffer(self.offsets, dtype=np.int64)
-        np.save(self.directory / f"{self.name}.idx.npy", offsets)
-        return {"file": f"{self.name}.bin", "index": f"{self.name}.idx.npy", "sequences": len(offsets) - 1,
-                "tokens": self.tokens, "sha256": self.hash.hexdigest()}
+        index = self.directory / f"{self.name}.idx.npy"
+        np.save(index, offsets)
+        return {"file": f"{self.name}.bin", "index": index.name, "sequences": len(offsets) - 1,
+                "tokens": self.tokens, "sha256": self.hash.hexdigest(), "index_sha256": sha256_file(index)}
+
+
+TOKEN_DTYPES = ("uint16", "uint32")
+_REPAIR = "run `meo-prepare verify {dir}` for a full check and prepare the corpus again with --overwrite"
+
+
+def corpus_dtype(manifest: dict, directory: Path) -> np.dtype:
+    name = manifest_field(manifest, directory, "dtype")
+    if name not in TOKEN_DTYPES:
+        raise CorpusError(f"{Path(directory) / MANIFEST}: corrupt, dtype {name!r} is not one of {TOKEN_DTYPES}")
+    return np.dtype(name)
 
 
 def open_tokens(directory: Path, entry: dict, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map a token file written by TokenFileWriter and load its offsets; sizes are checked."""
-    path = directory / entry["file"]
+    """Memory-map a token file written by TokenFileWriter and load its offsets; the cheap checks
+    of the module docstring (sizes, index) raise a CorpusError naming the file."""
+    keys = ("file", "index", "tokens", "sequences")
+    if not isinstance(entry, dict) or any(k not in entry for k in keys):
+        raise CorpusError(f"{Path(directory) / MANIFEST}: corrupt, a split entry lacks one of {keys}")
+    path, index = Path(directory) / entry["file"], Path(directory) / entry["index"]
     expected = entry["tokens"] * np.dtype(dtype).itemsize
     if not path.is_file() or path.stat().st_size != expected:
-        raise ValueError(f"{path}: missing or wrong size (expected {expected} bytes per the manifest)")
+        size = path.stat().st_size if path.is_file() else "missing"
+        raise CorpusError(f"{path}: {size} bytes, the manifest says {expected} (truncated or replaced); "
+                          + _REPAIR.format(dir=directory))
     tokens = np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype=dtype)
-    offsets = np.load(directory / entry["index"])
-    if len(offsets) != entry["sequences"] + 1 or offsets[-1] != entry["tokens"]:
-        raise ValueError(f"{directory / entry['index']}: index does not match the manifest")
-    return tokens, offsets
+    return tokens, load_index(index, entry, directory)
+
+
+def load_index(index: Path, entry: dict, directory: Path) -> np.ndarray:
+    try:
+        offsets = np.load(index, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise CorpusError(f"{index}: corrupt or missing index ({err}); " + _REPAIR.format(dir=directory)) from None
+    if (offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) != entry["sequences"] + 1
+            or offsets[0] != 0 or offsets[-1] != entry["tokens"] or np.any(np.diff(offsets) < 0)):
+        raise CorpusError(f"{index}: index does not match the manifest ({entry['sequences']} sequences of "
+                          f"{entry['tokens']} tokens, non-decreasing offsets); " + _REPAIR.format(dir=directory))
+    return offsets
+
+
+def check_token_ids(rows: np.ndarray, vocab_size: int, path: Path, locate: Callable[[int, int], str]) -> None:
+    """Every id of a batch `rows` [B, T] is below `vocab_size`; else a CorpusError naming the file and
+    `locate(row, column)` of the first bad id. One max() per batch over ids already in memory."""
+    if not rows.size or int(rows.max()) < vocab_size:
+        return
+    row, col = (int(i[0]) for i in np.nonzero(rows >= vocab_size))
+    raise CorpusError(f"{path}: token id {int(rows[row, col])} at {locate(row, col)} is outside the vocabulary "
+                      f"({vocab_size} ids): the file is corrupt; " + _REPAIR.format(dir=path.parent))

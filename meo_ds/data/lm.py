@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meo_ds.data.io import (TokenFileWriter, check_output_dir, open_tokens, read_manifest, staging_dir,
-                            token_dtype, write_manifest)
+from meo_ds.data.io import (StreamMismatch, TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype,
+                            manifest_field, open_tokens, read_manifest, staging_dir, token_dtype, write_manifest)
 from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, select, tokenize_chunks
 from meo_ds.data.readers import read_documents
 from meo_ds.data.tokenizer import Tokenizer
@@ -79,15 +79,14 @@ class LMDataset:
         self.manifest = read_manifest(self.directory)
         if self.manifest.get("format") != LM_FORMAT:
             raise ValueError(f"{self.directory}: not an LM corpus (format {self.manifest.get('format')!r})")
-        if split not in self.manifest["splits"]:
-            raise KeyError(f"{self.directory}: no split {split!r}")
+        splits = manifest_field(self.manifest, self.directory, "splits")
+        if split not in splits:
+            raise KeyError(f"{self.directory}: no split {split!r} (it has {', '.join(splits)})")
         self.split = split
-        self.entry = self.manifest["splits"][split]
-        self.tokens, self.doc_offsets = open_tokens(self.directory, self.entry, np.dtype(self.manifest["dtype"]))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.manifest["tokenizer"]["vocab_size"]
+        self.entry = splits[split]
+        self.vocab_size = int(manifest_field(self.manifest, self.directory, "tokenizer", "vocab_size"))
+        self.tokens, self.doc_offsets = open_tokens(self.directory, self.entry,
+                                                    corpus_dtype(self.manifest, self.directory))
 
     @property
     def num_tokens(self) -> int:
@@ -161,6 +160,8 @@ class LMLoader:
         samples = self.sample_indices(epoch, step)
         L, tokens = self.seq_len, self.dataset.tokens
         rows = np.stack([tokens[i * L:i * L + L + 1] for i in samples]).astype(np.int64)
+        check_token_ids(rows, self.dataset.vocab_size, self.dataset.directory / self.dataset.entry["file"],
+                        lambda r, c: f"token {int(samples[r]) * L + c}")
         out = {"input_ids": torch.from_numpy(rows[:, :-1]), "labels": torch.from_numpy(rows[:, 1:].copy())}
         if self.reset:
             positions = samples[:, None] * L + np.arange(L)
@@ -188,11 +189,15 @@ class LMLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "samples_consumed": self.step * self.global_batch, **self._identity()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
+        """StreamMismatch (a ValueError) unless `state` was saved by a loader of this same data stream."""
         for key, value in self._identity().items():
             if state.get(key) != value:
-                raise ValueError(f"loader state does not match this loader: {key} is {state.get(key)!r}, "
-                                 f"this loader has {value!r}")
+                raise StreamMismatch(f"loader state does not match this loader: {key} is {state.get(key)!r}, "
+                                     f"this loader has {value!r}", key)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
         consumed = state["samples_consumed"]
         if consumed % self.global_batch:
             raise ValueError(f"cannot resume: {consumed} samples consumed is not a multiple of the global batch "

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meo_ds.data.io import (TokenFileWriter, check_output_dir, open_tokens, read_manifest, staging_dir,
-                            token_dtype, write_manifest)
+from meo_ds.data.io import (StreamMismatch, TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype,
+                            manifest_field, open_tokens, read_manifest, staging_dir, token_dtype, write_manifest)
 from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, select, tokenize_chunks
-from meo_ds.data.readers import read_pairs
+from meo_ds.data.readers import CorpusError, read_pairs
 from meo_ds.data.tokenizer import Tokenizer
 
 MT_FORMAT = "meo_ds.mt/1"
@@ -142,18 +142,19 @@ class MTDataset:
         self.manifest = read_manifest(self.directory)
         if self.manifest.get("format") != MT_FORMAT:
             raise ValueError(f"{self.directory}: not a translation corpus (format {self.manifest.get('format')!r})")
-        if split not in self.manifest["splits"]:
-            raise KeyError(f"{self.directory}: no split {split!r}")
-        self.split, self.entry = split, self.manifest["splits"][split]
-        dtype = np.dtype(self.manifest["dtype"])
-        self.src, self.src_offsets = open_tokens(self.directory, self.entry["source"], dtype)
-        self.tgt, self.tgt_offsets = open_tokens(self.directory, self.entry["target"], dtype)
+        splits = manifest_field(self.manifest, self.directory, "splits")
+        if split not in splits:
+            raise KeyError(f"{self.directory}: no split {split!r} (it has {', '.join(splits)})")
+        self.split, self.entry = split, splits[split]
+        self.vocab_size = int(manifest_field(self.manifest, self.directory, "tokenizer", "vocab_size"))
+        dtype = corpus_dtype(self.manifest, self.directory)
+        self.src, self.src_offsets = open_tokens(self.directory, manifest_field(self.entry, self.directory, "source"), dtype)
+        self.tgt, self.tgt_offsets = open_tokens(self.directory, manifest_field(self.entry, self.directory, "target"), dtype)
+        if len(self.src_offsets) != len(self.tgt_offsets):
+            raise CorpusError(f"{self.directory / self.entry['target']['index']}: {len(self.tgt_offsets) - 1} targets "
+                              f"but {len(self.src_offsets) - 1} sources; prepare the corpus again with --overwrite")
         self.src_lens = np.diff(self.src_offsets)
         self.tgt_lens = np.diff(self.tgt_offsets)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.manifest["tokenizer"]["vocab_size"]
 
     def __len__(self) -> int:
         return len(self.src_lens)
@@ -238,8 +239,12 @@ class MTLoader:
         src_lens, tgt_lens = ds.src_lens[index], ds.tgt_lens[index]
         rows = np.arange(len(index))
         src = _gather(ds.src, ds.src_offsets[index], src_lens, int(src_lens.max()) + 1, tok.pad_id)
+        check_token_ids(src, ds.vocab_size, ds.directory / ds.entry["source"]["file"],
+                        lambda r, c: f"token {int(ds.src_offsets[index[r]]) + c} (pair {int(index[r])})")
         src[rows, src_lens] = tok.eos_id
         labels = _gather(ds.tgt, ds.tgt_offsets[index], tgt_lens, int(tgt_lens.max()) + 1, IGNORE_INDEX)
+        check_token_ids(labels, ds.vocab_size, ds.directory / ds.entry["target"]["file"],
+                        lambda r, c: f"token {int(ds.tgt_offsets[index[r]]) + c} (pair {int(index[r])})")
         labels[rows, tgt_lens] = tok.eos_id
         dec = np.where(labels == IGNORE_INDEX, tok.pad_id, labels)
         dec[rows, tgt_lens] = tok.pad_id
@@ -267,11 +272,15 @@ class MTLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_consumed": self.step * self.dp_world_size, **self._identity()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
+        """StreamMismatch (a ValueError) unless `state` was saved by a loader of this same data stream."""
         for key, value in self._identity().items():
             if state.get(key) != value:
-                raise ValueError(f"loader state does not match this loader: {key} is {state.get(key)!r}, "
-                                 f"this loader has {value!r}")
+                raise StreamMismatch(f"loader state does not match this loader: {key} is {state.get(key)!r}, "
+                                     f"this loader has {value!r}", key)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
         consumed = state["batches_consumed"]
         if consumed % self.dp_world_size:
             raise ValueError(f"cannot resume: {consumed} global batches consumed is not a multiple of "

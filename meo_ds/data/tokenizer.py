@@ -1,11 +1,19 @@
 """SentencePiece tokenizers: training, a small wrapper, and a HuggingFace (tokenizers) conversion.
 
 Special ids are fixed for every tokenizer meo_ds trains: pad=0, unk=1, bos=2, eos=3.
+
+Training input: SentencePiece skips sentences longer than MAX_SENTENCE_BYTES (and fails when it
+skipped them all), so longer documents are cut at whitespace into pieces below that size: the
+statistics a tokenizer learns do not need whole documents. The vocabulary size is a soft limit
+(a small corpus yields fewer pieces); when the tokenizer ends up smaller than requested a
+warning says so and the manifest records both sizes: the tokenizer is usable, but the corpus
+cannot support the size asked for.
 """
 from __future__ import annotations
 
 import io
 import os
+import sys
 import types
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -15,6 +23,7 @@ import sentencepiece as spm
 from meo_ds.data.io import atomic_write_bytes, sha256_file
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MAX_SENTENCE_BYTES = 1 << 16
 NORMALIZATIONS = ("nmt_nfkc", "nfkc")
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 
@@ -29,7 +38,11 @@ class Tokenizer:
             self.path = self.path / "tokenizer.model"
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as err:
+            raise ValueError(f"{self.path}: not a SentencePiece model ({err}); use a tokenizer.model written by "
+                             f"`meo-prepare tokenizer` (or train one with it)") from None
 
     @property
     def vocab_size(self) -> int:
@@ -97,7 +110,8 @@ def train_tokenizer(
         raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
     if model_type not in ("unigram", "bpe", "char", "word"):
         raise ValueError(f"model_type must be unigram, bpe, char or word, not {model_type!r}")
-    counted = _CountingIterator(s for s in sentences if s.strip())
+    pieces = (piece for s in sentences if s.strip() for piece in fit_sentence(s, MAX_SENTENCE_BYTES))
+    counted = _CountingIterator(pieces)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -108,7 +122,7 @@ def train_tokenizer(
             bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             seed_sentencepiece_size=seed_sentencepiece_size, hard_vocab_limit=False,
-            max_sentence_length=1 << 16, train_extremely_large_corpus=False,
+            max_sentence_length=MAX_SENTENCE_BYTES, train_extremely_large_corpus=False,
             num_threads=os.cpu_count() or 1, minloglevel=2, normalization_rule_name=normalization,
         )
     except RuntimeError as err:
@@ -116,7 +130,28 @@ def train_tokenizer(
             raise ValueError("tokenizer training input holds no non-empty text") from None
         raise ValueError(f"sentencepiece training failed: {err}") from None
     atomic_write_bytes(Path(model_path), buffer.getvalue())
-    return Tokenizer(model_path)
+    tok = Tokenizer(model_path)
+    if tok.vocab_size < vocab_size:
+        print(f"warning: the training text supports only {tok.vocab_size} tokens, not the requested vocabulary of "
+              f"{vocab_size}; the tokenizer has {tok.vocab_size}. Train on more text for a larger vocabulary "
+              f"(or ask for --vocab-size {tok.vocab_size})", file=sys.stderr, flush=True)
+    return tok
+
+
+def fit_sentence(text: str, limit: int) -> Iterator[str]:
+    """`text` cut at whitespace (else anywhere on a character boundary) into pieces of <= `limit` UTF-8 bytes."""
+    data = text.encode("utf-8")
+    while len(data) > limit:
+        cut = max(data.rfind(b" ", 0, limit + 1), data.rfind(b"\n", 0, limit + 1))
+        if cut <= 0:
+            cut = limit
+            while data[cut] & 0xC0 == 0x80:  # never inside a multi-byte character
+                cut -= 1
+        if data[:cut].strip():
+            yield data[:cut].decode("utf-8")
+        data = data[cut:].lstrip()
+    if data.strip():
+        yield data.decode("utf-8")
 
 
 class _CountingIterator:
@@ -230,7 +265,7 @@ def prepare_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLik
             hf_files = []
         manifest = {"format": "meo_ds.tokenizer/1", "task": "tokenizer", "corpus_key": key, "inputs": described,
                     "options": options, "file": "tokenizer.model", "sha256": tok.checksum(),
-                    "vocab_size": tok.vocab_size, "special_ids": tok.special_ids(),
+                    "vocab_size": tok.vocab_size, "requested_vocab_size": vocab_size, "special_ids": tok.special_ids(),
                     "hf_dir": "hf" if hf_files else None, "hf_files": hf_files,
                     "seconds": round(time.time() - start, 3)}
         write_manifest(tmp, manifest)

@@ -25,9 +25,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: <data.path>/tokenizer.model)")
     p.add_argument("--no-tokenizer", action="store_true", help="export weights and config only")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast weights (default: as trained)")
-    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (e.g. 500MB, 5GB)")
+    p.add_argument("--max-shard-size", default="2GB", type=shard_size, help="safetensors shard size (e.g. 500MB, 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     return p.parse_args(argv)
+
+
+def shard_size(text: str) -> str:
+    """--max-shard-size as transformers parses it (an integer and a unit); argparse reports a bad one."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        if convert_file_size_to_int(text) > 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size; use an integer and a unit, e.g. 500MB, 5GB or 2GiB")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
