@@ -17,7 +17,9 @@ rank).
 
 Exit status: 0 done (or stopped by a signal after saving), 2 bad input (config, paths, corpus,
 a checkpoint that does not fit, a run directory in use; also a corrupt shard met mid-run),
-3 non-finite losses, 4 a checkpoint could not be written (disk full, read-only), 1 anything else.
+3 non-finite losses, 4 a collective failed (a peer rank stuck past train.dist_timeout_s, or dead;
+the line names the collective, its ranks and our call site), 5 a checkpoint could not be written
+(disk full, read-only), 1 anything else.
 """
 from __future__ import annotations
 
