@@ -171,17 +171,16 @@ def check_checkpoints(cfg: RunConfig, world_size: int) -> None:
 
 def saved_run_config(point: ckpt.ResumePoint, key: str) -> dict:
     """The run config the trainer stored with a checkpoint (client_state['config'] of its main file,
-    `mp_rank_00_model_states.pt`, or rank 0's under ZeRO-3), read memory-mapped with
-    weights_only=True: no code runs, no tensor is read."""
+    `mp_rank_00_model_states.pt`, or rank 0's under ZeRO-3), read memory-mapped through
+    checkpoint.safe_load: no code runs, no tensor is read."""
     from meo_ds.export.consolidate import MAIN_FILE
 
     names = (MAIN_FILE, "zero_pp_rank_0_" + MAIN_FILE)
     path = next((point.path / n for n in names if (point.path / n).is_file()), point.path / MAIN_FILE)
     try:
-        main = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear message
-        raise ConfigError(f"{key}: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                          f"resume from an earlier tag with --set {key}=<dir>/<tag>") from None
+        main = ckpt.safe_load(path, mmap=True)
+    except ckpt.CheckpointError as err:
+        raise ConfigError(f"{key}: {err}; resume from an earlier tag with --set {key}=<dir>/<tag>") from None
     tree = main.get("config") if isinstance(main, dict) else None
     if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
         raise ConfigError(f"{key}: {path} records no run config; it was not written by meo-train")
