@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from meo_ds.distributed import all_reduce_max_int
 
@@ -126,23 +127,27 @@ class TokenDispatcher:
         return self._capacity(x, route, experts, training, group)
 
     def _capacity(self, x, route, experts, training, group):
-        # Every assignment takes part (dropped ones go to a spare buffer row and combine with
-        # weight 0), so no shape depends on routing: no host sync but the EP group's max C.
+        # Slot side: each of the E*C buffer slots learns its token and combine weight by a scatter
+        # of the assignments (dropped ones land in a spare slot that is cut off), then gathers and
+        # combines whole rows. The row work is E*C whatever the router's slot count K (XMoE keeps
+        # max_k slots per token), and no shape depends on routing: no host sync but the EP
+        # group's max C. Empty slots read an appended zero row and combine with weight 0.
         cf = self.capacity_factor if training else self.eval_capacity_factor
         cap = expert_capacity(x.shape[0], self.capacity_k, self.num_experts, cf, self.min_capacity)
         keep, slot = capacity_slots(route, self.num_experts, cap)
         buf_cap = self._group_max(cap, group)
         num_tokens, k = keep.shape
-        tok = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # assignment (t, j) -> t
         kept = keep.reshape(-1)
         spare = self.num_experts * buf_cap
         index = torch.where(kept, route.expert_ids.reshape(-1) * buf_cap + slot.reshape(-1), spare)
-        buf = x.new_zeros(spare + 1, x.shape[1]).index_add(0, index, x.index_select(0, tok))[:spare]
-        y, sent = self._run_experts(buf, [buf_cap] * self.num_experts, experts, group, static=True)
-        w = route.weights.reshape(-1).to(x.dtype).unsqueeze(1)
-        back = torch.where(kept.unsqueeze(1), y.index_select(0, torch.where(kept, index, 0)) * w, 0.0)
-        out = x.new_zeros(x.shape).index_add(0, tok, back)
-        return out, DispatchInfo(keep, sent, cap)
+        tok = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # assignment (t, j) -> t
+        slot_tok = torch.full((spare + 1,), num_tokens, device=x.device).scatter(0, index, tok)[:spare]
+        slot_w = route.weights.new_zeros(spare + 1).scatter(0, index, route.weights.reshape(-1) * kept)[:spare]
+        padded = F.pad(x, (0, 0, 0, 1))  # row num_tokens: zeros, for the empty slots
+        y, sent = self._run_experts(padded.index_select(0, slot_tok), [buf_cap] * self.num_experts, experts,
+                                    group, static=True)
+        out = torch.zeros_like(padded).index_add(0, slot_tok, y * slot_w.to(x.dtype).unsqueeze(1))
+        return out[:num_tokens], DispatchInfo(keep, sent, cap)
 
     def _dropless(self, x, route, experts, group):
         # Invalid slots sort after every expert (id E); the per-expert counts are the one host

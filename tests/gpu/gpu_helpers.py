@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import yaml
-
 from tests.distributed import REPO_ROOT, free_port, launch_env
+from train_helpers import write_config
 
 AUDIT_WORKER = REPO_ROOT / "tests" / "workers" / "collective_audit.py"
 ZERO2_BF16 = str(REPO_ROOT / "ds_configs" / "zero2_bf16.json")
@@ -47,7 +46,8 @@ def lm_config(out: Path, data: Path, kind: str, ep: int = 1, steps: int = 12, **
     tree = {
         "task": "lm", "name": out.name,
         "model": {"vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
-                  "max_seq_len": 64, "moe_every": 1, "moe_offset": 0, "moe": {"num_experts": 4, "top_k": 2, "ep_size": ep, **KINDS[kind]}},
+                  "max_seq_len": 64, "moe_every": 1, "moe_offset": 0,
+                  "moe": {"num_experts": 4, "top_k": 2, "ep_size": ep, **KINDS[kind]}},
         "data": {"path": str(data), "seq_len": 32},
         "train": {"steps": steps, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "seed": 5},
         "checkpoint": {"interval": 0, "keep_last": 1},
@@ -56,9 +56,7 @@ def lm_config(out: Path, data: Path, kind: str, ep: int = 1, steps: int = 12, **
     }
     for key, value in sections.items():
         tree[key] = {**tree.get(key, {}), **value}
-    path = out / "run.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
+    return write_config(out / "run.yaml", tree)
 
 
 def train_on_gpus(configs: Sequence[Path], num_gpus: int = 1, ds_config: str = ZERO2_BF16,
