@@ -133,12 +133,17 @@ def set_default_group_timeout(timeout: timedelta) -> None:
         setattr(distributed_c10d, name, timeout)
 
 
+# How a lost peer shows in a collective's error (gloo; NCCL raises torch.distributed.DistError).
+PEER_LOST = ("timed out", "connection closed", "connection reset", "broken pipe")
+
+
 def describe_collective_failure(err: BaseException) -> Optional[str]:
-    """One line naming the failed collective, its group's ranks, this rank and the calling line
-    of meo_ds, or None when `err` was not raised inside a torch.distributed collective."""
+    """One line naming the collective that timed out or lost a peer, its group's ranks, this rank
+    and the calling line of meo_ds; None for any other error (a wrong shape keeps its traceback)."""
     frames = list(traceback.walk_tb(err.__traceback__))
     where = next((i for i, (frame, _) in enumerate(frames) if frame.f_code.co_filename == distributed_c10d.__file__), None)
-    if where is None:
+    text = str(err).strip()
+    if where is None or not (isinstance(err, dist.DistError) or any(k in text.lower() for k in PEER_LOST)):
         return None
     collective_frame = frames[where][0]
     group = collective_frame.f_locals.get("group")
@@ -155,7 +160,8 @@ def describe_collective_failure(err: BaseException) -> Optional[str]:
     if ours:
         frame, line = ours[-1]
         site = f" called at {os.path.relpath(frame.f_code.co_filename, os.path.dirname(package))}:{line}"
-    reason = " ".join(str(err).split("] ", 1)[-1].split())  # gloo prefixes its source file and line
+    reason = (text.splitlines() or [""])[0].split("] ", 1)[-1]  # gloo prefixes its source file and line
+    reason = reason.split(". ", 1)[0].rstrip(".")  # gloo appends advice of its own
     return (f"rank {rank}: collective {collective_frame.f_code.co_name} over ranks {ranks}{site} failed: {reason}. "
             f"A rank of that group is stuck or dead (see its log); if it is only slow, raise train.dist_timeout_s")
 

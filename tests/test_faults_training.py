@@ -85,7 +85,7 @@ import json, sys
 import deepspeed, torch
 from torch.distributed import distributed_c10d as c10d
 from meo_ds.config import load_run_config
-from meo_ds.distributed import init_distributed
+from meo_ds.distributed import describe_collective_failure, init_distributed
 from meo_ds.models import build_model
 from meo_ds.optim import param_groups
 
@@ -95,17 +95,23 @@ model = build_model(cfg.model)
 opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
 deepspeed.initialize(model=model, optimizer=opt, config={"train_micro_batch_size_per_gpu": 1,
                      "zero_optimization": {"stage": 2}})
-print(json.dumps([pg._get_backend(torch.device("cpu")).options._timeout.total_seconds() for pg in c10d._world.pg_map]))
+timeouts = [pg._get_backend(torch.device("cpu")).options._timeout.total_seconds() for pg in c10d._world.pg_map]
+try:  # a wrong call is no lost peer: describe_collective_failure leaves it to its traceback
+    torch.distributed.all_to_all_single(torch.empty(2), torch.empty(3))
+except RuntimeError as err:
+    print(json.dumps({"timeouts": timeouts, "wrong_call": describe_collective_failure(err)}))
 """
 
 
-def test_every_group_deepspeed_creates_gets_the_run_timeout(lm_data, tmp_path):
+def test_every_group_deepspeed_creates_gets_the_run_timeout_and_wrong_calls_keep_their_traceback(lm_data, tmp_path):
     config = lm_run(tmp_path / "groups", lm_data, ep=1)
     env = launch_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": str(free_port())})
     proc = subprocess.run([sys.executable, "-c", GROUP_TIMEOUTS, str(config)], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    timeouts = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["wrong_call"] is None, result
+    timeouts = result["timeouts"]
     assert len(timeouts) >= 4, timeouts  # world, its data-parallel clone, expert-parallel, expert-data-parallel
     assert set(timeouts) == {7.0}, timeouts
