@@ -366,7 +366,7 @@ def test_aux_loss_and_stats(monkeypatch):
     routed = []
     for lin in layer.linears.values():
         route = lin.route
-        monkeypatch.setattr(lin, "route", lambda s, route=route: routed.append(route(s)) or routed[-1])
+        monkeypatch.setattr(lin, "route", lambda s, src=None, route=route: routed.append(route(s, src)) or routed[-1])
     x = torch.randn(5, 6, 6, dtype=torch.float64)
     out = layer(x)
 
@@ -460,3 +460,114 @@ def test_bad_input_raises_clear_errors():
         merged_linear(torch.randn(2, 3, 5), torch.rand(2, 3), w)
     with pytest.raises(ValueError, match=r"bias must be \[4, 3\]"):
         merged_linear(torch.randn(2, 3, 5), torch.rand(2, 4), w, torch.randn(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# causal MEO: exact prefix, packed documents, decoders routed by the source
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_later_tokens_of_a_segment_leave_earlier_outputs_bit_identical(activation):
+    """Outputs up to position t read no bit of a later token, not even at rounding level: the gate
+    of segment s sums segments < s by an exclusive prefix (cumsum - sums rounded with segment s)."""
+    layer = make_layer(activation, causal=True, segment_len=4)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 16, 6, dtype=torch.float64, generator=g) * torch.logspace(-3, 3, 16, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        base = layer(x).hidden
+        for t in range(1, 16):
+            y = x.clone()
+            y[:, t:] = torch.randn(4, 16 - t, 6, dtype=torch.float64, generator=g) * 1e3
+            assert torch.equal(layer(y).hidden[:, :t], base[:, :t]), f"outputs before {t} moved"
+
+
+def _packed_rows():
+    """Two rows of packed documents (lengths 5+7 and 3+4+5) and each document alone."""
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 12, 6, dtype=torch.float64, generator=g)
+    docs = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 4 + [2] * 5])
+    spans = [(0, 0, 5), (0, 5, 12), (1, 0, 3), (1, 3, 7), (1, 7, 12)]
+    return x, docs, spans
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_packed_documents_are_routed_as_if_alone(activation):
+    layer = make_layer(activation, causal=True, segment_len=3)
+    x, docs, spans = _packed_rows()
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 11] = False  # a padded tail
+    with torch.no_grad():
+        packed = layer(x, mask, doc_ids=docs).hidden
+        for row, a, b in spans:
+            alone = layer(x[row : row + 1, a:b], mask[row : row + 1, a:b]).hidden[0]
+            torch.testing.assert_close(packed[row, a:b], alone, rtol=1e-13, atol=1e-13)
+        # Without doc_ids the later documents' gates read the earlier documents.
+        unaware = layer(x, mask).hidden
+    assert not torch.allclose(unaware[0, 5:], packed[0, 5:])
+
+
+def test_packed_documents_gradients_and_bad_doc_ids():
+    layer = make_layer("swiglu", causal=True, segment_len=3)
+    x, docs, _ = _packed_rows()
+    x = x.requires_grad_()
+    layer(x, doc_ids=docs).hidden[0, 5:].sum().backward()
+    assert (x.grad[0, :5] == 0).all() and x.grad[0, 5:].abs().sum() > 0  # doc 2 reads nothing of doc 1
+    with pytest.raises(ValueError, match="doc_ids must be an integer tensor"):
+        layer(x.detach(), doc_ids=docs[:, :5])
+    with pytest.raises(ValueError, match="incremental decoding"):
+        layer(x.detach(), doc_ids=docs, state={})
+
+
+def make_cross_layer(activation="swiglu", segment_len=4, dtype=torch.float64) -> MEOLayer:
+    layer = make_layer(activation, causal=True, segment_len=segment_len, dtype=dtype)
+    cross = MEOLayer(layer.cfg, 6, 10, causal=True, cross=True).to(dtype)
+    cross.load_state_dict(layer.state_dict(), strict=False)
+    for lin in cross.linears.values():
+        torch.nn.init.normal_(lin.source_gate, std=1.0, generator=torch.Generator().manual_seed(23))
+    return cross.eval()
+
+
+def test_decoder_gates_read_the_source_even_for_short_targets():
+    layer = make_cross_layer(segment_len=8)
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(3, 5, 6, dtype=torch.float64, generator=g)  # shorter than one segment
+    memory = torch.randn(3, 7, 6, dtype=torch.float64, generator=g)
+    memory_mask = torch.arange(7) < torch.tensor([[7], [4], [2]])
+    with torch.no_grad():
+        out = layer(x, memory=memory, memory_mask=memory_mask).hidden
+        other = layer(x, memory=memory.flip(0), memory_mask=memory_mask.flip(0)).hidden
+        padded = memory.clone()
+        padded[~memory_mask] = 50.0
+        same = layer(x, memory=padded, memory_mask=memory_mask).hidden
+    assert not torch.allclose(out, other)  # another source sentence routes the target differently
+    torch.testing.assert_close(same, out, rtol=0, atol=0)  # padded source positions are ignored
+    with pytest.raises(ValueError, match="gates read the source"):
+        layer(x)
+
+
+def test_source_routed_incremental_decoding_equals_full_forward():
+    layer = make_cross_layer(segment_len=3)
+    g = torch.Generator().manual_seed(25)
+    x = torch.randn(2, 8, 6, dtype=torch.float64, generator=g)
+    memory = torch.randn(2, 5, 6, dtype=torch.float64, generator=g)
+    memory_mask = torch.arange(5) < torch.tensor([[5], [3]])
+    with torch.no_grad():
+        full = layer(x, memory=memory, memory_mask=memory_mask).hidden
+        state = {}
+        steps = [layer(x[:, t : t + 1], state=state, memory=memory, memory_mask=memory_mask).hidden for t in range(8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
+
+
+def test_remote_decoder_layer_reads_the_source_bit_for_bit():
+    from meo_ds.export.hf_remote import modeling_meo as remote
+    from meo_ds.export.hf_remote.configuration_meo import MeoConfig
+
+    ours = make_cross_layer(dtype=torch.float32)
+    hf_cfg = MeoConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2, moe=dict(vars(ours.cfg)))
+    theirs = remote.MEO(hf_cfg, hf_cfg.moe, causal=True, cross=True)
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "noise_weight" not in k}, strict=True)
+    g = torch.Generator().manual_seed(26)
+    x, memory = torch.randn(2, 9, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    mask, memory_mask = torch.ones(2, 9, dtype=torch.bool), torch.arange(5) < torch.tensor([[5], [2]])
+    with torch.no_grad():
+        assert torch.equal(theirs(x, mask, memory, memory_mask), ours(x, mask, memory=memory, memory_mask=memory_mask).hidden)
