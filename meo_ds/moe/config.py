@@ -56,7 +56,7 @@ class MoEConfig:
 
     # --- MEO ---
     meo_level: MEOLevel = "sequence"  # "token" adds the per-token bottleneck block
-    token_bottleneck_ratio: int = 64  # token block width = d_model // ratio
+    token_bottleneck_ratio: int = 64  # token block width = that linear's input width // ratio
     # Causal (decoder) routing: the gate of segment s reads the mean of segments < s.
     segment_len: int = 64
     recompute_merged: bool = True  # rebuild W^ in backward instead of storing it

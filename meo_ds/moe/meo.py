@@ -209,8 +209,27 @@ def meo_flops_per_sequence(d_in: int, d_out: int, seq_len: int, k: int) -> dict:
 # modules
 
 
+class TokenBlock(nn.Module):
+    """Token-level MEO's per-token residual block u + W_up relu(W_down u + b_down) + b_up.
+
+    width = d_in // ratio (at least 1). As in the reference: W_down has nn.Linear's default
+    init, b_down, W_up and b_up are zero, so the block starts as the identity and still learns.
+    """
+
+    def __init__(self, d_in: int, width: int):
+        super().__init__()
+        self.down = nn.Linear(d_in, width)
+        self.up = nn.Linear(width, d_in)
+        for p in (self.down.bias, self.up.weight, self.up.bias):
+            nn.init.zeros_(p)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return u + self.up(F.relu(self.down(u)))
+
+
 class MEOLinear(nn.Module):
-    """E affine experts merged per group by their own noisy top-k gate (gate computed in fp32)."""
+    """E affine experts merged per group by their own noisy top-k gate (gate computed in fp32),
+    optionally behind a TokenBlock (token-level MEO) whose output the gate and the experts read."""
 
     def __init__(
         self,
@@ -223,6 +242,7 @@ class MEOLinear(nn.Module):
         recompute: bool = True,
         default_summary: bool = False,
         source_dim: int = 0,
+        token_width: int = 0,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -238,6 +258,7 @@ class MEOLinear(nn.Module):
         self.default_summary = nn.Parameter(torch.zeros(d_in)) if default_summary else None
         # Decoder layers with cross-attention: a gate term from the source sentence's summary.
         self.source_gate = nn.Parameter(torch.zeros(num_experts, source_dim)) if source_dim else None
+        self.token_block = TokenBlock(d_in, token_width) if token_width else None
 
     def route(self, summary: torch.Tensor, source: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """summary [N, d_in] (and source [N, source_dim]) -> (dense fp32 gates [N, E], chosen ids [N, k]).
@@ -369,7 +390,8 @@ class MEOLayer(nn.Module):
 
     gelu:   y = fc2(gelu(fc1 x)), with biases (the paper's BERT FFN).
     swiglu: y = w2(silu(w1 x) * w3 x), without biases (like our top-k experts).
-    meo_level="token" first applies x <- x + W_up relu(W_down x) per token (W_up zero-initialised).
+    meo_level="token" puts a TokenBlock (width d_in // token_bottleneck_ratio) in front of each
+    linear, fc2/w2 included (their d_ff-wide input), as the reference does.
     """
 
     def __init__(self, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False, cross: bool = False):
@@ -386,9 +408,11 @@ class MEOLayer(nn.Module):
         use_bias = cfg.activation == "gelu"
 
         def linear(d_in: int, d_out: int) -> MEOLinear:
+            token_width = max(1, d_in // cfg.token_bottleneck_ratio) if cfg.meo_level == "token" else 0
             return MEOLinear(
                 d_in, d_out, cfg.num_experts, cfg.top_k, bias=use_bias, noisy_gating=cfg.noisy_gating,
                 recompute=cfg.recompute_merged, default_summary=causal, source_dim=d_model if cross else 0,
+                token_width=token_width,
             )
 
         if cfg.activation == "gelu":
@@ -397,12 +421,6 @@ class MEOLayer(nn.Module):
             self.linears = nn.ModuleDict(
                 {"w1": linear(d_model, self.hidden), "w3": linear(d_model, self.hidden), "w2": linear(self.hidden, d_model)}
             )
-        self.token_block = None
-        if cfg.meo_level == "token":
-            width = max(1, d_model // cfg.token_bottleneck_ratio)
-            self.token_block = nn.Sequential(nn.Linear(d_model, width), nn.ReLU(), nn.Linear(width, d_model))
-            nn.init.zeros_(self.token_block[2].weight)
-            nn.init.zeros_(self.token_block[2].bias)
 
     # --- input checks -------------------------------------------------------------------------
 
@@ -539,12 +557,12 @@ class MEOLayer(nn.Module):
         start = int(state.get("pos", 0)) if state is not None else 0
         groups = _Groups(mask, self.causal, self.cfg.segment_len, start, doc_ids)
         source = self._source_summary(memory, memory_mask, groups) if self.cross else None
-        if self.token_block is not None:
-            x = x + self.token_block(x)
         u = groups.to_groups(x)
         gate_log = []
 
         def run(name: str, inp: torch.Tensor) -> torch.Tensor:
+            if self.linears[name].token_block is not None:
+                inp = self.linears[name].token_block(inp)
             gates, top_idx = self.linears[name].route(self._summaries(name, inp, groups, state), source)
             gate_log.append((gates, top_idx))
             return self.linears[name](inp, gates)
@@ -606,6 +624,6 @@ class MEOLayer(nn.Module):
         for lin in self.linears.values():
             total += 2 * seq_len * lin.d_in * lin.d_out  # one merged matmul per token
             total += groups * (2 * merged * lin.d_in * lin.d_out + 2 * lin.d_in * lin.num_experts)  # merge + gate
-        if self.token_block is not None:
-            total += seq_len * 4 * self.d_model * self.token_block[0].out_features
+            if lin.token_block is not None:
+                total += seq_len * 4 * lin.d_in * lin.token_block.down.out_features
         return total / seq_len

@@ -30,6 +30,13 @@ def make_layer(activation="gelu", causal=False, segment_len=3, level="sequence",
     return layer.eval()
 
 
+def randomise_token_blocks(layer: MEOLayer) -> None:
+    """Token blocks start as the identity (zero up-projection): make them matter."""
+    for lin in layer.linears.values():
+        for p in lin.token_block.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # merged linear == vanilla per-linear MoE
 
@@ -111,6 +118,7 @@ def test_recompute_does_not_keep_merged_weights():
 
 
 def _vanilla_token(lin: MEOLinear, v: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """Vanilla per-linear MoE on one token v (already through the linear's token block)."""
     gates, _ = lin.route(summary.unsqueeze(0))
     out = torch.zeros(lin.d_out, dtype=v.dtype)
     for e in gates[0].nonzero().flatten().tolist():
@@ -124,6 +132,8 @@ def _naive_ffn(layer: MEOLayer, v: torch.Tensor, summary_of) -> torch.Tensor:
     lins = layer.linears
 
     def run(name, inp):
+        if lins[name].token_block is not None:  # token-level MEO: the gate and experts read its output
+            inp = inp + lins[name].token_block.up(F.relu(lins[name].token_block.down(inp)))
         return _vanilla_token(lins[name], inp, summary_of(name, inp))
 
     if layer.cfg.activation == "gelu":
@@ -132,8 +142,6 @@ def _naive_ffn(layer: MEOLayer, v: torch.Tensor, summary_of) -> torch.Tensor:
 
 
 def naive_layer(layer: MEOLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if layer.token_block is not None:
-        x = x + layer.token_block(x)
     out = torch.zeros_like(x)
     seg = layer.cfg.segment_len
     for b in range(x.shape[0]):
@@ -169,7 +177,7 @@ def naive_layer(layer: MEOLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.T
 @pytest.mark.parametrize("causal", [False, True])
 def test_layer_equals_naive_per_token_reference(activation, causal):
     layer = make_layer(activation, causal=causal, level="token")
-    torch.nn.init.normal_(layer.token_block[2].weight)  # make the token block non-trivial
+    randomise_token_blocks(layer)
     torch.manual_seed(5)
     x = torch.randn(3, 8, 6, dtype=torch.float64)
     mask = torch.ones(3, 8, dtype=torch.bool)
@@ -241,7 +249,7 @@ def _input_jacobian_rows(layer, x):
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_causal_segment_gating_has_no_future_dependence(activation):
     layer = make_layer(activation, causal=True, segment_len=3, level="token")
-    torch.nn.init.normal_(layer.token_block[2].weight)
+    randomise_token_blocks(layer)
     x = torch.randn(2, 10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     grads = _input_jacobian_rows(layer, x)
     for t, g in enumerate(grads):
@@ -349,16 +357,24 @@ def test_noise_breaks_the_zero_init_tie():
     assert (out.stats.extra["group_load_per_linear"] > 0).sum(dim=1).min() > 2
 
 
-def test_token_block_starts_as_identity():
-    seq_layer = make_layer("swiglu", level="sequence", dtype=torch.float32)
-    tok_layer = make_layer("swiglu", level="token", dtype=torch.float32)
+def test_token_block_in_front_of_every_linear_starts_as_identity():
+    """The reference's layout: a block of width d_in / ratio before each merged linear, fc2/w2's
+    d_ff-wide input included; W_up, b_up and b_down zero, W_down nn.Linear's default."""
+    seq_layer = make_layer("swiglu", level="sequence", dtype=torch.float32, d=8, hidden=12)
+    tok_layer = make_layer("swiglu", level="token", dtype=torch.float32, d=8, hidden=12)
+    widths = {name: lin.token_block.down.out_features for name, lin in tok_layer.linears.items()}
+    assert widths == {"w1": 4, "w3": 4, "w2": 6}  # d_in // ratio, ratio 2
+    for lin in tok_layer.linears.values():
+        block = lin.token_block
+        assert block.down.weight.abs().sum() > 0
+        assert all((p == 0).all() for p in (block.down.bias, block.up.weight, block.up.bias))
     tok_layer.load_state_dict(seq_layer.state_dict(), strict=False)
-    assert tok_layer.token_block[0].out_features == 3  # d // ratio = 6 // 2
-    x = torch.randn(2, 5, 6)
+    x = torch.randn(2, 5, 8)
     out = tok_layer(x)
     torch.testing.assert_close(out.hidden, seq_layer(x).hidden, rtol=0, atol=0)
     out.hidden.square().sum().backward()
-    assert tok_layer.token_block[2].weight.grad.abs().sum() > 0  # it can learn away from identity
+    for lin in tok_layer.linears.values():  # every block can learn away from identity
+        assert lin.token_block.up.weight.grad.abs().sum() > 0
 
 
 def test_aux_loss_and_stats(monkeypatch):
@@ -518,10 +534,12 @@ def test_packed_documents_gradients_and_bad_doc_ids():
         layer(x.detach(), doc_ids=docs, state={})
 
 
-def make_cross_layer(activation="swiglu", segment_len=4, dtype=torch.float64) -> MEOLayer:
-    layer = make_layer(activation, causal=True, segment_len=segment_len, dtype=dtype)
+def make_cross_layer(activation="swiglu", segment_len=4, dtype=torch.float64, level="sequence") -> MEOLayer:
+    layer = make_layer(activation, causal=True, segment_len=segment_len, dtype=dtype, level=level)
     cross = MEOLayer(layer.cfg, 6, 10, causal=True, cross=True).to(dtype)
     cross.load_state_dict(layer.state_dict(), strict=False)
+    if level == "token":
+        randomise_token_blocks(cross)
     for lin in cross.linears.values():
         torch.nn.init.normal_(lin.source_gate, std=1.0, generator=torch.Generator().manual_seed(23))
     return cross.eval()
@@ -558,11 +576,13 @@ def test_source_routed_incremental_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
 
 
-def test_remote_decoder_layer_reads_the_source_bit_for_bit():
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_remote_decoder_layer_matches_bit_for_bit(level):
+    """The exported layer (token blocks before every linear, source-read gates) is ours in fp32."""
     from meo_ds.export.hf_remote import modeling_meo as remote
     from meo_ds.export.hf_remote.configuration_meo import MeoConfig
 
-    ours = make_cross_layer(dtype=torch.float32)
+    ours = make_cross_layer(dtype=torch.float32, level=level)
     hf_cfg = MeoConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2, moe=dict(vars(ours.cfg)))
     theirs = remote.MEO(hf_cfg, hf_cfg.moe, causal=True, cross=True)
     theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "noise_weight" not in k}, strict=True)

@@ -160,14 +160,27 @@ class RoutedMoE(nn.Module):
         return torch.where(mask[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+class TokenBlock(nn.Module):
+    """Token-level MEO: u + up(relu(down(u))) per token, in front of each merged linear."""
+
+    def __init__(self, d_in, width):
+        super().__init__()
+        self.down = nn.Linear(d_in, width)
+        self.up = nn.Linear(width, d_in)
+
+    def forward(self, u):
+        return u + self.up(F.relu(self.down(u)))
+
+
 class MEOLinear(nn.Module):
-    def __init__(self, d_in, d_out, num_experts, bias, causal, source_dim):
+    def __init__(self, d_in, d_out, num_experts, bias, causal, source_dim, token_ratio):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, d_out, d_in))
         self.bias = nn.Parameter(torch.zeros(num_experts, d_out)) if bias else None
         self.gate_weight = nn.Parameter(torch.zeros(num_experts, d_in))
         self.default_summary = nn.Parameter(torch.zeros(d_in)) if causal else None
         self.source_gate = nn.Parameter(torch.zeros(num_experts, source_dim)) if source_dim else None
+        self.token_block = TokenBlock(d_in, max(1, d_in // token_ratio)) if token_ratio else None
 
     def gates(self, summary, top_k, source):
         logits = summary.float() @ self.gate_weight.float().t()
@@ -198,11 +211,8 @@ class MEO(nn.Module):
         n = moe["num_experts"]
         shapes = {"fc1": (d, hidden), "fc2": (hidden, d)} if gelu else {"w1": (d, hidden), "w3": (d, hidden), "w2": (hidden, d)}
         src = d if cross else 0
-        self.linears = nn.ModuleDict({k: MEOLinear(i, o, n, gelu, causal, src) for k, (i, o) in shapes.items()})
-        self.token_block = None
-        if moe.get("meo_level", "sequence") == "token":
-            width = max(1, d // moe.get("token_bottleneck_ratio", 64))
-            self.token_block = nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, d))
+        ratio = moe.get("token_bottleneck_ratio", 64) if moe.get("meo_level", "sequence") == "token" else 0
+        self.linears = nn.ModuleDict({k: MEOLinear(i, o, n, gelu, causal, src, ratio) for k, (i, o) in shapes.items()})
 
     def _groups(self, x, mask):
         """[B, L, *] -> [B*S, T, *] groups (sequence, or causal segments of segment_len)."""
@@ -237,14 +247,14 @@ class MEO(nn.Module):
 
     def forward(self, x, mask, memory=None, memory_mask=None):
         batch, length = x.shape[:2]
-        if self.token_block is not None:
-            x = x + self.token_block(x)
         u, gmask, segments = self._groups(x, mask)
         top_k = self.moe["top_k"]
         source = self._source(memory, memory_mask, segments) if memory is not None else None
 
         def run(name, inp):
             lin = self.linears[name]
+            if lin.token_block is not None:
+                inp = lin.token_block(inp)
             return lin(inp, lin.gates(self._summary(name, inp, gmask, segments), top_k, source))
 
         if "fc1" in self.linears:
