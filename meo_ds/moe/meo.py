@@ -27,13 +27,19 @@ Choices (documented here once):
   d_model-wide, and because a target shorter than segment_len (most translations) otherwise
   routes on the learned default alone; the source term routes every segment, the first included,
   by its sentence. The memory is fixed during decoding, so the cached path computes the same.
-- Gate weights are zero-initialised (paper). Then all logits tie at step 0: with noisy_gating the
-  noise breaks the tie per group; without it every group takes the same k experts (torch.topk's
-  tie order, which is unspecified) with g = 1/k, and other experts enter only once a chosen
-  logit is pushed below 0 by training. Use noisy_gating=True (the paper's gate) for training.
-- Aux loss: per linear cv2(importance) + cv2(load) over the groups that hold a real token
-  (importance = sum of gates per expert, load = number of selections; the count carries no
-  gradient), *averaged* over the layer's linears, times cfg.aux_loss_coef (paper: 0.01).
+- Gate (default = the paper's reference code): noisy top-k in training, logits + N(0, 1) * std
+  with std = softplus(s W_noise) + cfg.meo_noise_floor (0.01), s the gate input; softmax over the
+  k chosen logits. Gate and noise weights are zero-initialised (paper), so all clean logits tie
+  at step 0 and the noise (std 0.70) breaks the tie per group. Options: noisy_gating=False (no
+  noise: every group then takes the same k experts, torch.topk's unspecified tie order, until
+  training moves a logit), meo_noise_floor=0 (Shazeer's std without the floor).
+- Aux loss: per linear cv2(importance) + cv2(load) over the groups that hold a real token,
+  importance = sum of gates per expert. load (meo_load="smooth", the paper's): the sum over groups
+  of P(expert in the top k), Shazeer 2017's Normal-CDF estimate with the other experts' noise
+  fixed (`prob_in_top_k`), differentiable so W_noise learns; without noise (eval, or k = E) it
+  is the selection count. meo_load="count": always the count (no gradient, so W_noise gets only
+  the gates' gradient). Summed over the layer's linears (meo_aux_reduce="sum", the paper's;
+  "mean" averages), times cfg.aux_loss_coef (paper: 0.01).
 - Stats: expert_load is token-weighted (each real token counts once for each of its group's k
   experts), averaged over the linears, so it sums to k * num_tokens like the top-k layers'.
 - Merging is a dense [N, E] x [E, d_out*d_in] GEMM (2 E d_in d_out per group; the paper counts
@@ -55,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MoEConfig, MoEConfigError
-from .routing import cv_squared, noisy_logits
+from .routing import cv_squared
 from .types import MoEOutput, RoutingStats
 
 # Upper bound on one chunk of merged weights W^ materialised at a time by the recomputing path.
@@ -206,6 +212,22 @@ def meo_flops_per_sequence(d_in: int, d_out: int, seq_len: int, k: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# gate
+
+
+def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, k: int) -> torch.Tensor:
+    """P(expert e is among the k largest noisy logits) with the other experts' noise fixed [N, E].
+
+    Shazeer et al. 2017: e is in the top k iff clean_e + std_e z beats the k-th largest noisy
+    logit of the *other* experts: the (k+1)-th largest overall if e is in the top k now, else
+    the k-th. So P = Phi((clean_e - that threshold) / std_e). Needs k < E.
+    """
+    top = noisy.topk(k + 1, dim=-1).values
+    threshold = torch.where(noisy > top[:, k : k + 1], top[:, k : k + 1], top[:, k - 1 : k])
+    return torch.special.ndtr((clean - threshold) / noise_std)
+
+
+# ----------------------------------------------------------------------------------------------
 # modules
 
 
@@ -243,12 +265,14 @@ class MEOLinear(nn.Module):
         default_summary: bool = False,
         source_dim: int = 0,
         token_width: int = 0,
+        noise_floor: float = 1e-2,
+        smooth_load: bool = True,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise MoEConfigError(f"MEOLinear: top_k={top_k} must be between 1 and num_experts={num_experts}")
         self.d_in, self.d_out, self.num_experts, self.top_k = d_in, d_out, num_experts, top_k
-        self.recompute = recompute
+        self.recompute, self.noise_floor, self.smooth_load = recompute, noise_floor, smooth_load
         bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init, independently per expert
         self.weight = nn.Parameter(torch.empty(num_experts, d_out, d_in).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(num_experts, d_out).uniform_(-bound, bound)) if bias else None
@@ -260,24 +284,33 @@ class MEOLinear(nn.Module):
         self.source_gate = nn.Parameter(torch.zeros(num_experts, source_dim)) if source_dim else None
         self.token_block = TokenBlock(d_in, token_width) if token_width else None
 
-    def route(self, summary: torch.Tensor, source: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """summary [N, d_in] (and source [N, source_dim]) -> (dense fp32 gates [N, E], chosen ids [N, k]).
+    def route(
+        self, summary: torch.Tensor, source: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """summary [N, d_in] (and source [N, source_dim]) -> (dense fp32 gates [N, E], chosen ids
+        [N, k], load [N, E]: each group's share of the balance loss's load, see the Choices).
 
         Noisy top-k (noise in training only), softmax over the k chosen logits. Computed in fp32
         (in fp64 for a fp64 layer).
         """
         dtype = _gate_dtype(self.gate_weight.dtype)
         summary = summary.to(dtype)
-        logits = summary @ self.gate_weight.to(dtype).t()
+        clean = summary @ self.gate_weight.to(dtype).t()
         if self.source_gate is not None:
             if source is None:
                 raise ValueError("MEOLinear: this gate reads the source sentence; pass its summary (source=...)")
-            logits = logits + source.to(dtype) @ self.source_gate.to(dtype).t()
-        if self.noise_weight is not None:
-            logits = noisy_logits(logits, summary, self.noise_weight.to(dtype), self.training).to(dtype)
+            clean = clean + source.to(dtype) @ self.source_gate.to(dtype).t()
+        logits, noise_std = clean, None
+        if self.noise_weight is not None and self.training:
+            noise_std = F.softplus(summary @ self.noise_weight.to(dtype).t()) + self.noise_floor
+            logits = clean + torch.randn_like(clean) * noise_std
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_logits, dim=-1))
-        return gates, top_idx
+        if noise_std is not None and self.smooth_load and self.top_k < self.num_experts:
+            load = prob_in_top_k(clean, logits, noise_std, self.top_k)
+        else:
+            load = torch.zeros_like(logits).scatter(-1, top_idx, 1.0)
+        return gates, top_idx, load
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, T, d_in] with per-group gates [N, E] -> [N, T, d_out]."""
@@ -410,7 +443,8 @@ class MEOLayer(nn.Module):
         def linear(d_in: int, d_out: int) -> MEOLinear:
             token_width = max(1, d_in // cfg.token_bottleneck_ratio) if cfg.meo_level == "token" else 0
             return MEOLinear(
-                d_in, d_out, cfg.num_experts, cfg.top_k, bias=use_bias, noisy_gating=cfg.noisy_gating,
+                d_in, d_out, cfg.num_experts, cfg.top_k, bias=use_bias, noisy_gating=cfg.noisy(),
+                noise_floor=cfg.meo_noise_floor, smooth_load=cfg.meo_load == "smooth",
                 recompute=cfg.recompute_merged, default_summary=causal, source_dim=d_model if cross else 0,
                 token_width=token_width,
             )
@@ -563,8 +597,8 @@ class MEOLayer(nn.Module):
         def run(name: str, inp: torch.Tensor) -> torch.Tensor:
             if self.linears[name].token_block is not None:
                 inp = self.linears[name].token_block(inp)
-            gates, top_idx = self.linears[name].route(self._summaries(name, inp, groups, state), source)
-            gate_log.append((gates, top_idx))
+            gates, top_idx, load = self.linears[name].route(self._summaries(name, inp, groups, state), source)
+            gate_log.append((gates, top_idx, load))
             return self.linears[name](inp, gates)
 
         if self.cfg.activation == "gelu":
@@ -584,14 +618,14 @@ class MEOLayer(nn.Module):
         real = groups.tokens > 0
         tokens = groups.tokens.float()
         losses, loads, group_loads = [], [], []
-        for gates, top_idx in gate_log:
+        for gates, top_idx, load_estimate in gate_log:
             selected = torch.zeros_like(gates).scatter(-1, top_idx, 1.0)
             importance = gates[real].sum(dim=0)
             load = selected[real].sum(dim=0)
-            losses.append(cv_squared(importance) + cv_squared(load))
+            losses.append(cv_squared(importance) + cv_squared(load_estimate[real].sum(dim=0)))
             loads.append((selected * tokens.unsqueeze(-1)).sum(dim=0))
             group_loads.append(load)
-        balance = torch.stack(losses).mean()
+        balance = torch.stack(losses).sum() if self.cfg.meo_aux_reduce == "sum" else torch.stack(losses).mean()
         num_tokens = int(groups.tokens.sum())
         hist = torch.zeros(self.cfg.num_experts + 1)
         hist[self.cfg.top_k] = num_tokens

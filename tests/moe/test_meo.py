@@ -119,7 +119,7 @@ def test_recompute_does_not_keep_merged_weights():
 
 def _vanilla_token(lin: MEOLinear, v: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
     """Vanilla per-linear MoE on one token v (already through the linear's token block)."""
-    gates, _ = lin.route(summary.unsqueeze(0))
+    gates = lin.route(summary.unsqueeze(0))[0]
     out = torch.zeros(lin.d_out, dtype=v.dtype)
     for e in gates[0].nonzero().flatten().tolist():
         y = lin.weight[e] @ v + (lin.bias[e] if lin.bias is not None else 0)
@@ -390,11 +390,11 @@ def test_aux_loss_and_stats(monkeypatch):
         return v.var() / v.mean() ** 2
 
     by_hand = []
-    for gates, idx in routed:
+    for gates, idx, _ in routed:
         load = torch.zeros_like(gates).scatter(-1, idx, 1.0).sum(0)
         by_hand.append(cv2(gates.sum(0)) + cv2(load))
-    # Averaged over the layer's two linears, times the coefficient.
-    expected = layer.cfg.aux_loss_coef * (by_hand[0] + by_hand[1]) / 2
+    # Summed over the layer's two linears (the paper's), times the coefficient.
+    expected = layer.cfg.aux_loss_coef * (by_hand[0] + by_hand[1])
     assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert out.stats.balance_loss == pytest.approx(expected.item() / layer.cfg.aux_loss_coef, rel=1e-5)
     loads = out.stats.extra["group_load_per_linear"]
@@ -591,3 +591,54 @@ def test_remote_decoder_layer_matches_bit_for_bit(level):
     mask, memory_mask = torch.ones(2, 9, dtype=torch.bool), torch.arange(5) < torch.tensor([[5], [2]])
     with torch.no_grad():
         assert torch.equal(theirs(x, mask, memory, memory_mask), ours(x, mask, memory=memory, memory_mask=memory_mask).hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's gate: noisy top-k with a floor, smooth load, loss summed over the linears
+
+
+def test_default_meo_gate_is_the_papers():
+    cfg = MoEConfig(kind="meo")
+    assert cfg.noisy() and cfg.meo_noise_floor == 0.01 and cfg.meo_load == "smooth" and cfg.meo_aux_reduce == "sum"
+    assert not MoEConfig(kind="topk").noisy() and not MoEConfig(kind="xmoe").noisy()
+    layer = MEOLayer(cfg, 8, 16)
+    assert all(lin.noise_weight is not None for lin in layer.linears.values())
+    with pytest.raises(MoEConfigError, match="meo_load"):
+        MoEConfig(kind="meo", meo_load="hard").validate()
+
+
+def test_prob_in_top_k_is_the_chance_of_beating_the_kth_other_expert():
+    g = torch.Generator().manual_seed(30)
+    clean = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    std = torch.rand(7, 5, dtype=torch.float64, generator=g) + 0.1
+    noisy = clean + std * torch.randn(7, 5, dtype=torch.float64, generator=g)
+    got = meo.prob_in_top_k(clean, noisy, std, 2)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for n in range(7):
+        for e in range(5):
+            others = torch.cat([noisy[n, :e], noisy[n, e + 1 :]])
+            threshold = others.topk(2).values[-1]  # e enters the top 2 iff it beats this
+            want = normal.cdf((clean[n, e] - threshold) / std[n, e])
+            assert got[n, e].item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_smooth_load_trains_the_noise_weights_and_count_does_not():
+    def load_term(**kw):
+        torch.manual_seed(31)
+        lin = MEOLayer(MoEConfig(kind="meo", num_experts=8, top_k=2, **kw), 8, 16).train().linears["w1"]
+        load = lin.route(torch.randn(16, 8))[2]
+        return lin, load
+
+    lin, load = load_term()
+    meo.cv_squared(load.sum(dim=0)).backward()  # the load term of the balance loss alone
+    assert lin.noise_weight.grad.abs().sum() > 0 and lin.gate_weight.grad.abs().sum() > 0
+    _, count = load_term(meo_load="count")
+    assert not count.requires_grad and set(count.unique().tolist()) == {0.0, 1.0}
+
+
+def test_aux_loss_sum_and_mean_options():
+    x = torch.randn(5, 6, 6, dtype=torch.float64)
+    summed = make_layer("swiglu", experts=4, k=2)(x).aux_loss
+    layer = make_layer("swiglu", experts=4, k=2)
+    layer.cfg.meo_aux_reduce = "mean"
+    assert layer(x).aux_loss.item() == pytest.approx(summed.item() / 3, rel=1e-6)  # three linears (fp32 CV^2)
