@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from meo_ds.moe import MoEConfig, MoEOutput, build_moe_layer
+from meo_ds.moe.meo import MEOLayer
 
 Norm = Literal["rmsnorm", "layernorm"]
 Activation = Literal["swiglu", "gelu"]
@@ -165,7 +166,10 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
         self.is_moe = moe is not None
         if self.is_moe:
-            self.moe = build_moe_layer(moe, spec.d_model, spec.d_ff, causal=causal)
+            if moe.kind == "meo":  # decoder MEO gates also read the source sentence (meo.py)
+                self.moe = MEOLayer(moe, spec.d_model, spec.d_ff, causal=causal, cross=cross)
+            else:
+                self.moe = build_moe_layer(moe, spec.d_model, spec.d_ff, causal=causal)
         else:
             self.ffn = DenseFFN(spec.d_model, spec.d_ff, spec.activation, spec.bias)
         self.drop = nn.Dropout(spec.dropout)
@@ -173,7 +177,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
                 memory: Optional[torch.Tensor] = None,
-                memory_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[MoEOutput]]:
+                memory_mask: Optional[torch.Tensor] = None,
+                doc_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[MoEOutput]]:
+        """doc_ids [B, L]: document ids of packed rows (full forward), read by MEO's causal gates."""
         x = x + self.drop(self.attn(self.attn_norm(x), mask, positions, cache))
         if self.cross_attn is not None:
             x = x + self.drop(self.cross_attn(self.cross_norm(x), memory_mask, cache=cache, memory=memory))
@@ -181,7 +187,11 @@ class Block(nn.Module):
         if not self.is_moe:
             return x + self.drop(self.ffn(h)), None
         state = cache.setdefault("moe", {}) if cache is not None else None
-        out = self.moe(h, padding_mask, state)
+        if isinstance(self.moe, MEOLayer):
+            source_mask = None if memory is None else memory_mask.reshape(memory.shape[:2])
+            out = self.moe(h, padding_mask, state, doc_ids=doc_ids, memory=memory, memory_mask=source_mask)
+        else:
+            out = self.moe(h, padding_mask, state)
         return x + self.drop(out.hidden), out
 
     # ---------------------------------------------------------------- accounting

@@ -70,7 +70,8 @@ class MoELM(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         stats = []
         for i, block in enumerate(self.layers):
-            x, out = block(x, mask, padding_mask, position_ids, cache[i] if cache is not None else None)
+            x, out = block(x, mask, padding_mask, position_ids, cache[i] if cache is not None else None,
+                           doc_ids=segment_ids if cache is None else None)
             if out is not None:
                 aux = aux + out.aux_loss.float()
                 stats.append((f"layers.{i}.moe", out.stats))

@@ -14,6 +14,8 @@ MoEKind = Literal["topk", "xmoe", "meo"]
 DispatchMode = Literal["capacity", "dropless"]
 Activation = Literal["swiglu", "gelu"]
 MEOLevel = Literal["sequence", "token"]
+MEOLoad = Literal["smooth", "count"]
+MEOAuxReduce = Literal["sum", "mean"]
 
 
 class MoEConfigError(ValueError):
@@ -34,7 +36,9 @@ class MoEConfig:
     # --- top-k router ---
     top_k: int = 2
     renormalize: bool = True  # combine weights = top-k probabilities renormalised to sum 1
-    noisy_gating: bool = False  # Shazeer: logits + N(0,1) * softplus(x W_noise), training only
+    # Shazeer: logits + N(0,1) * noise std, training only. None: the family's default (on for MEO,
+    # the paper's gate; off for top-k and XMoE). See `noisy()`.
+    noisy_gating: Optional[bool] = None
     jitter: float = 0.0  # multiplicative input jitter eps: x * U(1-eps, 1+eps), training only
 
     # --- XMoE threshold router ---
@@ -56,10 +60,20 @@ class MoEConfig:
 
     # --- MEO ---
     meo_level: MEOLevel = "sequence"  # "token" adds the per-token bottleneck block
-    token_bottleneck_ratio: int = 64  # token block width = d_model // ratio
+    token_bottleneck_ratio: int = 64  # token block width = that linear's input width // ratio
     # Causal (decoder) routing: the gate of segment s reads the mean of segments < s.
     segment_len: int = 64
     recompute_merged: bool = True  # rebuild W^ in backward instead of storing it
+    # MEO gate (meo.py Choices). The paper's: noise std softplus(s W_noise) + meo_noise_floor, load
+    # = the smooth Normal-CDF estimate (so W_noise learns), CV^2 loss summed over the linears.
+    # The former gate: noisy_gating=False, meo_load="count", meo_aux_reduce="mean".
+    meo_noise_floor: float = 1e-2
+    meo_load: MEOLoad = "smooth"  # "count": number of selections per expert (no gradient)
+    meo_aux_reduce: MEOAuxReduce = "sum"  # over the layer's merged linears; "mean" averages
+
+    def noisy(self) -> bool:
+        """Whether the gate adds noise in training: noisy_gating, or the family default when None."""
+        return self.kind == "meo" if self.noisy_gating is None else bool(self.noisy_gating)
 
     def validate(self, world_size: Optional[int] = None) -> "MoEConfig":
         """Raise MoEConfigError naming the field and the fix; return self when valid."""
@@ -111,6 +125,14 @@ class MoEConfig:
             fail(f"meo_level={self.meo_level!r} is unknown; use 'sequence' or 'token'")
         if self.token_bottleneck_ratio < 1:
             fail(f"token_bottleneck_ratio={self.token_bottleneck_ratio} must be >= 1")
+        if self.noisy_gating not in (None, True, False):
+            fail(f"noisy_gating={self.noisy_gating!r} must be true, false or null (the family's default)")
+        if not self.meo_noise_floor >= 0:
+            fail(f"meo_noise_floor={self.meo_noise_floor} must be >= 0 (the paper uses 0.01)")
+        if self.meo_load not in ("smooth", "count"):
+            fail(f"meo_load={self.meo_load!r} is unknown; use 'smooth' (paper) or 'count'")
+        if self.meo_aux_reduce not in ("sum", "mean"):
+            fail(f"meo_aux_reduce={self.meo_aux_reduce!r} is unknown; use 'sum' (paper) or 'mean'")
         if self.segment_len < 1:
             fail(f"segment_len={self.segment_len} must be >= 1")
         return self

@@ -8,10 +8,20 @@ number of rows of each, and computes them in one grouped GEMM where that works (
 an accelerator whose torch._grouped_mm runs forward and backward, probed once per device: CUDA
 capability 9+) or else by a loop over the contiguous per-expert segments.
 `LocalExperts.reference_forward` is the plain masked per-expert loop the tests compare with.
+
+Initialisation is independent of the expert-parallel layout: expert g (global id) of a layer is
+initialised from its own generator, seeded by (layer seed, g), with nn.Linear's default rule
+(weights kaiming-uniform with a = sqrt(5), biases U(-1/sqrt(fan_in), 1/sqrt(fan_in))). The
+layer seed is one draw from the global RNG per layer, and building the experts consumes nothing
+else from it, so expert g and every other parameter start the same at ep 1, 2 or 4, and no two
+experts start equal. (The experts are built with the global CPU RNG state restored afterwards;
+build models on the CPU, as meo_ds does, for the dense weights' stream to be layout-free too.)
 """
 from __future__ import annotations
 
 from typing import Sequence
+
+import math
 
 import torch
 import torch.nn as nn
@@ -69,6 +79,25 @@ def _grouped_mm_works(device: torch.device) -> bool:
     return _GROUPED_MM_WORKS[device]
 
 
+def expert_seed(layer_seed: int, global_id: int) -> int:
+    """The generator seed of global expert `global_id` of the layer seeded `layer_seed`."""
+    return (layer_seed * 1_000_003 + global_id * 0x9E3779B97F4A7C15) % 2**63
+
+
+def init_expert(expert: nn.Module, seed: int) -> None:
+    """nn.Linear's default initialisation of every linear of `expert`, from a generator seeded `seed`."""
+    for lin in expert.modules():
+        if not isinstance(lin, nn.Linear):
+            continue
+        g = torch.Generator(device=lin.weight.device).manual_seed(seed)
+        seed += 1
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=g)
+            if lin.bias is not None:
+                bound = 1.0 / math.sqrt(lin.in_features)
+                lin.bias.uniform_(-bound, bound, generator=g)
+
+
 def _grouped_mm_usable(x: torch.Tensor, experts: Sequence[nn.Module]) -> bool:
     # The CPU always takes the loop: its torch._grouped_mm has a forward but no backward.
     from deepspeed.accelerator import get_accelerator
@@ -87,9 +116,14 @@ def _grouped_mm_usable(x: torch.Tensor, experts: Sequence[nn.Module]) -> bool:
 class LocalExperts(nn.Module):
     """The experts held by this rank; `deepspeed_experts[i]` is local expert i."""
 
-    def __init__(self, num_local: int, activation: str, d_model: int, d_hidden: int, grouped: bool = True):
+    def __init__(self, num_local: int, activation: str, d_model: int, d_hidden: int, grouped: bool = True,
+                 layer_seed: int = 0, first_global_id: int = 0):
+        """Local expert i is global expert first_global_id + i, initialised from (layer_seed, its id)."""
         super().__init__()
-        self.deepspeed_experts = nn.ModuleList(make_expert(activation, d_model, d_hidden) for _ in range(num_local))
+        with torch.random.fork_rng(devices=[]):  # building draws nothing from the global stream
+            self.deepspeed_experts = nn.ModuleList(make_expert(activation, d_model, d_hidden) for _ in range(num_local))
+        for i, expert in enumerate(self.deepspeed_experts):
+            init_expert(expert, expert_seed(layer_seed, first_global_id + i))
         self.grouped = grouped
 
     def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:

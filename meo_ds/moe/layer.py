@@ -63,7 +63,10 @@ class MoELayer(_DeepSpeedMoE):
         self.use_residual = False
         self.ep_group = None
         self.router = build_router(cfg, d_model)
-        experts = LocalExperts(self.num_local_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff)
+        experts = LocalExperts(
+            self.num_local_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff,
+            layer_seed=int(torch.randint(0, 2**62, ())), first_global_id=self._ep_rank() * self.num_local_experts,
+        )
         self.deepspeed_moe = ExpertHolder(experts)
         for p in experts.parameters():
             p.allreduce = False
@@ -72,6 +75,16 @@ class MoELayer(_DeepSpeedMoE):
             cfg.num_experts, cfg.ep_size, cfg.dispatch, cfg.top_k if cfg.kind == "topk" else 1,
             cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
         )
+
+    def _ep_rank(self) -> int:
+        """This rank's place in its expert-parallel group (DeepSpeed's groups are consecutive ranks).
+
+        Read at construction to initialise the right global experts; a layer built before
+        torch.distributed is initialised holds those of ep rank 0.
+        """
+        if self.ep_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return 0
+        return dist.get_rank() % self.ep_size
 
     @property
     def experts(self) -> LocalExperts:

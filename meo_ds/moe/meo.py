@@ -12,15 +12,34 @@ Choices (documented here once):
   its input's summary. A group with no real token (an all-padding sequence) has summary 0.
 - Causal mode (decoders): sequences are cut into segments of cfg.segment_len; the gate of segment
   s reads the mean of the real tokens of segments < s; when there are none (the first segment, or
-  only padding before it) it reads a learned default vector. With `state` (one dict per layer,
-  kept by the caller) incremental decoding computes exactly what the full forward computes.
-- Gate weights are zero-initialised (paper). Then all logits tie at step 0: with noisy_gating the
-  noise breaks the tie per group; without it every group takes the same k experts (torch.topk's
-  tie order, which is unspecified) with g = 1/k, and other experts enter only once a chosen
-  logit is pushed below 0 by training. Use noisy_gating=True (the paper's gate) for training.
-- Aux loss: per linear cv2(importance) + cv2(load) over the groups that hold a real token
-  (importance = sum of gates per expert, load = number of selections; the count carries no
-  gradient), *averaged* over the layer's linears, times cfg.aux_loss_coef (paper: 0.01).
+  only padding before it) it reads a learned default vector. The sums over earlier segments are
+  an exclusive prefix (a shifted cumsum), so segment s's gate reads no bit of a later token (not
+  even at rounding level, as cumsum - sums would). With `state` (one dict per layer, kept by the
+  caller) incremental decoding computes what the full forward computes.
+- Packed documents (doc_ids, e.g. the LM's segment_ids under reset_at_doc_boundaries): segments
+  restart at each document (a document's first token opens a new segment, its segment-th group
+  holds its positions [s*T, (s+1)*T)) and a gate reads the earlier segments of its own document
+  only, so a packed document is computed as it would be alone.
+- Translation decoders (layers built with cross=True): every linear's gate adds a source term,
+  logits = summary W_g^T + mean(memory) W_src^T, the masked mean of the encoder output (W_src
+  [E, d_model], zero-initialised, one per linear). We chose a gate term over using the source mean
+  as the first segment's default summary because fc2/w2's gate inputs are d_ff-wide, not
+  d_model-wide, and because a target shorter than segment_len (most translations) otherwise
+  routes on the learned default alone; the source term routes every segment, the first included,
+  by its sentence. The memory is fixed during decoding, so the cached path computes the same.
+- Gate (default = the paper's reference code): noisy top-k in training, logits + N(0, 1) * std
+  with std = softplus(s W_noise) + cfg.meo_noise_floor (0.01), s the gate input; softmax over the
+  k chosen logits. Gate and noise weights are zero-initialised (paper), so all clean logits tie
+  at step 0 and the noise (std 0.70) breaks the tie per group. Options: noisy_gating=False (no
+  noise: every group then takes the same k experts, torch.topk's unspecified tie order, until
+  training moves a logit), meo_noise_floor=0 (Shazeer's std without the floor).
+- Aux loss: per linear cv2(importance) + cv2(load) over the groups that hold a real token,
+  importance = sum of gates per expert. load (meo_load="smooth", the paper's): the sum over groups
+  of P(expert in the top k), Shazeer 2017's Normal-CDF estimate with the other experts' noise
+  fixed (`prob_in_top_k`), differentiable so W_noise learns; without noise (eval, or k = E) it
+  is the selection count. meo_load="count": always the count (no gradient, so W_noise gets only
+  the gates' gradient). Summed over the layer's linears (meo_aux_reduce="sum", the paper's;
+  "mean" averages), times cfg.aux_loss_coef (paper: 0.01).
 - Stats (device tensors, no host sync): expert_load is token-weighted (each real token counts once for each of its group's k
   experts), averaged over the linears, so it sums to k * num_tokens like the top-k layers'.
 - Merging is a dense [N, E] x [E, d_out*d_in] GEMM (2 E d_in d_out per group; the paper counts
@@ -42,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MoEConfig, MoEConfigError
-from .routing import cv_squared, noisy_logits
+from .routing import cv_squared
 from .types import MoEOutput, RoutingStats
 
 # Upper bound on one chunk of merged weights W^ materialised at a time by the recomputing path.
@@ -193,11 +212,46 @@ def meo_flops_per_sequence(d_in: int, d_out: int, seq_len: int, k: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# gate
+
+
+def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, k: int) -> torch.Tensor:
+    """P(expert e is among the k largest noisy logits) with the other experts' noise fixed [N, E].
+
+    Shazeer et al. 2017: e is in the top k iff clean_e + std_e z beats the k-th largest noisy
+    logit of the *other* experts: the (k+1)-th largest overall if e is in the top k now, else
+    the k-th. So P = Phi((clean_e - that threshold) / std_e). Needs k < E.
+    """
+    top = noisy.topk(k + 1, dim=-1).values
+    threshold = torch.where(noisy > top[:, k : k + 1], top[:, k : k + 1], top[:, k - 1 : k])
+    return torch.special.ndtr((clean - threshold) / noise_std)
+
+
+# ----------------------------------------------------------------------------------------------
 # modules
 
 
+class TokenBlock(nn.Module):
+    """Token-level MEO's per-token residual block u + W_up relu(W_down u + b_down) + b_up.
+
+    width = d_in // ratio (at least 1). As in the reference: W_down has nn.Linear's default
+    init, b_down, W_up and b_up are zero, so the block starts as the identity and still learns.
+    """
+
+    def __init__(self, d_in: int, width: int):
+        super().__init__()
+        self.down = nn.Linear(d_in, width)
+        self.up = nn.Linear(width, d_in)
+        for p in (self.down.bias, self.up.weight, self.up.bias):
+            nn.init.zeros_(p)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return u + self.up(F.relu(self.down(u)))
+
+
 class MEOLinear(nn.Module):
-    """E affine experts merged per group by their own noisy top-k gate (gate computed in fp32)."""
+    """E affine experts merged per group by their own noisy top-k gate (gate computed in fp32),
+    optionally behind a TokenBlock (token-level MEO) whose output the gate and the experts read."""
 
     def __init__(
         self,
@@ -209,12 +263,16 @@ class MEOLinear(nn.Module):
         noisy_gating: bool = False,
         recompute: bool = True,
         default_summary: bool = False,
+        source_dim: int = 0,
+        token_width: int = 0,
+        noise_floor: float = 1e-2,
+        smooth_load: bool = True,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise MoEConfigError(f"MEOLinear: top_k={top_k} must be between 1 and num_experts={num_experts}")
         self.d_in, self.d_out, self.num_experts, self.top_k = d_in, d_out, num_experts, top_k
-        self.recompute = recompute
+        self.recompute, self.noise_floor, self.smooth_load = recompute, noise_floor, smooth_load
         bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init, independently per expert
         self.weight = nn.Parameter(torch.empty(num_experts, d_out, d_in).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(num_experts, d_out).uniform_(-bound, bound)) if bias else None
@@ -222,21 +280,37 @@ class MEOLinear(nn.Module):
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_in)) if noisy_gating else None
         # Learned gate input for a causal segment with no real token before it.
         self.default_summary = nn.Parameter(torch.zeros(d_in)) if default_summary else None
+        # Decoder layers with cross-attention: a gate term from the source sentence's summary.
+        self.source_gate = nn.Parameter(torch.zeros(num_experts, source_dim)) if source_dim else None
+        self.token_block = TokenBlock(d_in, token_width) if token_width else None
 
-    def route(self, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """summary [N, d_in] -> (dense fp32 gates [N, E], chosen expert ids [N, k]).
+    def route(
+        self, summary: torch.Tensor, source: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """summary [N, d_in] (and source [N, source_dim]) -> (dense fp32 gates [N, E], chosen ids
+        [N, k], load [N, E]: each group's share of the balance loss's load, see the Choices).
 
         Noisy top-k (noise in training only), softmax over the k chosen logits. Computed in fp32
         (in fp64 for a fp64 layer).
         """
         dtype = _gate_dtype(self.gate_weight.dtype)
         summary = summary.to(dtype)
-        logits = summary @ self.gate_weight.to(dtype).t()
-        if self.noise_weight is not None:
-            logits = noisy_logits(logits, summary, self.noise_weight.to(dtype), self.training).to(dtype)
+        clean = summary @ self.gate_weight.to(dtype).t()
+        if self.source_gate is not None:
+            if source is None:
+                raise ValueError("MEOLinear: this gate reads the source sentence; pass its summary (source=...)")
+            clean = clean + source.to(dtype) @ self.source_gate.to(dtype).t()
+        logits, noise_std = clean, None
+        if self.noise_weight is not None and self.training:
+            noise_std = F.softplus(summary @ self.noise_weight.to(dtype).t()) + self.noise_floor
+            logits = clean + torch.randn_like(clean) * noise_std
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_logits, dim=-1))
-        return gates, top_idx
+        if noise_std is not None and self.smooth_load and self.top_k < self.num_experts:
+            load = prob_in_top_k(clean, logits, noise_std, self.top_k)
+        else:
+            load = torch.zeros_like(logits).scatter(-1, top_idx, 1.0)
+        return gates, top_idx, load
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [N, T, d_in] with per-group gates [N, E] -> [N, T, d_out]."""
@@ -253,18 +327,35 @@ class MEOLinear(nn.Module):
         return f"d_in={self.d_in}, d_out={self.d_out}, experts={self.num_experts}, top_k={self.top_k}"
 
 
-class _Groups:
-    """Tokens [B, L] laid out as N groups of T tokens that share one gate.
+def _exclusive_cumsum(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """out[s] = sum of values[:s] along dim (0 for s = 0). Element s reads values[:s] only, so it
+    is bit for bit independent of values[s:] (unlike cumsum - values, which rounds with them)."""
+    head = torch.zeros_like(values.narrow(dim, 0, 1))
+    return torch.cat([head, values.narrow(dim, 0, values.shape[dim] - 1).cumsum(dim)], dim=dim)
 
-    Sequence mode: N = B, T = L. Causal mode: the chunk starts at absolute position `start`;
-    it is padded in front to a segment boundary and at the back to whole segments, N = B * S,
-    T = segment_len (padded slots are masked out).
+
+class _Groups:
+    """Tokens [B, L] laid out as N = B * G groups of T slots that share one gate (row-major).
+
+    Sequence mode: G = 1, T = L. Causal mode: groups are segments of T = segment_len positions; the
+    chunk starts at absolute position `start`, padded in front to a segment boundary and at the
+    back to whole segments. With doc_ids (packed documents, full forward only) segments restart
+    at every document: the token at position p of its document takes slot p % T of that
+    document's (p // T)-th group, a row holds its documents' groups one after another, and G is
+    the most groups of any row (one host sync). Unused slots are masked out.
     """
 
-    def __init__(self, mask: torch.Tensor, causal: bool, segment_len: int, start: int, all_real: bool = False):
+    def __init__(self, mask: torch.Tensor, causal: bool, segment_len: int, start: int,
+                 doc_ids: Optional[torch.Tensor] = None, all_real: bool = False):
         self.batch, self.length = mask.shape
         self.causal = causal
-        if causal:
+        self.front = self.back = 0
+        self.index = None  # [B, L] slot of each token in the [B, G*T] layout (None: contiguous)
+        self.doc_slot = None  # [B, G] place of each group in the per-document layout (None: one document)
+        self.ends_on_boundary = False
+        if not causal:
+            self.num_segments, self.group_len = 1, self.length
+        elif doc_ids is None:
             self.front = start % segment_len
             total = self.front + self.length
             self.num_segments = -(-total // segment_len)
@@ -273,23 +364,60 @@ class _Groups:
             # The last segment is complete: its sums move from "current" to "done" in the state.
             self.ends_on_boundary = (start + self.length) % segment_len == 0
         else:
-            self.front = self.back = 0
-            self.num_segments = 1
-            self.group_len = self.length
+            self._document_layout(doc_ids, segment_len)
         self.mask = self.to_groups(mask.unsqueeze(-1)).squeeze(-1)  # [N, T] bool
         self.tokens = self.mask.sum(dim=1)  # [N] real tokens per group
         # No padding slot (known without reading the mask: no padding mask and no segment padding):
         # the masks can be skipped. Otherwise they are applied, even where they keep everything.
-        self.all_real = all_real and not (self.front or self.back)
+        self.all_real = all_real and self.index is None and not (self.front or self.back)
+
+    def _document_layout(self, doc_ids: torch.Tensor, segment_len: int) -> None:
+        batch, length = doc_ids.shape
+        pos = torch.arange(length, device=doc_ids.device).expand(batch, length)
+        new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        in_doc = pos - torch.where(new_doc, pos, 0).cummax(dim=1).values  # position within the document
+        group = (new_doc | (in_doc % segment_len == 0)).long().cumsum(1) - 1  # group within the row
+        doc = new_doc.long().cumsum(1) - 1  # document within the row
+        seg_in_doc = in_doc // segment_len
+        sizes = torch.stack([group[:, -1].max(), doc[:, -1].max(), seg_in_doc.max()]) + 1
+        self.num_segments, num_docs, self.segs_per_doc = (int(v) for v in sizes.tolist())
+        self.num_docs, self.group_len = num_docs, segment_len
+        self.index = group * segment_len + in_doc % segment_len
+        # Groups no token fills (short rows) go to one spare slot after the documents' groups.
+        spare = num_docs * self.segs_per_doc
+        self.doc_slot = torch.full((batch, self.num_segments), spare, dtype=torch.long, device=doc_ids.device)
+        self.doc_slot.scatter_(1, group, doc * self.segs_per_doc + seg_in_doc)
 
     def to_groups(self, u: torch.Tensor) -> torch.Tensor:
-        if self.front or self.back:
+        if self.index is not None:
+            index = self.index.unsqueeze(-1).expand(-1, -1, u.shape[-1])
+            u = u.new_zeros(self.batch, self.num_segments * self.group_len, u.shape[-1]).scatter(1, index, u)
+        elif self.front or self.back:
             u = F.pad(u, (0, 0, self.front, self.back))
         return u.reshape(self.batch * self.num_segments, self.group_len, u.shape[-1])
 
     def from_groups(self, y: torch.Tensor) -> torch.Tensor:
         y = y.reshape(self.batch, self.num_segments * self.group_len, y.shape[-1])
+        if self.index is not None:
+            return y.gather(1, self.index.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
         return y[:, self.front : self.front + self.length]
+
+    def sum_before(self, values: torch.Tensor) -> torch.Tensor:
+        """values [B, G, ...] per group -> the sum over the earlier groups of the same document.
+
+        Exact: group s's result reads the values of groups before it only (see _exclusive_cumsum).
+        """
+        if self.doc_slot is None:
+            return _exclusive_cumsum(values, dim=1)
+        rest = values.shape[2:]
+        slot = self.doc_slot.view(*self.doc_slot.shape, *([1] * len(rest))).expand_as(values)
+        spare = self.num_docs * self.segs_per_doc
+        per_doc = values.new_zeros(self.batch, spare + 1, *rest).scatter(1, slot, values)
+        per_doc = per_doc[:, :spare].reshape(self.batch, self.num_docs, self.segs_per_doc, *rest)
+        before = _exclusive_cumsum(per_doc, dim=2).reshape(self.batch, spare, *rest)
+        before = torch.cat([before, torch.zeros_like(before[:, :1])], dim=1)
+        return before.gather(1, slot)
 
 
 class MEOLayer(nn.Module):
@@ -297,24 +425,30 @@ class MEOLayer(nn.Module):
 
     gelu:   y = fc2(gelu(fc1 x)), with biases (the paper's BERT FFN).
     swiglu: y = w2(silu(w1 x) * w3 x), without biases (like our top-k experts).
-    meo_level="token" first applies x <- x + W_up relu(W_down x) per token (W_up zero-initialised).
+    meo_level="token" puts a TokenBlock (width d_in // token_bottleneck_ratio) in front of each
+    linear, fc2/w2 included (their d_ff-wide input), as the reference does.
     """
 
-    def __init__(self, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False):
+    def __init__(self, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False, cross: bool = False):
         super().__init__()
         cfg.validate()
+        if cross and not causal:
+            raise MoEConfigError("MEOLayer: cross=True (gates read the source) is for causal decoder layers")
         if cfg.kind != "meo":
             raise MoEConfigError(f"MEOLayer needs MoEConfig.kind='meo', got kind={cfg.kind!r}")
         if d_model < 1 or d_ff < 1:
             raise MoEConfigError(f"MEOLayer: d_model={d_model} and d_ff={d_ff} must be >= 1")
-        self.cfg, self.d_model, self.causal = cfg, d_model, causal
+        self.cfg, self.d_model, self.causal, self.cross = cfg, d_model, causal, cross
         self.hidden = cfg.expert_hidden or d_ff
         use_bias = cfg.activation == "gelu"
 
         def linear(d_in: int, d_out: int) -> MEOLinear:
+            token_width = max(1, d_in // cfg.token_bottleneck_ratio) if cfg.meo_level == "token" else 0
             return MEOLinear(
-                d_in, d_out, cfg.num_experts, cfg.top_k, bias=use_bias, noisy_gating=cfg.noisy_gating,
-                recompute=cfg.recompute_merged, default_summary=causal,
+                d_in, d_out, cfg.num_experts, cfg.top_k, bias=use_bias, noisy_gating=cfg.noisy(),
+                noise_floor=cfg.meo_noise_floor, smooth_load=cfg.meo_load == "smooth",
+                recompute=cfg.recompute_merged, default_summary=causal, source_dim=d_model if cross else 0,
+                token_width=token_width,
             )
 
         if cfg.activation == "gelu":
@@ -323,16 +457,12 @@ class MEOLayer(nn.Module):
             self.linears = nn.ModuleDict(
                 {"w1": linear(d_model, self.hidden), "w3": linear(d_model, self.hidden), "w2": linear(self.hidden, d_model)}
             )
-        self.token_block = None
-        if cfg.meo_level == "token":
-            width = max(1, d_model // cfg.token_bottleneck_ratio)
-            self.token_block = nn.Sequential(nn.Linear(d_model, width), nn.ReLU(), nn.Linear(width, d_model))
-            nn.init.zeros_(self.token_block[2].weight)
-            nn.init.zeros_(self.token_block[2].bias)
 
     # --- input checks -------------------------------------------------------------------------
 
-    def _check(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], state: Optional[dict]) -> None:
+    def _check(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], state: Optional[dict],
+               doc_ids: Optional[torch.Tensor], memory: Optional[torch.Tensor],
+               memory_mask: Optional[torch.Tensor]) -> None:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MEOLayer: x must be [batch, seq, {self.d_model}], got shape {tuple(x.shape)}")
         if x.shape[0] == 0 or x.shape[1] == 0:
@@ -355,6 +485,29 @@ class MEOLayer(nn.Module):
                 "MEOLayer: incremental decoding (state) needs causal=True; the sequence-level gate "
                 "reads the whole sequence, which a decoder does not have yet"
             )
+        if doc_ids is not None:
+            if not self.causal or state is not None:
+                raise ValueError(
+                    "MEOLayer: doc_ids (packed documents) apply to the causal full forward only; drop them "
+                    "for a bidirectional layer or for incremental decoding (one document per row)"
+                )
+            if doc_ids.shape != x.shape[:2] or doc_ids.dtype.is_floating_point or doc_ids.device != x.device:
+                raise ValueError(
+                    f"MEOLayer: doc_ids must be an integer tensor of shape {tuple(x.shape[:2])} on {x.device}, "
+                    f"got {doc_ids.dtype} {tuple(doc_ids.shape)} on {doc_ids.device}"
+                )
+        if self.cross:
+            if memory is None or memory.dim() != 3 or memory.shape[0] != x.shape[0] or memory.shape[-1] != self.d_model:
+                raise ValueError(
+                    f"MEOLayer: this decoder layer's gates read the source: pass memory (the encoder output, "
+                    f"[{x.shape[0]}, source_len, {self.d_model}]), got "
+                    f"{None if memory is None else tuple(memory.shape)}"
+                )
+            if memory_mask is not None and (memory_mask.shape != memory.shape[:2] or memory_mask.dtype != torch.bool):
+                raise ValueError(
+                    f"MEOLayer: memory_mask must be a bool tensor of shape {tuple(memory.shape[:2])} "
+                    f"(True = real source token), got {memory_mask.dtype} {tuple(memory_mask.shape)}"
+                )
 
     # --- gating -------------------------------------------------------------------------------
 
@@ -369,18 +522,20 @@ class MEOLayer(nn.Module):
             return sums / counts.clamp_min(1.0).unsqueeze(-1)  # all-padding sequence -> 0
         batch, segs = groups.batch, groups.num_segments
         sums, counts = sums.view(batch, segs, -1), counts.view(batch, segs)
-        prior = self._prior(name, state, batch, u.shape[-1], u.device, dtype)
-        # The chunk's first segment continues the partial segment left by the previous call.
-        sums = torch.cat([sums[:, :1] + prior["cur_sum"].unsqueeze(1), sums[:, 1:]], dim=1)
-        counts = torch.cat([counts[:, :1] + prior["cur_cnt"].unsqueeze(1), counts[:, 1:]], dim=1)
-        before_sum = prior["done_sum"].unsqueeze(1) + sums.cumsum(1) - sums  # segments < s
-        before_cnt = prior["done_cnt"].unsqueeze(1) + counts.cumsum(1) - counts
+        if state is not None:
+            prior = self._prior(name, state, batch, u.shape[-1], u.device, dtype)
+            # The chunk's first segment continues the partial segment left by the previous call.
+            sums = torch.cat([sums[:, :1] + prior["cur_sum"].unsqueeze(1), sums[:, 1:]], dim=1)
+            counts = torch.cat([counts[:, :1] + prior["cur_cnt"].unsqueeze(1), counts[:, 1:]], dim=1)
+        before_sum, before_cnt = groups.sum_before(sums), groups.sum_before(counts)  # segments < s
+        if state is not None:
+            before_sum = prior["done_sum"].unsqueeze(1) + before_sum
+            before_cnt = prior["done_cnt"].unsqueeze(1) + before_cnt
+            self._update_state(state, name, sums, before_sum, before_cnt, counts, groups.ends_on_boundary)
         default = self.linears[name].default_summary.to(dtype)
         summary = torch.where(
             (before_cnt > 0).unsqueeze(-1), before_sum / before_cnt.clamp_min(1.0).unsqueeze(-1), default
         )
-        if state is not None:
-            self._update_prior(state, name, sums, counts, groups.ends_on_boundary)
         return summary.reshape(batch * segs, -1)
 
     @staticmethod
@@ -397,39 +552,55 @@ class MEOLayer(nn.Module):
         return {"done_sum": zeros, "done_cnt": zeros.new_zeros(batch), "cur_sum": zeros, "cur_cnt": zeros.new_zeros(batch)}
 
     @staticmethod
-    def _update_prior(state: dict, name: str, sums, counts, ends_on_boundary: bool) -> None:
-        prior = MEOLayer._prior(name, state, sums.shape[0], sums.shape[-1], sums.device, sums.dtype)
-        total_sum, total_cnt = sums.sum(1).detach(), counts.sum(1).detach()
+    def _update_state(state: dict, name: str, sums, before_sum, before_cnt, counts, ends_on_boundary: bool) -> None:
+        """After a chunk: "done" = the completed segments, "cur" = the open last segment."""
+        done_sum, done_cnt = before_sum[:, -1].detach(), before_cnt[:, -1].detach()
+        cur_sum, cur_cnt = sums[:, -1].detach(), counts[:, -1].detach()
         if ends_on_boundary:
-            cur_sum, cur_cnt = torch.zeros_like(total_sum), torch.zeros_like(total_cnt)
-        else:
-            cur_sum, cur_cnt = sums[:, -1].detach(), counts[:, -1].detach()
+            done_sum, done_cnt = done_sum + cur_sum, done_cnt + cur_cnt
+            cur_sum, cur_cnt = torch.zeros_like(cur_sum), torch.zeros_like(cur_cnt)
         state.setdefault("sums", {})[name] = {
-            "done_sum": prior["done_sum"] + total_sum - cur_sum,
-            "done_cnt": prior["done_cnt"] + total_cnt - cur_cnt,
-            "cur_sum": cur_sum,
-            "cur_cnt": cur_cnt,
+            "done_sum": done_sum, "done_cnt": done_cnt, "cur_sum": cur_sum, "cur_cnt": cur_cnt,
         }
 
     # --- forward ------------------------------------------------------------------------------
 
+    def _source_summary(self, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], groups: _Groups):
+        """Masked mean of the encoder output per sentence, repeated for each of its groups [N, d]."""
+        dtype = _gate_dtype(memory.dtype)
+        if memory_mask is not None:
+            memory = torch.where(memory_mask.unsqueeze(-1), memory, torch.zeros((), dtype=memory.dtype, device=memory.device))
+            count = memory_mask.sum(dim=1).to(dtype).clamp_min(1.0)
+        else:
+            count = torch.full((memory.shape[0],), float(memory.shape[1]), dtype=dtype, device=memory.device)
+        mean = memory.to(dtype).sum(dim=1) / count.unsqueeze(-1)
+        return mean.repeat_interleave(groups.num_segments, dim=0)
+
     def forward(
-        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, state: Optional[dict] = None
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, state: Optional[dict] = None,
+        doc_ids: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
+        memory_mask: Optional[torch.Tensor] = None,
     ) -> MoEOutput:
-        """x [B, L, d] -> MoEOutput. `state`: one dict per layer for incremental decoding (causal only)."""
-        self._check(x, padding_mask, state)
+        """x [B, L, d] -> MoEOutput. `state`: one dict per layer for incremental decoding (causal only).
+
+        doc_ids [B, L] (causal, full forward): document ids of packed rows; segments and gate
+        summaries restart at each document. memory [B, S, d] and memory_mask [B, S] (layers built
+        with cross=True): the encoder output, whose masked mean every gate also reads.
+        """
+        self._check(x, padding_mask, state, doc_ids, memory, memory_mask)
         mask = padding_mask if padding_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         in_dtype = x.dtype
         start = int(state.get("pos", 0)) if state is not None else 0
-        groups = _Groups(mask, self.causal, self.cfg.segment_len, start, all_real=padding_mask is None)
-        if self.token_block is not None:
-            x = x + self.token_block(x)
+        groups = _Groups(mask, self.causal, self.cfg.segment_len, start, doc_ids, all_real=padding_mask is None)
+        source = self._source_summary(memory, memory_mask, groups) if self.cross else None
         u = groups.to_groups(x)
         gate_log = []
 
         def run(name: str, inp: torch.Tensor) -> torch.Tensor:
-            gates, top_idx = self.linears[name].route(self._summaries(name, inp, groups, state))
-            gate_log.append((gates, top_idx))
+            if self.linears[name].token_block is not None:
+                inp = self.linears[name].token_block(inp)
+            gates, top_idx, load = self.linears[name].route(self._summaries(name, inp, groups, state), source)
+            gate_log.append((gates, top_idx, load))
             return self.linears[name](inp, gates)
 
         if self.cfg.activation == "gelu":
@@ -449,13 +620,13 @@ class MEOLayer(nn.Module):
         real = (groups.tokens > 0).unsqueeze(-1)  # [N, 1] groups holding a real token
         tokens = groups.tokens.unsqueeze(-1)
         losses, loads, group_loads = [], [], []
-        for gates, top_idx in gate_log:
+        for gates, top_idx, load_estimate in gate_log:
             selected = torch.zeros_like(gates).scatter(-1, top_idx, 1.0)
             load = (selected * real).sum(dim=0)
-            losses.append(cv_squared((gates * real).sum(dim=0)) + cv_squared(load))
+            losses.append(cv_squared((gates * real).sum(dim=0)) + cv_squared((load_estimate * real).sum(dim=0)))
             loads.append((selected * tokens).sum(dim=0))
             group_loads.append(load)
-        balance = torch.stack(losses).mean()
+        balance = torch.stack(losses).sum() if self.cfg.meo_aux_reduce == "sum" else torch.stack(losses).mean()
         with torch.no_grad():
             num_tokens = groups.tokens.sum()
             k = self.cfg.top_k
@@ -491,6 +662,6 @@ class MEOLayer(nn.Module):
         for lin in self.linears.values():
             total += 2 * seq_len * lin.d_in * lin.d_out  # one merged matmul per token
             total += groups * (2 * merged * lin.d_in * lin.d_out + 2 * lin.d_in * lin.num_experts)  # merge + gate
-        if self.token_block is not None:
-            total += seq_len * 4 * self.d_model * self.token_block[0].out_features
+            if lin.token_block is not None:
+                total += seq_len * 4 * lin.d_in * lin.token_block.down.out_features
         return total / seq_len

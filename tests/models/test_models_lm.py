@@ -84,3 +84,22 @@ def test_bad_input():
         m(torch.full((1, 4), 32))
     with pytest.raises(ValueError, match="non-empty"):
         m(torch.zeros(0, 4, dtype=torch.long))
+
+
+def test_meo_packed_documents_restart_their_gates():
+    """reset_at_doc_boundaries: a packed document (segment_ids, position_ids) computes what it
+    computes alone, MEO's causal gate summaries included."""
+    cfg = tiny("meo")
+    cfg.moe.segment_len = 3
+    torch.manual_seed(0)
+    m = build_model(cfg).double().eval()
+    for name, p in m.named_parameters():
+        if name.endswith(("gate_weight", "default_summary")):
+            torch.nn.init.normal_(p, std=1.0)
+    ids = torch.randint(0, 32, (1, 12))
+    segment_ids = torch.tensor([[0] * 5 + [1] * 7])
+    position_ids = torch.tensor([list(range(5)) + list(range(7))])
+    with torch.no_grad():
+        packed = m(ids, segment_ids=segment_ids, position_ids=position_ids).logits
+        alone = m(ids[:, 5:]).logits
+    torch.testing.assert_close(packed[:, 5:], alone, rtol=1e-10, atol=1e-10)

@@ -26,7 +26,7 @@ def model_of(kind, seed=0, **kw):
     m = build_model(tiny(kind, **kw)).eval()
     if kind == "meo":  # zero-initialised gates tie every expert; give the gates something to choose
         for name, p in m.named_parameters():
-            if name.endswith("gate_weight"):
+            if name.endswith(("gate_weight", "source_gate")):
                 torch.nn.init.normal_(p, std=1.0)
     return m
 
@@ -226,3 +226,27 @@ def test_bad_input_and_config():
         tiny("topk", decoder_moe_layers=[5]).validate()
     with pytest.raises(ValueError, match="beam_size"):
         translate(m, src, mask, bos_id=BOS, eos_id=EOS, beam_size=0)
+
+
+def test_decoder_meo_gates_read_the_source():
+    """A target shorter than segment_len is still routed by its source sentence (meo.py Choices)."""
+    m = model_of("meo")
+    assert [b.moe.cross for b in m.decoder.layers] == [True, True] and not any(b.moe.cross for b in m.encoder.layers)
+    gates = []
+    def recorder(route):
+        def record(summary, source=None):
+            out = route(summary, source)
+            gates.append(out[0])
+            return out
+        return record
+
+    for lin in m.decoder.layers[0].moe.linears.values():
+        lin.route = recorder(lin.route)
+    src, mask = sources()
+    dec = torch.randint(4, V, (3, 3))  # one segment: no earlier target token to route on
+    with torch.no_grad():
+        m(src, mask, dec)
+        first = torch.cat(gates)
+        gates.clear()
+        m(src.flip(0), mask.flip(0), dec)
+    assert not torch.equal(first, torch.cat(gates))

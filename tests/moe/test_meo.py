@@ -30,6 +30,13 @@ def make_layer(activation="gelu", causal=False, segment_len=3, level="sequence",
     return layer.eval()
 
 
+def randomise_token_blocks(layer: MEOLayer) -> None:
+    """Token blocks start as the identity (zero up-projection): make them matter."""
+    for lin in layer.linears.values():
+        for p in lin.token_block.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # merged linear == vanilla per-linear MoE
 
@@ -111,7 +118,8 @@ def test_recompute_does_not_keep_merged_weights():
 
 
 def _vanilla_token(lin: MEOLinear, v: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-    gates, _ = lin.route(summary.unsqueeze(0))
+    """Vanilla per-linear MoE on one token v (already through the linear's token block)."""
+    gates = lin.route(summary.unsqueeze(0))[0]
     out = torch.zeros(lin.d_out, dtype=v.dtype)
     for e in gates[0].nonzero().flatten().tolist():
         y = lin.weight[e] @ v + (lin.bias[e] if lin.bias is not None else 0)
@@ -124,6 +132,8 @@ def _naive_ffn(layer: MEOLayer, v: torch.Tensor, summary_of) -> torch.Tensor:
     lins = layer.linears
 
     def run(name, inp):
+        if lins[name].token_block is not None:  # token-level MEO: the gate and experts read its output
+            inp = inp + lins[name].token_block.up(F.relu(lins[name].token_block.down(inp)))
         return _vanilla_token(lins[name], inp, summary_of(name, inp))
 
     if layer.cfg.activation == "gelu":
@@ -132,8 +142,6 @@ def _naive_ffn(layer: MEOLayer, v: torch.Tensor, summary_of) -> torch.Tensor:
 
 
 def naive_layer(layer: MEOLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if layer.token_block is not None:
-        x = x + layer.token_block(x)
     out = torch.zeros_like(x)
     seg = layer.cfg.segment_len
     for b in range(x.shape[0]):
@@ -169,7 +177,7 @@ def naive_layer(layer: MEOLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.T
 @pytest.mark.parametrize("causal", [False, True])
 def test_layer_equals_naive_per_token_reference(activation, causal):
     layer = make_layer(activation, causal=causal, level="token")
-    torch.nn.init.normal_(layer.token_block[2].weight)  # make the token block non-trivial
+    randomise_token_blocks(layer)
     torch.manual_seed(5)
     x = torch.randn(3, 8, 6, dtype=torch.float64)
     mask = torch.ones(3, 8, dtype=torch.bool)
@@ -241,7 +249,7 @@ def _input_jacobian_rows(layer, x):
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_causal_segment_gating_has_no_future_dependence(activation):
     layer = make_layer(activation, causal=True, segment_len=3, level="token")
-    torch.nn.init.normal_(layer.token_block[2].weight)
+    randomise_token_blocks(layer)
     x = torch.randn(2, 10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     grads = _input_jacobian_rows(layer, x)
     for t, g in enumerate(grads):
@@ -349,16 +357,24 @@ def test_noise_breaks_the_zero_init_tie():
     assert (out.stats.extra["group_load_per_linear"] > 0).sum(dim=1).min() > 2
 
 
-def test_token_block_starts_as_identity():
-    seq_layer = make_layer("swiglu", level="sequence", dtype=torch.float32)
-    tok_layer = make_layer("swiglu", level="token", dtype=torch.float32)
+def test_token_block_in_front_of_every_linear_starts_as_identity():
+    """The reference's layout: a block of width d_in / ratio before each merged linear, fc2/w2's
+    d_ff-wide input included; W_up, b_up and b_down zero, W_down nn.Linear's default."""
+    seq_layer = make_layer("swiglu", level="sequence", dtype=torch.float32, d=8, hidden=12)
+    tok_layer = make_layer("swiglu", level="token", dtype=torch.float32, d=8, hidden=12)
+    widths = {name: lin.token_block.down.out_features for name, lin in tok_layer.linears.items()}
+    assert widths == {"w1": 4, "w3": 4, "w2": 6}  # d_in // ratio, ratio 2
+    for lin in tok_layer.linears.values():
+        block = lin.token_block
+        assert block.down.weight.abs().sum() > 0
+        assert all((p == 0).all() for p in (block.down.bias, block.up.weight, block.up.bias))
     tok_layer.load_state_dict(seq_layer.state_dict(), strict=False)
-    assert tok_layer.token_block[0].out_features == 3  # d // ratio = 6 // 2
-    x = torch.randn(2, 5, 6)
+    x = torch.randn(2, 5, 8)
     out = tok_layer(x)
     torch.testing.assert_close(out.hidden, seq_layer(x).hidden, rtol=0, atol=0)
     out.hidden.square().sum().backward()
-    assert tok_layer.token_block[2].weight.grad.abs().sum() > 0  # it can learn away from identity
+    for lin in tok_layer.linears.values():  # every block can learn away from identity
+        assert lin.token_block.up.weight.grad.abs().sum() > 0
 
 
 def test_aux_loss_and_stats(monkeypatch):
@@ -366,7 +382,7 @@ def test_aux_loss_and_stats(monkeypatch):
     routed = []
     for lin in layer.linears.values():
         route = lin.route
-        monkeypatch.setattr(lin, "route", lambda s, route=route: routed.append(route(s)) or routed[-1])
+        monkeypatch.setattr(lin, "route", lambda s, src=None, route=route: routed.append(route(s, src)) or routed[-1])
     x = torch.randn(5, 6, 6, dtype=torch.float64)
     out = layer(x)
 
@@ -374,11 +390,11 @@ def test_aux_loss_and_stats(monkeypatch):
         return v.var() / v.mean() ** 2
 
     by_hand = []
-    for gates, idx in routed:
+    for gates, idx, _ in routed:
         load = torch.zeros_like(gates).scatter(-1, idx, 1.0).sum(0)
         by_hand.append(cv2(gates.sum(0)) + cv2(load))
-    # Averaged over the layer's two linears, times the coefficient.
-    expected = layer.cfg.aux_loss_coef * (by_hand[0] + by_hand[1]) / 2
+    # Summed over the layer's two linears (the paper's), times the coefficient.
+    expected = layer.cfg.aux_loss_coef * (by_hand[0] + by_hand[1])
     assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert out.stats.balance_loss == pytest.approx(expected.item() / layer.cfg.aux_loss_coef, rel=1e-5)
     loads = out.stats.extra["group_load_per_linear"]
@@ -460,3 +476,169 @@ def test_bad_input_raises_clear_errors():
         merged_linear(torch.randn(2, 3, 5), torch.rand(2, 3), w)
     with pytest.raises(ValueError, match=r"bias must be \[4, 3\]"):
         merged_linear(torch.randn(2, 3, 5), torch.rand(2, 4), w, torch.randn(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# causal MEO: exact prefix, packed documents, decoders routed by the source
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_later_tokens_of_a_segment_leave_earlier_outputs_bit_identical(activation):
+    """Outputs up to position t read no bit of a later token, not even at rounding level: the gate
+    of segment s sums segments < s by an exclusive prefix (cumsum - sums rounded with segment s)."""
+    layer = make_layer(activation, causal=True, segment_len=4)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 16, 6, dtype=torch.float64, generator=g) * torch.logspace(-3, 3, 16, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        base = layer(x).hidden
+        for t in range(1, 16):
+            y = x.clone()
+            y[:, t:] = torch.randn(4, 16 - t, 6, dtype=torch.float64, generator=g) * 1e3
+            assert torch.equal(layer(y).hidden[:, :t], base[:, :t]), f"outputs before {t} moved"
+
+
+def _packed_rows():
+    """Two rows of packed documents (lengths 5+7 and 3+4+5) and each document alone."""
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 12, 6, dtype=torch.float64, generator=g)
+    docs = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 4 + [2] * 5])
+    spans = [(0, 0, 5), (0, 5, 12), (1, 0, 3), (1, 3, 7), (1, 7, 12)]
+    return x, docs, spans
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_packed_documents_are_routed_as_if_alone(activation):
+    layer = make_layer(activation, causal=True, segment_len=3)
+    x, docs, spans = _packed_rows()
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 11] = False  # a padded tail
+    with torch.no_grad():
+        packed = layer(x, mask, doc_ids=docs).hidden
+        for row, a, b in spans:
+            alone = layer(x[row : row + 1, a:b], mask[row : row + 1, a:b]).hidden[0]
+            torch.testing.assert_close(packed[row, a:b], alone, rtol=1e-13, atol=1e-13)
+        # Without doc_ids the later documents' gates read the earlier documents.
+        unaware = layer(x, mask).hidden
+    assert not torch.allclose(unaware[0, 5:], packed[0, 5:])
+
+
+def test_packed_documents_gradients_and_bad_doc_ids():
+    layer = make_layer("swiglu", causal=True, segment_len=3)
+    x, docs, _ = _packed_rows()
+    x = x.requires_grad_()
+    layer(x, doc_ids=docs).hidden[0, 5:].sum().backward()
+    assert (x.grad[0, :5] == 0).all() and x.grad[0, 5:].abs().sum() > 0  # doc 2 reads nothing of doc 1
+    with pytest.raises(ValueError, match="doc_ids must be an integer tensor"):
+        layer(x.detach(), doc_ids=docs[:, :5])
+    with pytest.raises(ValueError, match="incremental decoding"):
+        layer(x.detach(), doc_ids=docs, state={})
+
+
+def make_cross_layer(activation="swiglu", segment_len=4, dtype=torch.float64, level="sequence") -> MEOLayer:
+    layer = make_layer(activation, causal=True, segment_len=segment_len, dtype=dtype, level=level)
+    cross = MEOLayer(layer.cfg, 6, 10, causal=True, cross=True).to(dtype)
+    cross.load_state_dict(layer.state_dict(), strict=False)
+    if level == "token":
+        randomise_token_blocks(cross)
+    for lin in cross.linears.values():
+        torch.nn.init.normal_(lin.source_gate, std=1.0, generator=torch.Generator().manual_seed(23))
+    return cross.eval()
+
+
+def test_decoder_gates_read_the_source_even_for_short_targets():
+    layer = make_cross_layer(segment_len=8)
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(3, 5, 6, dtype=torch.float64, generator=g)  # shorter than one segment
+    memory = torch.randn(3, 7, 6, dtype=torch.float64, generator=g)
+    memory_mask = torch.arange(7) < torch.tensor([[7], [4], [2]])
+    with torch.no_grad():
+        out = layer(x, memory=memory, memory_mask=memory_mask).hidden
+        other = layer(x, memory=memory.flip(0), memory_mask=memory_mask.flip(0)).hidden
+        padded = memory.clone()
+        padded[~memory_mask] = 50.0
+        same = layer(x, memory=padded, memory_mask=memory_mask).hidden
+    assert not torch.allclose(out, other)  # another source sentence routes the target differently
+    torch.testing.assert_close(same, out, rtol=0, atol=0)  # padded source positions are ignored
+    with pytest.raises(ValueError, match="gates read the source"):
+        layer(x)
+
+
+def test_source_routed_incremental_decoding_equals_full_forward():
+    layer = make_cross_layer(segment_len=3)
+    g = torch.Generator().manual_seed(25)
+    x = torch.randn(2, 8, 6, dtype=torch.float64, generator=g)
+    memory = torch.randn(2, 5, 6, dtype=torch.float64, generator=g)
+    memory_mask = torch.arange(5) < torch.tensor([[5], [3]])
+    with torch.no_grad():
+        full = layer(x, memory=memory, memory_mask=memory_mask).hidden
+        state = {}
+        steps = [layer(x[:, t : t + 1], state=state, memory=memory, memory_mask=memory_mask).hidden for t in range(8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_remote_decoder_layer_matches_bit_for_bit(level):
+    """The exported layer (token blocks before every linear, source-read gates) is ours in fp32."""
+    from meo_ds.export.hf_remote import modeling_meo as remote
+    from meo_ds.export.hf_remote.configuration_meo import MeoConfig
+
+    ours = make_cross_layer(dtype=torch.float32, level=level)
+    hf_cfg = MeoConfig(hidden_size=6, intermediate_size=10, num_attention_heads=2, moe=dict(vars(ours.cfg)))
+    theirs = remote.MEO(hf_cfg, hf_cfg.moe, causal=True, cross=True)
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "noise_weight" not in k}, strict=True)
+    g = torch.Generator().manual_seed(26)
+    x, memory = torch.randn(2, 9, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    mask, memory_mask = torch.ones(2, 9, dtype=torch.bool), torch.arange(5) < torch.tensor([[5], [2]])
+    with torch.no_grad():
+        assert torch.equal(theirs(x, mask, memory, memory_mask), ours(x, mask, memory=memory, memory_mask=memory_mask).hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's gate: noisy top-k with a floor, smooth load, loss summed over the linears
+
+
+def test_default_meo_gate_is_the_papers():
+    cfg = MoEConfig(kind="meo")
+    assert cfg.noisy() and cfg.meo_noise_floor == 0.01 and cfg.meo_load == "smooth" and cfg.meo_aux_reduce == "sum"
+    assert not MoEConfig(kind="topk").noisy() and not MoEConfig(kind="xmoe").noisy()
+    layer = MEOLayer(cfg, 8, 16)
+    assert all(lin.noise_weight is not None for lin in layer.linears.values())
+    with pytest.raises(MoEConfigError, match="meo_load"):
+        MoEConfig(kind="meo", meo_load="hard").validate()
+
+
+def test_prob_in_top_k_is_the_chance_of_beating_the_kth_other_expert():
+    g = torch.Generator().manual_seed(30)
+    clean = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    std = torch.rand(7, 5, dtype=torch.float64, generator=g) + 0.1
+    noisy = clean + std * torch.randn(7, 5, dtype=torch.float64, generator=g)
+    got = meo.prob_in_top_k(clean, noisy, std, 2)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for n in range(7):
+        for e in range(5):
+            others = torch.cat([noisy[n, :e], noisy[n, e + 1 :]])
+            threshold = others.topk(2).values[-1]  # e enters the top 2 iff it beats this
+            want = normal.cdf((clean[n, e] - threshold) / std[n, e])
+            assert got[n, e].item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_smooth_load_trains_the_noise_weights_and_count_does_not():
+    def load_term(**kw):
+        torch.manual_seed(31)
+        lin = MEOLayer(MoEConfig(kind="meo", num_experts=8, top_k=2, **kw), 8, 16).train().linears["w1"]
+        load = lin.route(torch.randn(16, 8))[2]
+        return lin, load
+
+    lin, load = load_term()
+    meo.cv_squared(load.sum(dim=0)).backward()  # the load term of the balance loss alone
+    assert lin.noise_weight.grad.abs().sum() > 0 and lin.gate_weight.grad.abs().sum() > 0
+    _, count = load_term(meo_load="count")
+    assert not count.requires_grad and set(count.unique().tolist()) == {0.0, 1.0}
+
+
+def test_aux_loss_sum_and_mean_options():
+    x = torch.randn(5, 6, 6, dtype=torch.float64)
+    summed = make_layer("swiglu", experts=4, k=2)(x).aux_loss
+    layer = make_layer("swiglu", experts=4, k=2)
+    layer.cfg.meo_aux_reduce = "mean"
+    assert layer(x).aux_loss.item() == pytest.approx(summed.item() / 3, rel=1e-6)  # three linears (fp32 CV^2)

@@ -160,16 +160,32 @@ class RoutedMoE(nn.Module):
         return torch.where(mask[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+class TokenBlock(nn.Module):
+    """Token-level MEO: u + up(relu(down(u))) per token, in front of each merged linear."""
+
+    def __init__(self, d_in, width):
+        super().__init__()
+        self.down = nn.Linear(d_in, width)
+        self.up = nn.Linear(width, d_in)
+
+    def forward(self, u):
+        return u + self.up(F.relu(self.down(u)))
+
+
 class MEOLinear(nn.Module):
-    def __init__(self, d_in, d_out, num_experts, bias, causal):
+    def __init__(self, d_in, d_out, num_experts, bias, causal, source_dim, token_ratio):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, d_out, d_in))
         self.bias = nn.Parameter(torch.zeros(num_experts, d_out)) if bias else None
         self.gate_weight = nn.Parameter(torch.zeros(num_experts, d_in))
         self.default_summary = nn.Parameter(torch.zeros(d_in)) if causal else None
+        self.source_gate = nn.Parameter(torch.zeros(num_experts, source_dim)) if source_dim else None
+        self.token_block = TokenBlock(d_in, max(1, d_in // token_ratio)) if token_ratio else None
 
-    def gates(self, summary, top_k):
+    def gates(self, summary, top_k, source):
         logits = summary.float() @ self.gate_weight.float().t()
+        if self.source_gate is not None:
+            logits = logits + source @ self.source_gate.float().t()
         top, idx = logits.topk(top_k, dim=-1)
         return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
 
@@ -182,9 +198,11 @@ class MEOLinear(nn.Module):
 
 
 class MEO(nn.Module):
-    """Merged experts: one gate per linear, per sequence (encoder) or per causal segment (decoder)."""
+    """Merged experts: one gate per linear, per sequence (encoder) or per causal segment (decoder).
+    A causal segment's gate reads the mean of the earlier segments (a shifted cumsum); in a
+    translation decoder every gate also reads the masked mean of the encoder output."""
 
-    def __init__(self, config, moe, causal):
+    def __init__(self, config, moe, causal, cross=False):
         super().__init__()
         d = config.hidden_size
         self.moe, self.causal = moe, causal
@@ -192,11 +210,9 @@ class MEO(nn.Module):
         gelu = moe.get("activation", "swiglu") == "gelu"
         n = moe["num_experts"]
         shapes = {"fc1": (d, hidden), "fc2": (hidden, d)} if gelu else {"w1": (d, hidden), "w3": (d, hidden), "w2": (hidden, d)}
-        self.linears = nn.ModuleDict({k: MEOLinear(i, o, n, gelu, causal) for k, (i, o) in shapes.items()})
-        self.token_block = None
-        if moe.get("meo_level", "sequence") == "token":
-            width = max(1, d // moe.get("token_bottleneck_ratio", 64))
-            self.token_block = nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, d))
+        src = d if cross else 0
+        ratio = moe.get("token_bottleneck_ratio", 64) if moe.get("meo_level", "sequence") == "token" else 0
+        self.linears = nn.ModuleDict({k: MEOLinear(i, o, n, gelu, causal, src, ratio) for k, (i, o) in shapes.items()})
 
     def _groups(self, x, mask):
         """[B, L, *] -> [B*S, T, *] groups (sequence, or causal segments of segment_len)."""
@@ -216,21 +232,30 @@ class MEO(nn.Module):
         if not self.causal:
             return sums / counts.clamp_min(1.0)[:, None]
         sums, counts = sums.view(-1, segments, sums.shape[-1]), counts.view(-1, segments)
-        before_sum, before_cnt = sums.cumsum(1) - sums, counts.cumsum(1) - counts
+        before_sum = torch.cat([torch.zeros_like(sums[:, :1]), sums[:, :-1].cumsum(1)], dim=1)
+        before_cnt = torch.cat([torch.zeros_like(counts[:, :1]), counts[:, :-1].cumsum(1)], dim=1)
         default = self.linears[name].default_summary.float()
         summary = torch.where((before_cnt > 0)[..., None], before_sum / before_cnt.clamp_min(1.0)[..., None], default)
         return summary.reshape(-1, summary.shape[-1])
 
-    def forward(self, x, mask):
+    @staticmethod
+    def _source(memory, memory_mask, segments):
+        m = memory_mask[..., None]
+        sums = torch.where(m, memory, torch.zeros((), dtype=memory.dtype, device=memory.device)).float().sum(dim=1)
+        mean = sums / memory_mask.sum(dim=1).float().clamp_min(1.0)[:, None]
+        return mean.repeat_interleave(segments, dim=0)
+
+    def forward(self, x, mask, memory=None, memory_mask=None):
         batch, length = x.shape[:2]
-        if self.token_block is not None:
-            x = x + self.token_block(x)
         u, gmask, segments = self._groups(x, mask)
         top_k = self.moe["top_k"]
+        source = self._source(memory, memory_mask, segments) if memory is not None else None
 
         def run(name, inp):
             lin = self.linears[name]
-            return lin(inp, lin.gates(self._summary(name, inp, gmask, segments), top_k))
+            if lin.token_block is not None:
+                inp = lin.token_block(inp)
+            return lin(inp, lin.gates(self._summary(name, inp, gmask, segments), top_k, source))
 
         if "fc1" in self.linears:
             y = run("fc2", F.gelu(run("fc1", u)))
@@ -240,10 +265,10 @@ class MEO(nn.Module):
         return y.reshape(batch, -1, y.shape[-1])[:, :length].to(x.dtype)
 
 
-def make_ffn(config, layer_is_moe, causal):
+def make_ffn(config, layer_is_moe, causal, cross):
     if layer_is_moe and config.moe:
         if config.moe["kind"] == "meo":
-            return MEO(config, config.moe, causal)
+            return MEO(config, config.moe, causal, cross)
         return RoutedMoE(config, config.moe)
     return FFN(config.hidden_size, config.intermediate_size, config.ffn_activation, config.ffn_bias)
 
@@ -260,13 +285,15 @@ class Block(nn.Module):
         self.cross_layernorm = make_norm(config, config.hidden_size) if cross else None
         self.post_attention_layernorm = make_norm(config, config.hidden_size)
         self.is_moe = is_moe and bool(config.moe)
-        self.mlp = make_ffn(config, is_moe, causal)
+        self.mlp = make_ffn(config, is_moe, causal, cross)
 
     def forward(self, x, mask, memory=None, memory_mask=None):
         x = x + self.self_attn(self.input_layernorm(x), mask)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_layernorm(x), memory_mask, memory)
         h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MEO) and self.cross_attn is not None:
+            return x + self.mlp(h, mask, memory, memory_mask)
         return x + (self.mlp(h, mask) if self.is_moe else self.mlp(h))
 
 
