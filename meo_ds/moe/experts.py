@@ -87,7 +87,7 @@ def expert_seed(layer_seed: int, global_id: int) -> int:
 def init_expert(expert: nn.Module, seed: int) -> None:
     """nn.Linear's default initialisation of every linear of `expert`, from a generator seeded `seed`."""
     for lin in expert.modules():
-        if not isinstance(lin, nn.Linear):
+        if not isinstance(lin, nn.Linear) or lin.weight.is_meta:  # meta: shapes only (export), no values
             continue
         g = torch.Generator(device=lin.weight.device).manual_seed(seed)
         seed += 1

@@ -63,9 +63,11 @@ class MoELayer(_DeepSpeedMoE):
         self.use_residual = False
         self.ep_group = None
         self.router = build_router(cfg, d_model)
+        # One draw from the global RNG per layer (none when built on the meta device, shapes only).
+        layer_seed = 0 if torch.empty(0).is_meta else int(torch.randint(0, 2**62, ()))
         experts = LocalExperts(
-            self.num_local_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff,
-            layer_seed=int(torch.randint(0, 2**62, ())), first_global_id=self._ep_rank() * self.num_local_experts,
+            self.num_local_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff, layer_seed=layer_seed,
+            first_global_id=self._ep_rank() * self.num_local_experts,
         )
         self.deepspeed_moe = ExpertHolder(experts)
         for p in experts.parameters():
