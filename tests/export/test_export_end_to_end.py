@@ -24,10 +24,11 @@ HERE = Path(__file__).resolve().parent
 DS = str(HERE.parents[1] / "ds_configs" / "cpu_fp32.json")
 MOE = {"num_experts": 4, "top_k": 2, "dispatch": "dropless", "segment_len": 8}
 RUNS = {  # name: (moe overrides, model overrides, expected target)
-    "topk": ({"kind": "topk", "ep_size": 2}, {"moe_every": 1, "moe_offset": 0}, "mixtral"),
-    "xmoe": ({"kind": "xmoe", "ep_size": 2, "threshold": 0.6}, {}, "meo"),
+    "topk": ({"kind": "topk"}, {"moe_every": 1, "moe_offset": 0}, "mixtral"),
+    "xmoe": ({"kind": "xmoe", "threshold": 0.6}, {}, "meo"),
     "meo": ({"kind": "meo", "noisy_gating": True}, {}, "meo"),
 }
+EP_SIZE = {"topk": 2, "xmoe": 2, "meo": 1}  # MEO's experts are data-parallel
 
 
 def _config(root: Path, data: Path, name: str) -> Path:
@@ -38,6 +39,7 @@ def _config(root: Path, data: Path, name: str) -> Path:
         "task": "lm", "name": name,
         "model": {"vocab_size": 1000, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
                   "max_seq_len": 64, **model, "moe": {**MOE, **moe}},
+        "parallel": {"ep_size": EP_SIZE[name]},
         "data": {"path": str(data), "seq_len": 32},
         "train": {"steps": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "seed": 3},
         "checkpoint": {"interval": 0, "keep_last": 1},
