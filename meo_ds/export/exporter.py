@@ -1,7 +1,8 @@
 """Checkpoint directory -> HuggingFace export directory (the work behind `meo-export`).
 
 Steps: consolidate the DeepSpeed checkpoint (meo_ds.export.consolidate); rebuild the run config
-the trainer saved in the checkpoint's client state; check the weights against a meta-device
+the trainer saved in the checkpoint's client state (that of an older version migrated:
+config.loading) and its model, parallelism-free like the consolidated weights; check the weights against a meta-device
 instance of our model (every key and shape, so a checkpoint of another architecture fails
 before anything is written); choose the target (auto: native Mixtral for top-k MoE language
 models that Mixtral can express, native Llama/Mistral for dense ones, our remote-code classes
