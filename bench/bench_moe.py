@@ -21,8 +21,8 @@ Columns:
   a2a B/tok   forward all-to-all bytes a rank sends to other ranks per token (RoutingStats.a2a_bytes;
               DeepSpeed: counted at torch.distributed.all_to_all_single); 0 without expert parallelism
 
-With --ep N (N > 1, under the deepspeed launcher) our top-k/XMoE layers and DeepSpeed's layer
-hold E/N experts per rank and exchange tokens; MEO, dense and Mixtral rows run on each rank's
+With --ep N (N > 1, under the deepspeed launcher) our top-k/XMoE layers (built whole, then
+`meo_ds.parallel.parallelize`d) and DeepSpeed's layer hold E/N experts per rank and exchange tokens; MEO, dense and Mixtral rows run on each rank's
 tokens alone (MEO moves weights, not tokens, so it has no all-to-all).
 """
 from __future__ import annotations
@@ -308,6 +308,7 @@ def build_cases(args: argparse.Namespace, env: Env) -> list[Case]:
 
     from meo_ds.moe import MoEConfig, build_moe_layer
     from meo_ds.moe.experts import SwiGLUExpert
+    from meo_ds.parallel import parallelize
 
     d, f, E, L, cf, ep = args.d_model, args.d_ff, args.experts, args.seq_len, args.capacity_factor, args.ep
     dtype = DTYPES[args.dtype]
@@ -327,17 +328,17 @@ def build_cases(args: argparse.Namespace, env: Env) -> list[Case]:
 
     for k in (1, 2):
         for mode in ("capacity", "dropless"):
-            cfg = MoEConfig(kind="topk", num_experts=E, top_k=k, dispatch=mode, capacity_factor=cf, ep_size=ep)
-            layer = build_moe_layer(cfg, d, f)
+            cfg = MoEConfig(kind="topk", num_experts=E, top_k=k, dispatch=mode, capacity_factor=cf)
+            layer = parallelize(build_moe_layer(cfg, d, f), ep)
             label = f"cf {cf:g}" if mode == "capacity" else "dropless"
             add(f"top-{k} of {E} {label}", "topk", layer, _ours_step(layer), moe_flops(E, f))
 
     width = args.xmoe_width or max(1, f // 8)
     for t in _floats(args.xmoe_thresholds):
         cfg = MoEConfig(
-            kind="xmoe", num_experts=args.xmoe_experts, expert_hidden=width, threshold=t, dispatch="dropless", ep_size=ep
+            kind="xmoe", num_experts=args.xmoe_experts, expert_hidden=width, threshold=t, dispatch="dropless"
         )
-        layer = build_moe_layer(cfg, d, f)
+        layer = parallelize(build_moe_layer(cfg, d, f), ep)
         with torch.no_grad():
             layer.router.weight.mul_(args.xmoe_router_scale)
         name = f"xmoe t={t:g} {args.xmoe_experts}x{width} dropless"

@@ -126,7 +126,8 @@ from meo_ds.data import LMDataset
 data, run = sys.argv[1], sys.argv[2]
 tree = {"task": "lm", "name": "device-check-demo",
         "model": {"preset": DEMO_PRESET, "vocab_size": LMDataset(data, "train").tokenizer().vocab_size,
-                  "moe": {"kind": "topk", "ep_size": 1}},
+                  "moe": {"kind": "topk"}},
+        "parallel": {"ep_size": 1},
         "data": {"path": data, "seq_len": 128},
         "train": {"steps": 300, "micro_batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "seed": 1234},
         "checkpoint": {"interval": 0, "save_at_end": False},

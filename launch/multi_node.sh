@@ -8,7 +8,7 @@
 #   in the hostfile, counting from 0; every node needs the same MASTER_ADDR and MASTER_PORT)
 #     NODE_RANK=1 HOSTFILE=launch/hostfile MASTER_ADDR=node1 launch/multi_node.sh --config run.yaml ...
 #
-# World size = sum of the slots; it must be a multiple of model.moe.ep_size (checked before training).
+# World size = sum of the slots; it must be a multiple of parallel.ep_size (checked before training).
 # SIGTERM/SIGINT to this script: with NODE_RANK, this node's ranks save a checkpoint (the others learn
 # it at the next step and save too); over pdsh, see common.sh.
 set -euo pipefail

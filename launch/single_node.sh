@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, all its GPUs. Every argument after the script name goes to the trainer, e.g.
-#   launch/single_node.sh --config run.yaml --deepspeed_config ds_configs/zero2_bf16.json --set model.moe.ep_size=8
+#   launch/single_node.sh --config run.yaml --deepspeed_config ds_configs/zero2_bf16.json --set parallel.ep_size=8
 # NUM_GPUS (default: every visible GPU) and MASTER_PORT (default 29500) can be set in the environment.
 # SIGTERM/SIGINT (Ctrl-C) to this script: the ranks save a checkpoint and exit (common.sh).
 set -euo pipefail

@@ -8,8 +8,11 @@ Layout of a checkpoint directory:
                                      written by engine.save_checkpoint (experts per file)
         trainer_state_rank00000.pt   this rank's trainer state: step, data position, RNG states
         COMPLETE                     JSON written by rank 0 once every rank finished writing:
-                                     step, world/ep size, and `files`: {name: {bytes, sha256}}
-                                     for every other file of the tag (every rank's)
+                                     step, world/ep size (the layout the files were written in,
+                                     which resume compares; the ep size is recorded nowhere else
+                                     but in the saved run config's `parallel` section), and
+                                     `files`: {name: {bytes, sha256}} for every other file of
+                                     the tag (every rank's)
     <dir>/latest                    the tag of the newest COMPLETE checkpoint
 
 `latest` moves (atomically: write + rename) only after every rank has written every file and

@@ -60,7 +60,8 @@ def run_config(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
     return {
         "task": "lm",
         "name": f"demo-{args.kind}",
-        "model": {"preset": DEMO_PRESET, "vocab_size": vocab, "moe": {"kind": args.kind, "ep_size": ep}},
+        "model": {"preset": DEMO_PRESET, "vocab_size": vocab, "moe": {"kind": args.kind}},
+        "parallel": {"ep_size": ep},
         "data": {"path": str(data_dir), "seq_len": 128},
         "train": {"steps": args.steps, "micro_batch_size": 8, "grad_accum": 1, "lr": 2e-3, "warmup_steps": 20,
                   "weight_decay": 0.1, "grad_clip": 1.0, "seed": 1234},

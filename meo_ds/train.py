@@ -41,11 +41,12 @@ from meo_ds import checkpoint as ckpt
 from meo_ds import distributed
 from meo_ds import metrics
 from meo_ds.distributed import describe_collective_failure, init_distributed
-from meo_ds.config import (ConfigError, RunConfig, build_model_config, iter_moe_configs, load_ds_config,
-                           load_run_config, reconcile_ds_config)
+from meo_ds.config import (ConfigError, RunConfig, build_model_config, load_ds_config, load_run_config,
+                           migrate_saved_run_config, reconcile_ds_config)
 from meo_ds.data.io import StreamMismatch
 from meo_ds.data.readers import CorpusError
 from meo_ds.optim import SkippableAdamW, lr_at, param_groups, set_lr
+from meo_ds.parallel import parallelize
 from meo_ds.run_lock import RunDirBusy, lock_run_dirs
 
 EXIT_CONFIG = 2
@@ -172,7 +173,7 @@ def check_checkpoints(cfg: RunConfig, world_size: int) -> None:
 def saved_run_config(point: ckpt.ResumePoint, key: str) -> dict:
     """The run config the trainer stored with a checkpoint (client_state['config'] of its main file,
     `mp_rank_00_model_states.pt`, or rank 0's under ZeRO-3), read memory-mapped through
-    checkpoint.safe_load: no code runs, no tensor is read."""
+    checkpoint.safe_load: no code runs, no tensor is read. Keys that moved since are moved (config.loading)."""
     from meo_ds.export.consolidate import MAIN_FILE
 
     names = (MAIN_FILE, "zero_pp_rank_0_" + MAIN_FILE)
@@ -184,15 +185,13 @@ def saved_run_config(point: ckpt.ResumePoint, key: str) -> dict:
     tree = main.get("config") if isinstance(main, dict) else None
     if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
         raise ConfigError(f"{key}: {path} records no run config; it was not written by meo-train")
-    return tree
+    return migrate_saved_run_config(tree)
 
 
 def _param_shapes(model_cfg: Any) -> dict[str, tuple]:
     from meo_ds import models
 
-    for moe in iter_moe_configs(model_cfg):
-        moe.ep_size = 1  # the full set of experts: independent of the expert-parallel layout
-    with torch.device("meta"):
+    with torch.device("meta"):  # the full set of experts: models are built parallelism-free
         return {k: tuple(v.shape) for k, v in models.build_model(model_cfg).state_dict().items()}
 
 
@@ -208,7 +207,7 @@ def check_same_model(cfg: RunConfig, saved: dict, point: ckpt.ResumePoint, key: 
         return
     now_tree, then_tree = _flat(cfg.to_dict()["model"]), _flat(saved["model"])
     diffs = [f"{k}={now_tree.get(k)!r} (checkpoint: {then_tree.get(k)!r})" for k in sorted(set(now_tree) | set(then_tree))
-             if now_tree.get(k) != then_tree.get(k) and not k.endswith("ep_size")]
+             if now_tree.get(k) != then_tree.get(k)]
     raise ConfigError(f"{key}: {point.path} holds another model architecture: {', '.join(diffs) or 'parameter shapes'}"
                       f"; keep the checkpoint's model settings, or start a new run in another logging.out_dir")
 
@@ -228,7 +227,7 @@ DATA_KEYS = {"seq_len": "data.seq_len", "seed": "data.seed", "max_tokens": "data
 def check_same_data_stream(cfg: RunConfig, point: ckpt.ResumePoint, world_size: int) -> None:
     """At the same world/ep size a resume continues the data stream exactly: it must be the same one."""
     info = json.loads((point.path / ckpt.COMPLETE).read_text())
-    if info.get("world_size") != world_size or info.get("ep_size") != cfg.ep_size:
+    if info.get("world_size") != world_size or info.get("ep_size") != cfg.parallel.ep_size:
         return  # another layout: the trainer carries the position over only where it can, and says so
     state = ckpt.load_rank_state(point, 0)
     if not state or "data" not in state:
@@ -341,7 +340,8 @@ class Trainer:
             if get_accelerator().device_name() != "cpu" else torch.device("cpu")
         self._prepare_dirs()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg)
+        model = parallelize(build_model(cfg), cfg.parallel.ep_size, use_data_before_expert_parallel=bool(
+            self.ds_config.get("use_data_before_expert_parallelism", False)))
         self.optimizer = SkippableAdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                         betas=tuple(cfg.train.betas), eps=cfg.train.eps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
@@ -351,7 +351,7 @@ class Trainer:
         self._seed_rank()
         self._resume_or_init()
         self._write_run_config()
-        self.log(f"run {cfg.name}: task={cfg.task} world={self.world} ep={cfg.ep_size} "
+        self.log(f"run {cfg.name}: task={cfg.task} world={self.world} ep={cfg.parallel.ep_size} "
                  f"zero={self.engine.zero_optimization_stage()} precision={cfg.train.precision} "
                  f"params={sum(p.numel() for p in model.parameters()):,} (this rank) device={metrics.device_name()}")
 
@@ -408,7 +408,7 @@ class Trainer:
 
     def _resume(self, point: ckpt.ResumePoint) -> None:
         info = ckpt.read_marker(point.path)
-        same_layout = info.get("world_size") == self.world and info.get("ep_size") == self.cfg.ep_size
+        same_layout = info.get("world_size") == self.world and info.get("ep_size") == self.cfg.parallel.ep_size
         if same_layout:
             self._warn(ckpt.load_engine_checkpoint(self.engine, point))
         else:
@@ -428,7 +428,7 @@ class Trainer:
         self._carry_data_position(point)
         self.log(
             f"resumed model weights from {point.path} (step {self.step}), saved at world size "
-            f"{info.get('world_size')} / ep {info.get('ep_size')}, now {self.world} / ep {self.cfg.ep_size}. "
+            f"{info.get('world_size')} / ep {info.get('ep_size')}, now {self.world} / ep {self.cfg.parallel.ep_size}. "
             f"NOT carried over: optimizer state (AdamW moments; the schedule continues at step {self.step}), "
             f"per-rank RNG streams"
         )
@@ -655,14 +655,14 @@ class Trainer:
         cfg = self.cfg
         if (cfg.checkpoint_dir / ckpt.tag_for(self.step) / ckpt.COMPLETE).is_file():
             return  # already saved (a finished run started again): never rewrite the checkpoint `latest` names
-        client = {"trainer_step": self.step, "config": cfg.to_dict(), "world_size": self.world, "ep_size": cfg.ep_size}
+        client = {"trainer_step": self.step, "config": cfg.to_dict(), "world_size": self.world}
         rank_state = {"step": self.step, "data": self.loader.state_dict(), "rng": ckpt.rng_state(),
                       "nonfinite_in_a_row": self.nonfinite_in_a_row}
         hook = None
         if cfg.debug.die_in_save_at_step == self.step:
             hook = lambda: self._debug_die(self.step)  # noqa: E731
         result = ckpt.save(self.engine, cfg.checkpoint_dir, self.step, client, rank_state, cfg.checkpoint.keep_last,
-                           mid_save_hook=hook, info={"ep_size": cfg.ep_size})
+                           mid_save_hook=hook, info={"ep_size": cfg.parallel.ep_size})
         self.log(f"saved checkpoint {result.path}" + (f" (removed {result.removed})" if result.removed else ""))
 
     def _finish(self) -> None:

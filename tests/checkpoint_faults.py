@@ -35,7 +35,8 @@ EXPERT = "layer_1_expert_3_mp_rank_00_model_states.pt"  # held by rank 1 under e
 def run_tree(out: Path, data: Path, steps: int = STEPS) -> dict:
     return {
         "task": "lm", "name": "faults",
-        "model": {"preset": "tiny", "vocab_size": 1000, "moe": {"num_experts": 4, "top_k": 2, "kind": "topk", "ep_size": 2}},
+        "model": {"preset": "tiny", "vocab_size": 1000, "moe": {"num_experts": 4, "top_k": 2, "kind": "topk"}},
+        "parallel": {"ep_size": 2},
         "data": {"path": str(data), "seq_len": 32},
         "train": {"steps": steps, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "seed": 5},
         "checkpoint": {"interval": 3, "keep_last": 3},

@@ -40,7 +40,8 @@ def test_trainer_collectives_all_go_through_the_seam_on_its_device(tmp_path):
     config = write_config(out / "run.yaml", {
         "task": "lm", "name": "audit",
         "model": {"preset": "tiny", "vocab_size": 500,
-                  "moe": {"num_experts": 4, "top_k": 2, "kind": "topk", "dispatch": "capacity", "ep_size": 2}},
+                  "moe": {"num_experts": 4, "top_k": 2, "kind": "topk", "dispatch": "capacity"}},
+        "parallel": {"ep_size": 2},
         "data": {"path": str(data), "seq_len": 16},
         "train": {"steps": 4, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3, "seed": 3},
         "checkpoint": {"interval": 0, "save_at_end": False},

@@ -88,10 +88,11 @@ from meo_ds.config import load_run_config
 from meo_ds.distributed import describe_collective_failure, init_distributed
 from meo_ds.models import build_model
 from meo_ds.optim import param_groups
+from meo_ds.parallel import parallelize
 
 init_distributed(timeout_s=7)
-cfg = load_run_config(sys.argv[1], ["model.moe.ep_size=1"])
-model = build_model(cfg.model)
+cfg = load_run_config(sys.argv[1], ["parallel.ep_size=1"])
+model = parallelize(build_model(cfg.model), cfg.parallel.ep_size)
 opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
 deepspeed.initialize(model=model, optimizer=opt, config={"train_micro_batch_size_per_gpu": 1,
                      "zero_optimization": {"stage": 2}})

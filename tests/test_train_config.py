@@ -20,7 +20,8 @@ from meo_ds.optim import SkippableAdamW, lr_at, no_decay
 
 def make_cfg(**train) -> RunConfig:
     cfg = RunConfig(task="lm", data=DataConfig(path="/nowhere"), train=TrainConfig(**train))
-    cfg.model = {"moe": MoEConfig(num_experts=4, ep_size=2)}  # any container of MoEConfigs works
+    cfg.model = {"moe": MoEConfig(num_experts=4)}  # any container of MoEConfigs works
+    cfg.parallel.ep_size = 2
     return cfg
 
 
@@ -58,6 +59,44 @@ def test_validate_lists_every_problem():
     text = str(err.value)
     for needle in ("train.steps=0", "train.lr=-1.0", "data.path is empty", "world size 3 is not divisible by ep_size=2"):
         assert needle in text, text
+
+
+def test_expert_parallel_size_is_checked_against_world_experts_and_kind():
+    cfg = make_cfg()
+    cfg.validate(world_size=4)
+    for ep, world, needle in ((3, 3, "num_experts=4 is not divisible by ep_size=3"),
+                              (0, 2, "parallel.ep_size=0 must be an integer >= 1"),
+                              (4, 6, "world size 6 is not divisible by ep_size=4")):
+        cfg.parallel.ep_size = ep
+        with pytest.raises(ConfigError, match=needle):
+            cfg.validate(world_size=world)
+    cfg.parallel.ep_size, cfg.model["moe"].kind = 2, "meo"
+    with pytest.raises(ConfigError, match="set parallel.ep_size=1 for kind='meo'"):
+        cfg.validate(world_size=2)
+    cfg.model = {}  # a dense model has no experts to shard
+    with pytest.raises(ConfigError, match="no top-k or XMoE layer"):
+        cfg.validate(world_size=2)
+
+
+def test_ep_size_under_model_moe_moved_to_parallel(tmp_path: Path):
+    from meo_ds.config import load_run_config, migrate_saved_run_config, run_config_from_dict
+
+    with pytest.raises(ConfigError, match=r"model.moe.ep_size moved to parallel.ep_size: write `parallel: "
+                                          r"\{ep_size: 2\}` in the config \(or --set parallel.ep_size=2\)"):
+        load_run_config(None, ["model=tiny", "model.moe.ep_size=2"])
+    old = tmp_path / "old.yaml"
+    old.write_text("model: {preset: tiny, moe: {ep_size: 4}}\n")
+    with pytest.raises(ConfigError, match="model.moe.ep_size moved to parallel.ep_size"):
+        load_run_config(str(old))
+    # A run config saved in an older checkpoint: migrated silently, the input left as it was.
+    saved = load_run_config(None, ["model=tiny", "data.path=x"]).to_dict()
+    del saved["parallel"]
+    saved["model"]["moe"]["ep_size"] = 2
+    migrated = migrate_saved_run_config(saved)
+    assert saved["model"]["moe"]["ep_size"] == 2 and "ep_size" not in migrated["model"]["moe"]
+    cfg = run_config_from_dict(migrated)
+    assert cfg.parallel.ep_size == 2 and cfg.model.moe.num_experts == 4
+    assert migrate_saved_run_config(cfg.to_dict()) == cfg.to_dict()  # today's layout: unchanged
 
 
 def test_ds_config_batch_mismatch_is_an_error_and_missing_values_are_filled():
@@ -150,7 +189,7 @@ def test_paper_size_run_config_checks_out_for_64_ranks():
     cfg = load_run_config(str(root / "launch" / "configs" / "xmoe_gpt_lm.yaml"), ["data.path=/data/lm"])
     cfg.validate(world_size=64)
     ds = reconcile_ds_config(cfg, load_ds_config(str(root / "ds_configs" / "zero2_bf16.json")), 64, "cuda")
-    assert ds["train_batch_size"] == 512 and cfg.ep_size == 8 and cfg.model.moe.kind == "xmoe"
+    assert ds["train_batch_size"] == 512 and cfg.parallel.ep_size == 8 and cfg.model.moe.kind == "xmoe"
     with pytest.raises(ConfigError, match="world size 12 is not divisible by ep_size=8"):
         cfg.validate(world_size=12)
 
@@ -162,7 +201,7 @@ def test_paper_size_translation_config_checks_out_for_8_ranks():
     cfg = load_run_config(str(root / "launch" / "configs" / "xmoe_wmt_mt.yaml"))
     cfg.validate(world_size=8)
     ds = reconcile_ds_config(cfg, load_ds_config(str(root / "ds_configs" / "zero2_bf16.json")), 8, "cuda")
-    assert cfg.task == "translation" and cfg.schedule == "inverse_sqrt" and cfg.ep_size == 8
+    assert cfg.task == "translation" and cfg.schedule == "inverse_sqrt" and cfg.parallel.ep_size == 8
     assert (cfg.model.moe.kind, cfg.model.moe.num_experts, cfg.model.d_model) == ("xmoe", 64, 512)
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
 

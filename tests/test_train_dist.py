@@ -36,10 +36,11 @@ def lm_data(tmp_path_factory) -> Path:
 
 def lm_run(out: Path, data: Path, kind: str = "topk", ep: int = 2, **sections) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    moe = dict(TINY_LM["moe"], kind=kind, ep_size=ep)
+    moe = dict(TINY_LM["moe"], kind=kind)
     tree = {
         "task": "lm", "name": out.name,
         "model": dict(TINY_LM, moe=moe),
+        "parallel": {"ep_size": ep},
         "data": {"path": str(data), "seq_len": 32},
         "train": {"steps": STEPS, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 4, "seed": 7},
         "checkpoint": {"interval": 0, "keep_last": 2},

@@ -18,7 +18,8 @@ def lm_data(tmp_path_factory) -> Path:
 
 def run_tree(out: Path, data: Path, vocab: int) -> dict:
     return {"task": "lm", "name": "tiny-preset",
-            "model": {"preset": "tiny", "vocab_size": vocab, "moe": {"kind": "xmoe", "num_experts": 4, "ep_size": 2}},
+            "model": {"preset": "tiny", "vocab_size": vocab, "moe": {"kind": "xmoe", "num_experts": 4}},
+            "parallel": {"ep_size": 2},
             "data": {"path": str(data), "seq_len": 64},
             "train": {"steps": 30, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 5},
             "logging": {"out_dir": str(out), "interval": 10}, "eval": {"max_batches": 2},

@@ -29,7 +29,8 @@ def test_mt_tiny_learns_the_demo_task(mt_data, tmp_path):
     out.mkdir()
     config = write_config(out / "run.yaml", {
         "task": "translation", "name": "mt-tiny",
-        "model": {"preset": "mt_tiny", "moe": {"ep_size": 2}},
+        "model": {"preset": "mt_tiny"},
+        "parallel": {"ep_size": 2},
         "data": {"path": str(mt_data), "max_tokens": 1024},
         "train": {"steps": 300, "micro_batch_size": 1, "lr": 3e-3, "warmup_steps": 30, "betas": [0.9, 0.98],
                   "weight_decay": 0.0, "seed": 3},

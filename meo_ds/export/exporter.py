@@ -1,7 +1,8 @@
 """Checkpoint directory -> HuggingFace export directory (the work behind `meo-export`).
 
 Steps: consolidate the DeepSpeed checkpoint (meo_ds.export.consolidate); rebuild the run config
-the trainer saved in the checkpoint's client state; check the weights against a meta-device
+the trainer saved in the checkpoint's client state (that of an older version migrated:
+config.loading) and its model, parallelism-free like the consolidated weights; check the weights against a meta-device
 instance of our model (every key and shape, so a checkpoint of another architecture fails
 before anything is written); choose the target (auto: native Mixtral for top-k MoE language
 models that Mixtral can express, native Llama/Mistral for dense ones, our remote-code classes
@@ -36,8 +37,9 @@ class ExportResult:
 
 # --------------------------------------------------------------------------- inputs
 def run_config_of(ck: Consolidated) -> Any:
-    """The RunConfig the trainer stored in client_state['config'], with ep_size=1 everywhere."""
-    from meo_ds.config import ConfigError, run_config_from_dict
+    """The RunConfig the trainer stored in client_state['config'] (keys that moved since: moved).
+    Its model is parallelism-free, as the consolidated weights (every expert) are."""
+    from meo_ds.config import ConfigError, migrate_saved_run_config, run_config_from_dict
 
     tree = ck.metadata.get("config")
     if not isinstance(tree, dict):
@@ -46,15 +48,11 @@ def run_config_of(ck: Consolidated) -> Any:
             f"written by meo-train, which records the model configuration"
         )
     try:
-        cfg = run_config_from_dict(tree)
+        cfg = run_config_from_dict(migrate_saved_run_config(tree))
     except (ConfigError, ValueError, TypeError) as err:
         raise ExportError(f"checkpoint {ck.path}: its run config cannot be rebuilt: {err}") from err
     if cfg.model is None:
         raise ExportError(f"checkpoint {ck.path}: its run config has no model section")
-    from meo_ds.config import iter_moe_configs
-
-    for moe in iter_moe_configs(cfg.model):
-        moe.ep_size = 1  # the consolidated weights hold every expert: one process, all experts local
     return cfg
 
 
@@ -214,11 +212,11 @@ def _write_tokenizer(tmp: Path, model_path: Path) -> None:
 
 
 def _write_card(tmp: Path, target: str, cfg: Any, ck: Consolidated, hf_config: dict, checkpoint_dir: Path) -> None:
-    run_tree = ck.metadata.get("config")
+    run_tree = cfg.to_dict()
     logs = card.find_logs(checkpoint_dir, run_tree)
     step = ck.metadata.get("trainer_step", ck.global_steps)
     source = {"checkpoint": str(checkpoint_dir), "tag": ck.tag, "global_steps": ck.global_steps,
-              "expert_parallel_size": ck.metadata.get("ep_size"), "world_size": ck.metadata.get("world_size"),
+              "expert_parallel_size": cfg.parallel.ep_size, "world_size": ck.metadata.get("world_size"),
               "deepspeed": ck.metadata.get("ds_version")}
     text = card.render_card(
         title=f"{cfg.name} ({cfg.task}, {target})",

@@ -83,7 +83,7 @@ def moe_summary(task: str, model_cfg: Any) -> list[dict]:
         if d in seen:
             continue
         seen.append(d)
-        keep = ["kind", "num_experts", "expert_hidden", "activation", "dispatch", "ep_size", "aux_loss_coef"]
+        keep = ["kind", "num_experts", "expert_hidden", "activation", "dispatch", "aux_loss_coef"]
         keep += {"topk": ["top_k", "renormalize", "capacity_factor"], "xmoe": ["threshold", "max_k", "capacity_factor"],
                  "meo": ["top_k", "meo_level", "segment_len", "token_bottleneck_ratio"]}[moe.kind]
         out.append({"where": f"MoE layers ({moe.kind}): {where}", **{k: d[k] for k in keep}})

@@ -6,9 +6,10 @@
 Parts (swappable, one file each): routing.py (TopKRouter, ThresholdRouter -> RouterOutput),
 dispatch.py (TokenDispatcher: capacity / dropless, all-to-all over the expert-parallel group),
 experts.py (LocalExperts of SwiGLU or GELU experts), layer.py (MoELayer = the three, a
-`deepspeed.moe.layer.MoE` for the engine). With ep_size > 1 run under deepspeed.initialize (or
-call `layer.set_deepspeed_parallelism()` after deepspeed.init_distributed()); load a full set of
-experts into an ep rank by renaming `deepspeed_experts.{global}` to `.{global - rank*El}`.
+`deepspeed.moe.layer.MoE` for the engine). Layers are built with all their experts; expert
+parallelism is applied to a built model by `meo_ds.parallel.parallelize(model, ep_size)` (after
+deepspeed.init_distributed(), before deepspeed.initialize()), which keeps ep rank r's experts
+r*El .. r*El+El-1 (local key `deepspeed_experts.{global - r*El}`) and gives the layers their group.
 Do not name a model attribute holding an MoE layer with the substring "expert": DeepSpeed's
 checkpointing treats every key of the layer containing it as an expert weight.
 """

@@ -2,7 +2,8 @@
 
 The MoE layer library depends on nothing else in meo_ds; models embed this dataclass in
 their own config. Every value is checked in `validate()`, which layers call at construction,
-so a bad configuration fails before any work is done.
+so a bad configuration fails before any work is done. It describes the model only: how the
+experts are spread over ranks is the run's `parallel` section (meo_ds/parallel.py).
 """
 from __future__ import annotations
 
@@ -55,9 +56,6 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # Switch load balancing (top-k, XMoE) or MEO's CV^2 loss
     z_loss_coef: float = 1e-3  # router z-loss (top-k, XMoE)
 
-    # --- expert parallelism (top-k and XMoE; MEO experts are data-parallel parameters) ---
-    ep_size: int = 1
-
     # --- MEO ---
     meo_level: MEOLevel = "sequence"  # "token" adds the per-token bottleneck block
     token_bottleneck_ratio: int = 64  # token block width = that linear's input width // ratio
@@ -75,7 +73,7 @@ class MoEConfig:
         """Whether the gate adds noise in training: noisy_gating, or the family default when None."""
         return self.kind == "meo" if self.noisy_gating is None else bool(self.noisy_gating)
 
-    def validate(self, world_size: Optional[int] = None) -> "MoEConfig":
+    def validate(self) -> "MoEConfig":
         """Raise MoEConfigError naming the field and the fix; return self when valid."""
 
         def fail(msg: str) -> None:
@@ -107,20 +105,6 @@ class MoEConfig:
             fail(f"jitter={self.jitter} must lie in [0, 1)")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             fail("aux_loss_coef and z_loss_coef must be >= 0")
-        if self.ep_size < 1:
-            fail(f"ep_size={self.ep_size} must be >= 1")
-        if self.num_experts % self.ep_size != 0:
-            fail(
-                f"num_experts={self.num_experts} is not divisible by ep_size={self.ep_size}; "
-                f"choose an ep_size that divides the number of experts"
-            )
-        if self.kind == "meo" and self.ep_size != 1:
-            fail("MEO merges weights, not tokens: its experts are data-parallel; set ep_size=1 for kind='meo'")
-        if world_size is not None and world_size % self.ep_size != 0:
-            fail(
-                f"world size {world_size} is not divisible by ep_size={self.ep_size}; "
-                f"launch a multiple of {self.ep_size} ranks or change ep_size"
-            )
         if self.meo_level not in ("sequence", "token"):
             fail(f"meo_level={self.meo_level!r} is unknown; use 'sequence' or 'token'")
         if self.token_bottleneck_ratio < 1:

@@ -117,13 +117,14 @@ class LocalExperts(nn.Module):
     """The experts held by this rank; `deepspeed_experts[i]` is local expert i."""
 
     def __init__(self, num_local: int, activation: str, d_model: int, d_hidden: int, grouped: bool = True,
-                 layer_seed: int = 0, first_global_id: int = 0):
-        """Local expert i is global expert first_global_id + i, initialised from (layer_seed, its id)."""
+                 layer_seed: int = 0):
+        """Expert g is initialised from (layer_seed, g); a layer is built with all its experts and
+        meo_ds.parallel.parallelize later keeps one ep rank's (MoELayer.shard_experts)."""
         super().__init__()
         with torch.random.fork_rng(devices=[]):  # building draws nothing from the global stream
             self.deepspeed_experts = nn.ModuleList(make_expert(activation, d_model, d_hidden) for _ in range(num_local))
         for i, expert in enumerate(self.deepspeed_experts):
-            init_expert(expert, expert_seed(layer_seed, first_global_id + i))
+            init_expert(expert, expert_seed(layer_seed, i))
         self.grouped = grouped
 
     def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:

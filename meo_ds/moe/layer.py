@@ -4,7 +4,15 @@ The engine (deepspeed 0.19.8 runtime/engine.py) treats a module as MoE only if i
 instance of `deepspeed.moe.layer.MoE`. MoELayer therefore subclasses it *without* running its
 __init__ (it is an nn.Module with our own parts) and provides what the engine reads:
 `num_experts`, `num_local_experts`, `ep_size`, `expert_group_name` and
-`set_deepspeed_parallelism`. The engine checkpoints every state_dict key containing "expert" as
+`set_deepspeed_parallelism`; they always describe the layer's current layout.
+
+A layer is built parallelism-free: all E experts, ep_size 1, no process group. Expert
+parallelism is applied afterwards by meo_ds/parallel.py (`parallelize`), through two steps here:
+`shard_experts(ep_size, ep_rank)` keeps the experts of one ep rank and re-tags them, and
+`set_expert_group(group)` hands over DeepSpeed's expert-parallel group. Nothing is created
+lazily: a sharded layer without its group fails in forward, and the engine's call of
+`set_deepspeed_parallelism` fails on a layer that was not parallelized, each naming the fix.
+The engine checkpoints every state_dict key containing "expert" as
 an expert weight, expecting `.deepspeed_moe.experts.deepspeed_experts.{local_id}.` in it; so the
 local experts live at `self.deepspeed_moe.experts.deepspeed_experts[i]` and no other parameter
 or buffer of the layer has "expert" in its name (the router's are `router.weight`,
@@ -21,7 +29,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 
@@ -56,64 +63,80 @@ class MoELayer(_DeepSpeedMoE):
         cfg.validate()
         self.cfg, self.d_model, self.causal = cfg, d_model, causal
         self.num_experts = cfg.num_experts
-        self.ep_size = cfg.ep_size
-        self.num_local_experts = cfg.num_experts // cfg.ep_size
-        self.expert_group_name = f"ep_size_{cfg.ep_size}"
         self.enable_expert_tensor_parallelism = False  # read by deepspeed's flops profiler
         self.use_residual = False
-        self.ep_group = None
         self.router = build_router(cfg, d_model)
         # One draw from the global RNG per layer (none when built on the meta device, shapes only).
         layer_seed = 0 if torch.empty(0).is_meta else int(torch.randint(0, 2**62, ()))
-        experts = LocalExperts(
-            self.num_local_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff, layer_seed=layer_seed,
-            first_global_id=self._ep_rank() * self.num_local_experts,
-        )
+        experts = LocalExperts(cfg.num_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff, layer_seed=layer_seed)
         self.deepspeed_moe = ExpertHolder(experts)
-        for p in experts.parameters():
-            p.allreduce = False
-            p.group_name = self.expert_group_name
+        self._set_layout(ep_size=1)
+        self.ep_group = None  # DeepSpeed's expert-parallel group, set by meo_ds.parallel.parallelize
+        self.use_data_before_expert_parallel = False
         self.dispatcher = TokenDispatcher(
-            cfg.num_experts, cfg.ep_size, cfg.dispatch, cfg.top_k if cfg.kind == "topk" else 1,
+            cfg.num_experts, 1, cfg.dispatch, cfg.top_k if cfg.kind == "topk" else 1,
             cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
         )
-
-    def _ep_rank(self) -> int:
-        """This rank's place in its expert-parallel group (DeepSpeed's groups are consecutive ranks).
-
-        Read at construction to initialise the right global experts; a layer built before
-        torch.distributed is initialised holds those of ep rank 0.
-        """
-        if self.ep_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return 0
-        return dist.get_rank() % self.ep_size
 
     @property
     def experts(self) -> LocalExperts:
         return self.deepspeed_moe.experts
 
+    # --- expert parallelism (applied by meo_ds.parallel.parallelize) ---------------------------
+    def _set_layout(self, ep_size: int) -> None:
+        """The engine's view of the layout, and the experts' tags: allreduce=False makes DeepSpeed
+        reduce their gradients over the expert-data-parallel group `group_name`, not the world."""
+        self.ep_size = ep_size
+        self.num_local_experts = self.num_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        for p in self.experts.parameters():
+            p.allreduce = False
+            p.group_name = self.expert_group_name
+
+    def shard_experts(self, ep_size: int, ep_rank: int) -> None:
+        """Keep only global experts ep_rank*El .. ep_rank*El+El-1 (El = num_experts / ep_size), as
+        local experts 0 .. El-1; the others are dropped. Call once, on the full (ep_size 1) layer."""
+        if self.ep_size != 1:
+            raise RuntimeError(f"MoELayer: already sharded (ep_size={self.ep_size}); shard a freshly built layer")
+        if ep_size < 1 or self.num_experts % ep_size or not 0 <= ep_rank < ep_size:
+            raise ValueError(f"MoELayer: cannot give ep rank {ep_rank} of {ep_size} its share of {self.num_experts} "
+                             f"experts; ep_size must divide num_experts and 0 <= ep_rank < ep_size")
+        local = self.num_experts // ep_size
+        kept = self.experts.deepspeed_experts[ep_rank * local:(ep_rank + 1) * local]
+        self.experts.deepspeed_experts = nn.ModuleList(list(kept))
+        self._set_layout(ep_size)
+        self.dispatcher.ep_size = ep_size
+
+    def set_expert_group(self, group, use_data_before_expert_parallel: bool = False) -> None:
+        """Hand over DeepSpeed's expert-parallel group of `ep_size` ranks (and the layout flag it was made with)."""
+        self.ep_group = group
+        self.use_data_before_expert_parallel = use_data_before_expert_parallel
+
     # --- DeepSpeed hooks -----------------------------------------------------------------
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Create (once per ep size) DeepSpeed's expert-parallel groups and keep ours."""
-        from deepspeed.utils import groups
-
-        self.cfg.validate(world_size=dist.get_world_size())
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(
-                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_
+        """Called by deepspeed.initialize on every MoE layer: checks that parallelize gave this layer
+        its group, with the DeepSpeed config's layout flag. Creates nothing."""
+        if self.ep_group is None:
+            raise RuntimeError(
+                "MoELayer: this layer was not parallelized; call meo_ds.parallel.parallelize(model, ep_size) "
+                "after deepspeed.init_distributed() and before deepspeed.initialize() (ep_size 1 included)"
             )
-        self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+        if bool(use_data_before_expert_parallel_) != self.use_data_before_expert_parallel:
+            raise RuntimeError(
+                f"MoELayer: the DeepSpeed config has use_data_before_expert_parallel_={use_data_before_expert_parallel_} "
+                f"but parallelize was called with use_data_before_expert_parallel={self.use_data_before_expert_parallel}; "
+                f"pass the same value to both"
+            )
 
     def _group(self):
         if self.ep_size == 1:
             return None
         if self.ep_group is None:
-            if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError(
-                    f"MoELayer: ep_size={self.ep_size} needs torch.distributed; call deepspeed.init_distributed() "
-                    f"(or deepspeed.initialize) on {self.ep_size}*N ranks, or set ep_size=1"
-                )
-            self.set_deepspeed_parallelism()
+            raise RuntimeError(
+                f"MoELayer: sharded for ep_size={self.ep_size} but has no expert-parallel group; apply "
+                f"meo_ds.parallel.parallelize(model, ep_size) (after deepspeed.init_distributed()) instead of "
+                f"shard_experts alone"
+            )
         return self.ep_group
 
     # --- forward ---------------------------------------------------------------------------

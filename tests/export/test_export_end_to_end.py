@@ -24,10 +24,11 @@ HERE = Path(__file__).resolve().parent
 DS = str(HERE.parents[1] / "ds_configs" / "cpu_fp32.json")
 MOE = {"num_experts": 4, "top_k": 2, "dispatch": "dropless", "segment_len": 8}
 RUNS = {  # name: (moe overrides, model overrides, expected target)
-    "topk": ({"kind": "topk", "ep_size": 2}, {"moe_every": 1, "moe_offset": 0}, "mixtral"),
-    "xmoe": ({"kind": "xmoe", "ep_size": 2, "threshold": 0.6}, {}, "meo"),
+    "topk": ({"kind": "topk"}, {"moe_every": 1, "moe_offset": 0}, "mixtral"),
+    "xmoe": ({"kind": "xmoe", "threshold": 0.6}, {}, "meo"),
     "meo": ({"kind": "meo", "noisy_gating": True}, {}, "meo"),
 }
+EP_SIZE = {"topk": 2, "xmoe": 2, "meo": 1}  # MEO's experts are data-parallel
 
 
 def _config(root: Path, data: Path, name: str) -> Path:
@@ -38,6 +39,7 @@ def _config(root: Path, data: Path, name: str) -> Path:
         "task": "lm", "name": name,
         "model": {"vocab_size": 1000, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
                   "max_seq_len": 64, **model, "moe": {**MOE, **moe}},
+        "parallel": {"ep_size": EP_SIZE[name]},
         "data": {"path": str(data), "seq_len": 32},
         "train": {"steps": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "seed": 3},
         "checkpoint": {"interval": 0, "keep_last": 1},
@@ -119,3 +121,35 @@ def test_missing_expert_file_fails_without_output(trained: Path, tmp_path: Path,
     assert export_main([str(ckpt), str(tmp_path / "out")]) == 2
     assert "missing expert file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_checkpoint_saved_with_model_moe_ep_size_still_exports_and_resumes(trained: Path, tmp_path: Path) -> None:
+    """Checkpoints written before the run config had a `parallel` section record ep_size under
+    model.moe (and again in client_state): export and the trainer's resume checks migrate it."""
+    import shutil
+
+    from meo_ds import checkpoint as ckpt_lib
+    from meo_ds.config import load_run_config
+    from meo_ds.train import check_checkpoints
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained / "topk" / "checkpoints", ckpt)
+    tag = (ckpt / "latest").read_text().strip()
+    main = ckpt / tag / "mp_rank_00_model_states.pt"
+    state = torch.load(main, weights_only=False)
+    old_ep = state["config"].pop("parallel")["ep_size"]  # the layout of the older version
+    state["config"]["model"]["moe"]["ep_size"] = state["ep_size"] = old_ep
+    torch.save(state, main)
+    marker = json.loads((ckpt / tag / ckpt_lib.COMPLETE).read_text())
+    marker["files"][main.name] = ckpt_lib.file_digest(main)
+    (ckpt / tag / ckpt_lib.COMPLETE).write_text(json.dumps(marker))
+
+    model, cfg = load_model(ckpt)
+    assert old_ep == 2 and cfg.parallel.ep_size == 2 and not hasattr(cfg.model.moe, "ep_size")
+    want = load_model(trained / "topk" / "checkpoints")[0].state_dict()
+    assert model.state_dict().keys() == want.keys()
+    assert all(torch.equal(value, want[key]) for key, value in model.state_dict().items())
+    assert export_main([str(ckpt), str(tmp_path / "hf")]) == 0
+    assert "| expert_parallel_size | 2 |" in (tmp_path / "hf" / "README.md").read_text()
+    run = load_run_config(str(trained / "topk" / "run.yaml"), [f"checkpoint.resume={ckpt}"])
+    check_checkpoints(run, 2)  # same model, same data stream: the resume would go ahead

@@ -34,7 +34,8 @@ def trained(tmp_path_factory) -> Path:
     out.mkdir()
     tree = {
         "task": "translation", "name": "mt-export",
-        "model": {"preset": "mt_tiny", "moe": {"ep_size": 2}},
+        "model": {"preset": "mt_tiny"},
+        "parallel": {"ep_size": 2},
         "data": {"path": str(data), "max_tokens": 512},
         "train": {"steps": 30, "micro_batch_size": 1, "lr": 3e-3, "warmup_steps": 5, "seed": 3},
         "checkpoint": {"interval": 0, "keep_last": 1},

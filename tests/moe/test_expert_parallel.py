@@ -52,11 +52,12 @@ def test_four_ranks_ep2_times_edp2_zero_steps_match_reference(tmp_path):
 def test_world_size_not_divisible_by_ep_size_is_a_clear_error():
     code = (
         "import torch.distributed as dist, tempfile\n"
-        "from meo_ds.moe import MoEConfig, MoELayer, MoEConfigError\n"
+        "from meo_ds.moe import MoEConfig, MoELayer\n"
+        "from meo_ds.parallel import ParallelizeError, parallelize\n"
         "dist.init_process_group('gloo', init_method='file://' + tempfile.mktemp(), rank=0, world_size=1)\n"
-        "layer = MoELayer(MoEConfig(num_experts=4, ep_size=2), 8, 16)\n"
-        "try:\n    layer.set_deepspeed_parallelism()\n"
-        "except MoEConfigError as e:\n    print('ERR', e)\n"
+        "layer = MoELayer(MoEConfig(num_experts=4), 8, 16)\n"
+        "try:\n    parallelize(layer, 2)\n"
+        "except ParallelizeError as e:\n    print('ERR', e)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=launch_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert "ERR" in proc.stdout, proc.stdout + proc.stderr

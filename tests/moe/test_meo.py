@@ -429,8 +429,10 @@ def test_experts_are_plain_data_parallel_parameters():
     layer = make_layer("gelu")
     for p in layer.parameters():
         assert getattr(p, "allreduce", True) and not hasattr(p, "group_name")
-    with pytest.raises(MoEConfigError, match="ep_size"):
-        MEOLayer(MoEConfig(kind="meo", num_experts=4, ep_size=2), 6, 10)
+    from meo_ds.parallel import ParallelizeError, parallelize
+
+    with pytest.raises(ParallelizeError, match="ep_size"):
+        parallelize(MEOLayer(MoEConfig(kind="meo", num_experts=4), 6, 10), 2)
 
 
 # ---------------------------------------------------------------------------------------------

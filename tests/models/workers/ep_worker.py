@@ -15,14 +15,15 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "moe", "workers")))
 
-from common import PREFIX, finish, global_to_local, init_dist, script_args  # noqa: E402
+from common import PREFIX, finish, init_dist, script_args  # noqa: E402
 
 from meo_ds.models import LMConfig, MTConfig, build_model  # noqa: E402
-from meo_ds.moe import MoEConfig, MoELayer  # noqa: E402
+from meo_ds.moe import MoEConfig  # noqa: E402
+from meo_ds.parallel import parallelize  # noqa: E402
 
 
-def make(task: str, kind: str, ep: int):
-    moe = MoEConfig(kind=kind, num_experts=4, top_k=2, threshold=0.6, ep_size=ep, dispatch="dropless")
+def make(task: str, kind: str):
+    moe = MoEConfig(kind=kind, num_experts=4, top_k=2, threshold=0.6, dispatch="dropless")
     if task == "lm":
         cfg = LMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16, moe=moe)
     else:
@@ -54,14 +55,12 @@ def main() -> None:
     kind, task = args[0], (args[1] if len(args) > 1 else "lm")
     rank, world = init_dist()
     batches = [batch(task, 10 + r) for r in range(world)]
-    ref = make(task, kind, 1)
+    ref = make(task, kind)
     ref_runs = [grads_on(ref, b) for b in batches]
-    model = make(task, kind, world)
+    model = make(task, kind)
+    model.load_state_dict(ref.state_dict())
+    parallelize(model, world)
     local = model.cfg.moe.num_experts // world
-    model.load_state_dict(global_to_local(ref.state_dict(), rank, local))
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            module.set_deepspeed_parallelism()
     loss, grads = grads_on(model, batches[rank])
     want_loss, want = ref_runs[rank]
     assert torch.allclose(loss, want_loss, atol=1e-10), (kind, rank, loss.item(), want_loss.item())

@@ -1,7 +1,7 @@
 """Rank worker: the initial model does not depend on the expert-parallel layout. Built from the
-same seed at ep=1 and at ep=world, every non-expert parameter is bit-identical and local expert
-i of ep rank r is bit-identical to global expert r*El + i of the ep=1 model; no two experts of a
-layer start equal. Argument: TASK ('lm' or 'translation')."""
+same seed, once left whole (ep=1) and once parallelized at ep=world, every non-expert parameter
+is bit-identical and local expert i of ep rank r is bit-identical to global expert r*El + i of
+the ep=1 model; no two experts of a layer start equal. Argument: TASK ('lm' or 'translation')."""
 from __future__ import annotations
 
 import os
@@ -16,14 +16,15 @@ from common import PREFIX, finish, global_to_local, init_dist, script_args  # no
 
 from meo_ds.models import LMConfig, MTConfig, build_model  # noqa: E402
 from meo_ds.moe import MoEConfig  # noqa: E402
+from meo_ds.parallel import parallelize  # noqa: E402
 
 
-def make(task: str, ep: int):
+def make(task: str):
     if task == "lm":
-        moe = MoEConfig(kind="topk", num_experts=4, top_k=2, ep_size=ep)
+        moe = MoEConfig(kind="topk", num_experts=4, top_k=2)
         cfg = LMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16, moe=moe)
     else:
-        moe = MoEConfig(kind="xmoe", num_experts=4, activation="gelu", ep_size=ep)
+        moe = MoEConfig(kind="xmoe", num_experts=4, activation="gelu")
         cfg = MTConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, max_seq_len=16, moe=moe,
                        moe_in="both", moe_every=1, moe_offset=0)
     torch.manual_seed(1234)
@@ -33,8 +34,8 @@ def make(task: str, ep: int):
 def main() -> None:
     task = script_args()[0]
     rank, world = init_dist()
-    ref = make(task, 1).state_dict()
-    ours = make(task, world).state_dict()
+    ref = make(task).state_dict()
+    ours = parallelize(make(task), world).state_dict()  # built from the same seed, then sharded
     want = global_to_local(ref, rank, 4 // world)
     assert ours.keys() == want.keys()
     worst = max((ours[k] - want[k]).abs().max().item() for k in ours)

@@ -69,8 +69,8 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1
         raise AssertionError(f"{name}: mismatch (max abs err {err}, shapes {tuple(got.shape)} vs {tuple(want.shape)})")
 
 
-def make_cfg(kind: str, mode: str, ep: int, **kw) -> MoEConfig:
-    base = dict(kind=kind, dispatch=mode, num_experts=4, top_k=2, threshold=0.6, ep_size=ep,
+def make_cfg(kind: str, mode: str, **kw) -> MoEConfig:
+    base = dict(kind=kind, dispatch=mode, num_experts=4, top_k=2, threshold=0.6,
                 capacity_factor=1.0, min_capacity=1, aux_loss_coef=0.01, z_loss_coef=1e-3)
     base.update(kw)
     return MoEConfig(**base)

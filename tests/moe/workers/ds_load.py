@@ -9,11 +9,13 @@ import torch
 from common import finish, script_args, check_close, init_dist
 from ds_train import TinyMoEModel, ds_config
 
+from meo_ds.parallel import parallelize
+
 
 def main() -> None:
     out_dir = script_args()[0]
     rank, world = init_dist()
-    model = TinyMoEModel(world)
+    model = parallelize(TinyMoEModel(), world)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(0))
     path, _ = engine.load_checkpoint(f"{out_dir}/ckpt", tag="t", load_module_only=True)
     if path is None:

@@ -1,6 +1,7 @@
 """Worker: training steps through deepspeed.initialize (ZeRO 0, 1, 2; fp32; Adam from the DS
 config) of a tiny model with a top-k (capacity) and an XMoE (dropless) MoELayer at
-ep = world // edp, checked against a single-process torch reference on every rank.
+ep = world // edp (built whole, then meo_ds.parallel.parallelize), checked against a
+single-process torch reference on every rank.
 
 Usage: ds_train.py OUT_DIR EDP STAGES   (e.g. /tmp/x 1 0,1,2)
 The engine averages gradients over all data-parallel ranks (expert gradients too: deepspeed
@@ -21,6 +22,7 @@ import torch.nn as nn
 from common import finish, script_args, batch, check_close, global_to_local, init_dist
 
 from meo_ds.moe import MoEConfig, MoELayer
+from meo_ds.parallel import parallelize
 
 D, F, B, L, LR, STEPS = 8, 12, 2, 5, 1e-2, 2
 
@@ -28,10 +30,10 @@ D, F, B, L, LR, STEPS = 8, 12, 2, 5, 1e-2, 2
 class TinyMoEModel(nn.Module):
     """in-proj -> top-k MoE (capacity) -> XMoE (dropless) -> out-proj; masked MSE + aux losses."""
 
-    def __init__(self, ep: int):
+    def __init__(self):
         super().__init__()
         self.inp = nn.Linear(D, D)
-        common = dict(num_experts=4, ep_size=ep, min_capacity=1, capacity_factor=1.0)
+        common = dict(num_experts=4, min_capacity=1, capacity_factor=1.0)
         self.moe0 = MoELayer(MoEConfig(kind="topk", dispatch="capacity", top_k=2, **common), D, F)
         self.moe1 = MoELayer(MoEConfig(kind="xmoe", dispatch="dropless", threshold=0.7, **common), D, F)
         self.out = nn.Linear(D, D)
@@ -67,7 +69,7 @@ def data(world: int):
 def reference(world: int, batches):
     """The single-process model after STEPS steps, and its gradients of the first step."""
     torch.manual_seed(0)
-    ref = TinyMoEModel(1)
+    ref = TinyMoEModel()
     opt = torch.optim.Adam(ref.parameters(), lr=LR)
     first_grads = None
     for _ in range(STEPS):
@@ -84,9 +86,7 @@ def train_stage(stage: int, rank: int, world: int, ep: int, batches, ref, ref_gr
     from deepspeed.utils import safe_get_full_grad
 
     torch.manual_seed(0)
-    full = TinyMoEModel(1)
-    model = TinyMoEModel(ep)
-    model.load_state_dict(global_to_local(full.state_dict(), rank % ep, 4 // ep))
+    model = parallelize(TinyMoEModel(), ep)  # ep rank rank % ep: DeepSpeed's groups are consecutive ranks
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(stage))
     want_grads = global_to_local(ref_grads, rank % ep, 4 // ep)
     for step in range(STEPS):

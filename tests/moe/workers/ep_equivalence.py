@@ -1,5 +1,7 @@
 """Worker: an ep=N layer on N ranks equals the single-process layer with the same weights.
 
+The ep=N layer is the single-process layer (same weights) through meo_ds.parallel.parallelize.
+
 For every (top-k | threshold) x (capacity | dropless) case each rank routes its own micro-batch
 (with padding); every rank also runs the ep=1 reference on *each* rank's micro-batch alone
 (capacity is computed per rank from that rank's real tokens, so per-batch is the matching
@@ -16,10 +18,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from common import finish, batch, check_close, expert_grads, global_to_local, init_dist, make_cfg
+from common import finish, batch, check_close, expert_grads, init_dist, make_cfg
 from host_syncs import count_host_syncs
 
 from meo_ds.moe import MoELayer
+from meo_ds.parallel import parallelize
 
 D, F, B, L = 8, 12, 2, 6
 # Host syncs of one ep>1 forward with a padding mask: the real-token selection (nonzero), and
@@ -36,7 +39,7 @@ def run(layer: MoELayer, x, mask, probe):
 
 def reference(cfg_kw: dict, kind: str, mode: str, world: int, batches, force=None):
     torch.manual_seed(0)
-    ref = MoELayer(make_cfg(kind, mode, 1, **cfg_kw), D, F).double()
+    ref = MoELayer(make_cfg(kind, mode, **cfg_kw), D, F).double()
     if force is not None:
         force(ref)
     results = [run(ref, *b) for b in batches]
@@ -45,8 +48,9 @@ def reference(cfg_kw: dict, kind: str, mode: str, world: int, batches, force=Non
 
 def check_case(rank: int, world: int, kind: str, mode: str, batches, force=None, **cfg_kw) -> int:
     ref, results = reference(cfg_kw, kind, mode, world, batches, force)
-    layer = MoELayer(make_cfg(kind, mode, world, **cfg_kw), D, F).double()
-    layer.load_state_dict(global_to_local(ref.state_dict(), rank, layer.num_local_experts))
+    layer = MoELayer(make_cfg(kind, mode, **cfg_kw), D, F).double()
+    layer.load_state_dict(ref.state_dict())
+    parallelize(layer, world)
     out, xgrad = run(layer, *batches[rank])
     tag = f"{kind}/{mode}"
     check_close(f"{tag} output", out.hidden, results[rank][0].hidden)
