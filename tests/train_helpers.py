@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import psutil
 import yaml
 
-from distributed import REPO_ROOT, free_port, launch_env
+from distributed import REPO_ROOT, launch_env
+from meo_ds.distributed import free_port
 
 TRAIN_SCRIPT = REPO_ROOT / "tests" / "workers" / "train_worker.py"
 CPU_DS = str(REPO_ROOT / "ds_configs" / "cpu_fp32.json")

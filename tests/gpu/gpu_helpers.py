@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from tests.distributed import REPO_ROOT, free_port, launch_env
+from meo_ds.distributed import free_port
+from tests.distributed import REPO_ROOT, launch_env
 from train_helpers import write_config
 
 AUDIT_WORKER = REPO_ROOT / "tests" / "workers" / "collective_audit.py"
