@@ -13,7 +13,12 @@ world/ep size, the same data stream). Rank 0 then locks the run directory (meo_d
 one job per directory). Then `Trainer` owns the run: setup (process group with a timeout,
 model, parameter groups, engine, loaders, resume; config.json is written once resume succeeded),
 the step loop, evaluation, checkpoints, and stopping (SIGTERM/SIGINT, non-finite losses, a dead
-rank).
+rank). Whatever depends on the task (lm or translation: corpus, loader, fit checks, FLOPs per
+token, evaluation) the trainer asks of `task_for(cfg)` (meo_ds/tasks.py); what a batch feeds the
+model and how many tokens it counts comes from meo_ds/data/batch.py.
+
+Per step the ranks agree on a `StepSums` (non-finite flag, stop flag, token-weighted loss sums),
+one all_reduce per micro-batch; the log line sums the steps' results in a `LogWindow`.
 
 Exit status: 0 done (or stopped by a signal after saving), 2 bad input (config, paths, corpus,
 a checkpoint that does not fit, a run directory in use; also a corrupt shard met mid-run),
