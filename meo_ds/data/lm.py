@@ -7,7 +7,6 @@ written last, so a directory without it is never read.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from meo_ds.data.io import (TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype, corpus_key,
                             describe_inputs, open_tokens, read_manifest, staging_dir, token_dtype, write_manifest)
 from meo_ds.data.loader import CorpusSplit, ResumableLoader
-from meo_ds.data.prepare import StrideSplitter, select, tokenize_chunks
+from meo_ds.data.prepare import StrideSplitter, select, ship_tokenizer, tokenize_chunks
 from meo_ds.data.readers import read_documents
 from meo_ds.data.tokenizer import Tokenizer
 
@@ -58,11 +57,9 @@ def prepare_lm(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
         splits = {name: w.close() for name, w in writers.items()}
         if splits["train"]["tokens"] < 2:
             raise ValueError("corpus yields fewer than 2 training tokens")
-        shutil.copyfile(tok.path, tmp / "tokenizer.model")
         manifest = {
             "format": LM_FORMAT, "task": "lm", "corpus_key": key, "inputs": described, "options": options,
-            "tokenizer": {"file": "tokenizer.model", "source": str(tok.path.resolve()), "sha256": tok.checksum(),
-                          "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()},
+            "tokenizer": ship_tokenizer(tok, tmp),
             "dtype": np_dtype.name, "splits": splits,
             "documents": sum(s["sequences"] for s in splits.values()),
             "tokens": sum(s["tokens"] for s in splits.values()),

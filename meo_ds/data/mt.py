@@ -10,7 +10,6 @@ trained to predict target + eos (labels), so decoder_input_ids[:, t+1] == labels
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -24,7 +23,7 @@ from meo_ds.data.io import (TokenFileWriter, check_output_dir, check_token_ids, 
                             describe_inputs, manifest_field, open_tokens, read_manifest, staging_dir, token_dtype,
                             write_manifest)
 from meo_ds.data.loader import CorpusSplit, ResumableLoader
-from meo_ds.data.prepare import StrideSplitter, select, tokenize_chunks
+from meo_ds.data.prepare import StrideSplitter, select, ship_tokenizer, tokenize_chunks
 from meo_ds.data.readers import CorpusError, read_pairs
 from meo_ds.data.tokenizer import Tokenizer
 
@@ -121,12 +120,10 @@ def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
             splits[name] = {"pairs": source["sequences"], "source": source, "target": target}
         if splits["train"]["pairs"] == 0:
             raise ValueError(f"no training pairs left after filtering: {removed}")
-        shutil.copyfile(tok.path, tmp / "tokenizer.model")
         kept = sum(s["pairs"] for s in splits.values())
         manifest = {
             "format": MT_FORMAT, "task": "mt", "corpus_key": key, "inputs": described, "options": options,
-            "tokenizer": {"file": "tokenizer.model", "source": str(tok.path.resolve()), "sha256": tok.checksum(),
-                          "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()},
+            "tokenizer": ship_tokenizer(tok, tmp),
             "dtype": np_dtype.name, "splits": splits,
             "pairs": {"read": removed["read"], "kept": kept, "removed": {f: removed[f] for f in FILTERS}},
             "tokens": {side: sum(s[side]["tokens"] for s in splits.values()) for side in ("source", "target")},
@@ -137,8 +134,8 @@ def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
 
 
 def print_mt_summary(m: dict, out: Path) -> None:
-    pairs = m["pairs"]
     """What `meo-prepare` prints about a prepared corpus (its manifest `m`)."""
+    pairs = m["pairs"]
     print(f"translation corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
     print(f"  pairs read {pairs['read']:,}  kept {pairs['kept']:,}  dropped {pairs['read'] - pairs['kept']:,}")
     for name, count in pairs["removed"].items():

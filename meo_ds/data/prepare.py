@@ -1,4 +1,4 @@
-"""Shared machinery of the prepare commands: parallel tokenization and streaming splits.
+"""Shared machinery of the prepare commands: the shipped tokenizer, parallel tokenization, streaming splits.
 
 (Input fingerprints, `describe_inputs` and `corpus_key`, live in meo_ds/data/io.py.)
 """
@@ -7,8 +7,10 @@ from __future__ import annotations
 import multiprocessing as mp
 from collections import deque
 import os
+import shutil
 from fractions import Fraction
 from itertools import chain, islice
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -16,6 +18,13 @@ import numpy as np
 from meo_ds.data.tokenizer import Tokenizer
 
 _WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def ship_tokenizer(tok: Tokenizer, staging: Path) -> dict:
+    """Copy the tokenizer into a corpus being staged; returns the manifest's `tokenizer` entry."""
+    shutil.copyfile(tok.path, staging / "tokenizer.model")
+    return {"file": "tokenizer.model", "source": str(tok.path.resolve()), "sha256": tok.checksum(),
+            "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()}
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
