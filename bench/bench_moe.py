@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import sys
 import time
@@ -126,25 +125,19 @@ class Env:
             get_accelerator().synchronize()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup(args: argparse.Namespace) -> Env:
     """Pick the device, start (or join) the process group DeepSpeed's MoE needs, set threads."""
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if not want_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    from meo_ds.distributed import free_port, init_distributed
+
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     if not launched:  # a 1-rank group in this process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-
-    from meo_ds.distributed import init_distributed
 
     created = not dist.is_initialized()
     if created:

@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 
 from meo_ds.distributed import all_gather_objects
+from meo_ds.fileio import atomic_write as _atomic_write
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -301,15 +302,6 @@ def describe_save_error(path: Path, err: BaseException) -> str:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return (f"cannot write checkpoint {path}: {reason}. Free space or make it writable, or set checkpoint.dir "
             f"elsewhere; the last complete checkpoint (`latest`) is untouched and resumes the run")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:

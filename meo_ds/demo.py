@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -38,12 +37,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra run-config overrides")
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def use_gpus(ranks: int) -> bool:
@@ -80,6 +73,8 @@ def ds_config(gpu: bool) -> dict:
 
 
 def launch(args: argparse.Namespace, config_path: Path, ds_path: Path, gpu: bool) -> int:
+    from meo_ds.distributed import free_port
+
     env = dict(os.environ)
     if not gpu:
         env["DS_ACCELERATOR"] = "cpu"

@@ -11,6 +11,9 @@ Collectives on model tensors (the all-to-all in moe/dispatch.py, DeepSpeed's gra
 reductions) already live on the device and stay where they are.
 tests/test_collectives.py fails when any other module issues a collective of its own.
 
+`free_port` gives a single-machine launch (meo-train without a launcher, the demo, the benchmark,
+the tests) its MASTER_PORT.
+
 Timeouts. `init_distributed(timeout_s)` gives the world group that timeout, and also every
 group created afterwards: torch's `new_group(ranks)` without a timeout (how DeepSpeed creates
 its expert-parallel, expert-data-parallel and data-parallel groups) takes the module default of
@@ -29,6 +32,7 @@ group's ranks, this rank and our call site, read from the traceback.
 from __future__ import annotations
 
 import os
+import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +43,14 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (the OS picks it): MASTER_PORT of a one-machine launch.
+    Another process may take it before the launch binds it; launches here are few and short."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(timeout_s: Optional[float] = None) -> None:

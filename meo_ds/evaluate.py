@@ -1,5 +1,8 @@
 """Evaluation: validation loss/perplexity (LM and translation) and BLEU/chrF with beam search.
 
+Which of these a run computes is its task's choice (meo_ds/tasks.py: Task.evaluate runs
+`validation_loss`, and for translation `bleu_chrf`, inside `evaluation_mode`).
+
 All functions are collective: every rank calls them. Validation batches are split over the
 ranks; their token-weighted losses are summed on the device and reduced once, through
 meo_ds.distributed.all_reduce, at the end. Beam search runs the same
@@ -9,37 +12,38 @@ and identical inputs make every rank stop at the same step); rank 0 scores them.
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
+
 from meo_ds import distributed
 from meo_ds.config import RunConfig
+from meo_ds.data.batch import model_inputs, target_tokens
+from meo_ds.data.mt import MTDataset
 
 
-def evaluate(engine: Any, cfg: RunConfig, val_loader: Any, device: torch.device) -> dict:
+@contextmanager
+def evaluation_mode(engine: Any) -> Iterator[None]:
+    """The model in eval mode without gradients; its training mode comes back afterwards."""
     was_training = engine.module.training
     engine.eval()
     try:
         with torch.no_grad():
-            result = validation_loss(engine, val_loader, cfg.eval.max_batches, device)
-            if cfg.task == "translation" and cfg.eval.bleu:
-                result.update(bleu_chrf(engine.module, cfg, device))
+            yield
     finally:
         if was_training:
             engine.train()
-    return result
 
 
 def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.device) -> dict:
     """Token-weighted mean cross-entropy (not label-smoothed) over the first `max_batches`
     validation batches of every rank, and its perplexity."""
-    from meo_ds.train import model_inputs, target_tokens
-
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     token_sum = 0
     for step in range(min(len(loader), max_batches)):
         batch = loader.batch(0, step)
-        out = engine(**model_inputs(batch, device))
+        out = engine(**model_inputs(batch, device, loader.MODEL_INPUTS))
         tokens = target_tokens(batch)
         nll_sum += out.nll_loss.detach().double() * tokens
         token_sum += tokens
@@ -51,8 +55,6 @@ def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.de
 def bleu_chrf(model: torch.nn.Module, cfg: RunConfig, device: torch.device, batch_size: int = 64) -> dict:
     """sacrebleu BLEU and chrF of beam-search translations of the first N validation pairs."""
     import sacrebleu
-
-    from meo_ds.data.mt import MTDataset
 
     dataset = MTDataset(cfg.data.path, cfg.data.val_split)
     tok = dataset.tokenizer()

@@ -13,7 +13,12 @@ world/ep size, the same data stream). Rank 0 then locks the run directory (meo_d
 one job per directory). Then `Trainer` owns the run: setup (process group with a timeout,
 model, parameter groups, engine, loaders, resume; config.json is written once resume succeeded),
 the step loop, evaluation, checkpoints, and stopping (SIGTERM/SIGINT, non-finite losses, a dead
-rank).
+rank). Whatever depends on the task (lm or translation: corpus, loader, fit checks, FLOPs per
+token, evaluation) the trainer asks of `task_for(cfg)` (meo_ds/tasks.py); what a batch feeds the
+model and how many tokens it counts comes from meo_ds/data/batch.py.
+
+Per step the ranks agree on a `StepSums` (non-finite flag, stop flag, token-weighted loss sums),
+one all_reduce per micro-batch; the log line sums the steps' results in a `LogWindow`.
 
 Exit status: 0 done (or stopped by a signal after saving), 2 bad input (config, paths, corpus,
 a checkpoint that does not fit, a run directory in use; also a corrupt shard met mid-run),
@@ -30,7 +35,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -40,14 +45,16 @@ import torch.distributed as dist
 from meo_ds import checkpoint as ckpt
 from meo_ds import distributed
 from meo_ds import metrics
-from meo_ds.distributed import describe_collective_failure, init_distributed
-from meo_ds.config import (ConfigError, RunConfig, build_model_config, load_ds_config, load_run_config,
-                           migrate_saved_run_config, reconcile_ds_config)
+from meo_ds.distributed import describe_collective_failure, free_port, init_distributed
+from meo_ds.config import (ConfigError, RunConfig, build_model_config, load_ds_config,
+                           load_run_config, migrate_saved_run_config, reconcile_ds_config)
+from meo_ds.data.batch import model_inputs, target_tokens
 from meo_ds.data.io import StreamMismatch
 from meo_ds.data.readers import CorpusError
 from meo_ds.optim import SkippableAdamW, lr_at, param_groups, set_lr
 from meo_ds.parallel import parallelize
 from meo_ds.run_lock import RunDirBusy, lock_run_dirs
+from meo_ds.tasks import task_for
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
@@ -98,50 +105,40 @@ def check_paths(cfg: RunConfig) -> None:
 def check_data(cfg: RunConfig, world_size: int = 1) -> None:
     """The corpus exists, passes the cheap checks (data.verify: the full one), fits the model
     (vocabulary, sequence length) and fills one global batch of the train and validation splits."""
-    path = Path(cfg.data.path)
+    task, path = task_for(cfg), Path(cfg.data.path)
     if not (path / "manifest.json").is_file():
         raise ConfigError(
             f"data.path={str(path)!r} holds no prepared corpus (no manifest.json); prepare one with "
-            f"`meo-prepare demo --task {'lm' if cfg.task == 'lm' else 'mt'} --out {path}` or `meo-prepare lm|mt ...`"
+            f"`meo-prepare demo --task {task.PREPARE_NAME} --out {path}` or `meo-prepare lm|mt ...`"
         )
     if cfg.data.verify and os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine
         from meo_ds.data.verify import verify_corpus
 
         verify_corpus(path)
-    ds = train_dataset(cfg)
+    ds = task.dataset("train")
     vocab = ds.tokenizer().vocab_size
     model_vocab = getattr(cfg.model, "vocab_size", None)
     if model_vocab is not None and vocab > model_vocab:
         raise ConfigError(f"the tokenizer of {path} has {vocab} tokens but model.vocab_size={model_vocab}; "
                           f"set --set model.vocab_size={vocab}")
-    max_len = getattr(cfg.model, "max_seq_len", None)
-    if cfg.task == "lm" and max_len is not None and cfg.data.seq_len > max_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}; lower one or raise the other")
-    if cfg.task == "translation" and max_len is not None:
-        longest = max(int(ds.src_lens.max(initial=0)), int(ds.tgt_lens.max(initial=0))) + 1
-        if longest > max_len:
-            split = ds.split
-            raise ConfigError(f"the {split} split of {path} holds a sentence of {longest} tokens (with eos/bos) but "
-                              f"model.max_seq_len={max_len}; raise model.max_seq_len or prepare the corpus with "
-                              f"--max-len {max_len - 1}")
+    task.check_fits_model(ds)
     for split in ("train", cfg.data.val_split):
         check_loader(cfg, split, world_size)
 
 
 def check_loader(cfg: RunConfig, split: str, world_size: int) -> Any:
     """Rank 0's loader of `split` (every rank gets as many batches); ConfigError if there is none."""
+    task = task_for(cfg)
     try:
-        return build_loader(cfg, split, 0, world_size, shuffle=split == "train")
+        return task.loader(split, 0, world_size, shuffle=split == "train")
     except KeyError as err:
         raise ConfigError(f"data.path={cfg.data.path!r} has no split {split!r} ({err.args[0]}); "
                           f"set data.val_split to one it has") from None
     except ValueError as err:
         if isinstance(err, CorpusError):
             raise
-        size = (f"lower train.micro_batch_size={cfg.train.micro_batch_size} or data.seq_len={cfg.data.seq_len}"
-                if cfg.task == "lm" else f"change data.max_tokens={cfg.data.max_tokens}")
         more = "prepare a larger corpus" + (" or a larger --valid-fraction" if split != "train" else "")
-        raise ConfigError(f"{err}; {size}, run on fewer ranks, or {more}") from None
+        raise ConfigError(f"{err}; {task.batch_size_advice()}, run on fewer ranks, or {more}") from None
 
 
 def check_checkpoints(cfg: RunConfig, world_size: int) -> None:
@@ -232,7 +229,7 @@ def check_same_data_stream(cfg: RunConfig, point: ckpt.ResumePoint, world_size: 
     state = ckpt.load_rank_state(point, 0)
     if not state or "data" not in state:
         return
-    loader = build_loader(cfg, "train", 0, world_size)
+    loader = task_for(cfg).loader("train", 0, world_size)
     try:
         loader.check_state(state["data"])
     except StreamMismatch as err:
@@ -242,50 +239,11 @@ def check_same_data_stream(cfg: RunConfig, point: ckpt.ResumePoint, world_size: 
                           f"checkpoint.init_from={point.path} in another logging.out_dir") from None
 
 
-def train_dataset(cfg: RunConfig) -> Any:
-    from meo_ds import data
-
-    if cfg.task == "lm":
-        return data.LMDataset(cfg.data.path, "train")
-    return data.MTDataset(cfg.data.path, "train")
-
-
-# --------------------------------------------------------------------------- models / data integration
+# --------------------------------------------------------------------------- model
 def build_model(cfg: RunConfig) -> torch.nn.Module:
     from meo_ds import models
 
     return models.build_model(cfg.model)
-
-
-def train_flops_per_token(model: torch.nn.Module, cfg: RunConfig) -> float:
-    """Training (forward + backward) FLOPs per trained token as the model accounts them: LM at
-    data.seq_len; translation per target token at the training corpus's mean sentence lengths."""
-    if cfg.task == "lm":
-        return float(model.flops_per_token(cfg.data.seq_len))
-    ds = train_dataset(cfg)
-    return float(model.flops_per_token(float(ds.src_lens.mean()) + 1, float(ds.tgt_lens.mean()) + 1))
-
-
-def build_loader(cfg: RunConfig, split: str, rank: int, world: int, shuffle: bool = True) -> Any:
-    from meo_ds import data
-
-    if cfg.task == "lm":
-        return data.LMLoader(cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                             dp_rank=rank, dp_world_size=world, seed=cfg.data.seed, shuffle=shuffle, split=split)
-    return data.MTLoader(cfg.data.path, max_tokens=cfg.data.max_tokens, dp_rank=rank, dp_world_size=world,
-                         seed=cfg.data.seed, shuffle=shuffle, split=split)
-
-
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "segment_ids", "src_ids", "src_mask",
-                "decoder_input_ids", "tgt_mask")
-
-
-def model_inputs(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and torch.is_tensor(v)}
-
-
-def target_tokens(batch: dict) -> int:
-    return int((batch["labels"] != -100).sum())
 
 
 # --------------------------------------------------------------------------- stopping
@@ -308,6 +266,32 @@ class NonFiniteLoss(RuntimeError):
 
 
 @dataclass
+class StepSums:
+    """What the ranks agree on in one optimizer step: per micro-batch one all_reduce of `stack(...)`
+    sums these over the ranks, and `+` sums the reduced values over the micro-batches (float64)."""
+
+    nonfinite: float = 0.0  # micro-batches whose loss is not finite on some rank
+    stop: float = 0.0  # ranks that caught a stop signal
+    loss_tokens: float = 0.0  # task loss x target tokens
+    tokens: float = 0.0  # target tokens
+    aux: float = 0.0  # MoE auxiliary loss
+    nll_tokens: float = 0.0  # cross-entropy x target tokens
+
+    @classmethod
+    def stack(cls, **values: torch.Tensor) -> torch.Tensor:
+        """The fields' values (0-d float64 tensors, by field name) as one tensor to reduce."""
+        return torch.stack([values[f.name] for f in fields(cls)])
+
+    @classmethod
+    def of(cls, reduced: torch.Tensor) -> "StepSums":
+        """From a `stack` tensor the seam reduced (already on the host: reading it costs no sync)."""
+        return cls(*reduced.tolist())
+
+    def __add__(self, other: "StepSums") -> "StepSums":
+        return StepSums(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+@dataclass
 class StepResult:
     loss: float  # mean task loss (the training objective) per target token over all ranks (nan when skipped)
     nll: float  # mean cross-entropy per target token (= loss unless the objective is label-smoothed)
@@ -318,10 +302,38 @@ class StepResult:
     grad_norm: Optional[float]
 
 
+@dataclass
+class LogWindow:
+    """The steps since the last log line (host numbers from the StepResults)."""
+
+    loss_tokens: float = 0.0  # sum of loss x tokens over the steps that updated
+    nll_tokens: float = 0.0
+    aux: float = 0.0
+    tokens: int = 0
+    steps: int = 0  # steps that updated
+    skipped: int = 0  # steps skipped for a non-finite loss
+    grad_norm: Optional[float] = None  # of the last step that updated
+
+    def add(self, r: StepResult) -> None:
+        if r.skipped:
+            self.skipped += 1
+            return
+        self.loss_tokens += r.loss * r.tokens
+        self.nll_tokens += r.nll * r.tokens
+        self.tokens += r.tokens
+        self.aux += r.aux
+        self.steps += 1
+        self.grad_norm = r.grad_norm
+
+    def per_token(self, total: float) -> float:
+        return total / self.tokens if self.tokens else float("nan")
+
+
 # --------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config: dict) -> None:
         self.cfg, self.ds_config = cfg, ds_config
+        self.task = task_for(cfg)
         self.out_dir = Path(cfg.logging.out_dir)
         self.stop_signal = StopSignal()
         self.step = 0
@@ -345,9 +357,9 @@ class Trainer:
         self.optimizer = SkippableAdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                         betas=tuple(cfg.train.betas), eps=cfg.train.eps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
-        self.flops_per_token = train_flops_per_token(model, cfg)
-        self.loader = build_loader(cfg, "train", self.rank, self.world)
-        self.val_loader = build_loader(cfg, cfg.data.val_split, self.rank, self.world, shuffle=False)
+        self.flops_per_token = self.task.train_flops_per_token(model)
+        self.loader = self.task.loader("train", self.rank, self.world)
+        self.val_loader = self.task.loader(cfg.data.val_split, self.rank, self.world, shuffle=False)
         self._seed_rank()
         self._resume_or_init()
         self._write_run_config()
@@ -444,7 +456,7 @@ class Trainer:
     def train(self) -> int:
         cfg = self.cfg
         self.routing = metrics.RoutingAccumulator()
-        self.window = {"loss_tokens": 0.0, "nll_tokens": 0.0, "aux": 0.0, "tokens": 0, "n": 0, "skipped": 0, "gnorm": None}
+        self.window = LogWindow()
         self.timed_tokens, self.timed_since, self.steps_this_run = 0, None, 0
         self.data_iter: Iterator[dict] = self.loader.forever()
         if cfg.checkpoint.save_initial and self.step == 0:
@@ -470,40 +482,41 @@ class Trainer:
         the loss/aux/nll sums. Routing statistics stay on the device until the log interval."""
         cfg, engine = self.cfg, self.engine
         set_lr(self.optimizer, self.lr())
-        sums = torch.zeros(6, dtype=torch.float64)  # non-finite, stop, loss*tokens, tokens, aux, nll*tokens
+        sums = StepSums()
         gnorm = None
         for micro in range(cfg.train.grad_accum):
             batch = next(self.data_iter)
-            out = engine(**model_inputs(batch, self.device))
+            out = engine(**model_inputs(batch, self.device, self.loader.MODEL_INPUTS))
             loss, aux, nll = out.loss.float(), out.aux_loss.float(), out.nll_loss.float()
             if self.step in cfg.debug.nan_at_steps:
                 loss = loss * float("nan")
             tokens = target_tokens(batch)
             stop = loss.new_full((), float(self.stop_signal.requested), dtype=torch.float64)  # fills: no host copy
-            local = torch.stack([(~torch.isfinite(loss + aux)).double(), stop, loss.double() * tokens,
-                                 stop.new_full((), tokens), aux.double(), nll.double() * tokens])
-            flags = distributed.all_reduce(local.detach())
-            bad = bool(flags[0] > 0)
+            local = StepSums.stack(nonfinite=(~torch.isfinite(loss + aux)).double(), stop=stop,
+                                   loss_tokens=loss.double() * tokens, tokens=stop.new_full((), tokens),
+                                   aux=aux.double(), nll_tokens=nll.double() * tokens)
+            flags = StepSums.of(distributed.all_reduce(local.detach()))
+            bad = flags.nonfinite > 0
             engine.backward(self._zero_loss() if bad else loss + aux)
             if micro == cfg.train.grad_accum - 1:
-                self.optimizer.skip_next_step = bool(sums[0] > 0) or bad
+                self.optimizer.skip_next_step = sums.nonfinite > 0 or bad
                 gnorm = self._grad_norm_before_step()
             engine.step()
-            sums += flags if not bad else torch.tensor([1.0, float(flags[1]), 0, 0, 0, 0], dtype=torch.float64)
+            sums += flags if not bad else StepSums(nonfinite=1.0, stop=flags.stop)
             self.routing.add(out.stats)
         return self._step_result(sums, gnorm)
 
-    def _step_result(self, sums: torch.Tensor, gnorm: Optional[float]) -> StepResult:
+    def _step_result(self, sums: StepSums, gnorm: Optional[float]) -> StepResult:
         """StepResult from the host sums of train_step (no collective, no device read but the norm)."""
-        bad, stop, loss_sum, tokens_sum, aux_sum, nll_sum = sums.tolist()
-        skipped, tokens = bad > 0, int(tokens_sum)
+        skipped, tokens = sums.nonfinite > 0, int(sums.tokens)
         if gnorm is None and not skipped:
             value = self.engine.get_global_grad_norm()
             gnorm = float(value) if value is not None else None
         per_token = (lambda total: total / tokens) if tokens and not skipped else (lambda total: float("nan"))
         return StepResult(
-            loss=per_token(loss_sum), nll=per_token(nll_sum), aux=aux_sum / (self.world * self.cfg.train.grad_accum),
-            tokens=tokens, skipped=skipped, stop=stop > 0, grad_norm=gnorm,
+            loss=per_token(sums.loss_tokens), nll=per_token(sums.nll_tokens),
+            aux=sums.aux / (self.world * self.cfg.train.grad_accum), tokens=tokens, skipped=skipped, stop=sums.stop > 0,
+            grad_norm=gnorm,
         )
 
     def _zero_loss(self) -> torch.Tensor:
@@ -570,16 +583,7 @@ class Trainer:
             time.sleep(cfg.debug.step_sleep_s)
 
     def _account(self, r: StepResult) -> None:
-        w = self.window
-        if not r.skipped:
-            w["loss_tokens"] += r.loss * r.tokens
-            w["nll_tokens"] += r.nll * r.tokens
-            w["tokens"] += r.tokens
-            w["aux"] += r.aux
-            w["n"] += 1
-            w["gnorm"] = r.grad_norm
-        else:
-            w["skipped"] += 1
+        self.window.add(r)
         self.steps_this_run += 1
         if self.timed_since is not None:
             self.timed_tokens += r.tokens
@@ -603,19 +607,18 @@ class Trainer:
     def _log_interval(self) -> None:
         w, cfg = self.window, self.cfg
         global_loads = self._global_routing_loads()
-        loss = w["loss_tokens"] / w["tokens"] if w["tokens"] else float("nan")
-        nll = w["nll_tokens"] / w["tokens"] if w["tokens"] else float("nan")
+        loss, nll = w.per_token(w.loss_tokens), w.per_token(w.nll_tokens)
         tps = self.tokens_per_s()
         peak = metrics.peak_flops(metrics.device_name() if cfg.logging.peak_flops_device == "auto"
                                   else cfg.logging.peak_flops_device, cfg.train.precision)
-        m = {"step": self.step, "loss": loss, "ppl": metrics.safe_ppl(nll), "aux": w["aux"] / max(1, w["n"]),
-             "lr": self.lr(), "grad_norm": w["gnorm"], "tokens_per_s": tps,
+        m = {"step": self.step, "loss": loss, "ppl": metrics.safe_ppl(nll), "aux": w.aux / max(1, w.steps),
+             "lr": self.lr(), "grad_norm": w.grad_norm, "tokens_per_s": tps,
              "mfu": metrics.mfu(tps or 0.0, self.flops_per_token, peak, self.world),
-             "routing": self.routing.summary(global_loads), "skipped": w["skipped"]}
+             "routing": self.routing.summary(global_loads), "skipped": w.skipped}
         self.log(metrics.format_line(m))
         self._monitor(m)
         self.routing.reset()
-        self.window = {"loss_tokens": 0.0, "nll_tokens": 0.0, "aux": 0.0, "tokens": 0, "n": 0, "skipped": 0, "gnorm": None}
+        self.window = LogWindow()
 
     def _global_routing_loads(self) -> Optional[list[torch.Tensor]]:
         loads = self.routing.loads
@@ -636,11 +639,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation, checkpoints, end
     def evaluate(self) -> dict:
-        from meo_ds import evaluate as ev
-
         rng = ckpt.rng_state()  # evaluation never changes the training trajectory
         try:
-            result = ev.evaluate(self.engine, self.cfg, self.val_loader, self.device)
+            result = self.task.evaluate(self.engine, self.val_loader, self.device)
         finally:
             ckpt.set_rng_state(rng)
         self.log("eval  | step " + str(self.step) + " | " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -697,12 +698,7 @@ def single_process_env() -> None:
     """`meo-train` run directly (no launcher): one rank on this machine."""
     if "RANK" in os.environ:
         return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def run_dirs(cfg: RunConfig) -> list[Path]:

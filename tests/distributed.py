@@ -7,19 +7,14 @@ raise on any mismatch, so a failing rank fails the test with its traceback.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from meo_ds.distributed import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(extra: dict | None = None) -> dict:

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from distributed import REPO_ROOT, launch_env, run_ranks
-from train_helpers import CPU_DS_ZERO0, metrics, write_config
+from train_helpers import CPU_DS_ZERO0, metrics, small_lm_run, wait_for_step
 
 from meo_ds import train as meo_train
 from meo_ds.checkpoint import describe_save_error
@@ -44,19 +44,11 @@ def lm_data(tmp_path_factory) -> Path:
 
 
 def run_config(out: Path, data: Path, **sections) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    tree = {
-        "task": "lm", "name": out.name,
-        "model": {"preset": "tiny", "vocab_size": 1000, "moe": {"num_experts": 4, "top_k": 2}},
-        "data": {"path": str(data), "seq_len": 32},
-        "train": {"steps": STEPS, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "seed": 7},
-        "checkpoint": {"interval": 3, "keep_last": 2},
-        "logging": {"out_dir": str(out), "interval": 2},
-        "eval": {"max_batches": 1, "at_end": False},
-    }
-    for key, value in sections.items():
-        tree[key] = {**tree.get(key, {}), **value}
-    return write_config(out.parent / f"{out.name}.yaml", tree)
+    model = {"preset": "tiny", "vocab_size": 1000, "moe": {"num_experts": 4, "top_k": 2}}
+    return small_lm_run(out, data, model, {"train": {"steps": STEPS, "warmup_steps": 2, "seed": 7},
+                                           "checkpoint": {"interval": 3, "keep_last": 2}, "logging": {"interval": 2},
+                                           "eval": {"max_batches": 1, "at_end": False}}, sections,
+                        path=out.parent / f"{out.name}.yaml")
 
 
 def meo_train_cmd(config: Path, *overrides: str) -> list[str]:
@@ -69,14 +61,6 @@ def meo_train_cmd(config: Path, *overrides: str) -> list[str]:
 def start(config: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(meo_train_cmd(config, *overrides), env=launch_env(), cwd=REPO_ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not any(m["step"] >= step for m in metrics(out)):
-        if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"run ended or timed out before step {step}:\n{proc.communicate()[1][-3000:]}")
-        time.sleep(0.1)
 
 
 def in_process_main(monkeypatch, config: Path, *overrides: str, ds_config: str = CPU_DS_ZERO0) -> int:

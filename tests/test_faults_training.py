@@ -17,24 +17,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 
-from distributed import REPO_ROOT, free_port, launch_env
+from distributed import REPO_ROOT, launch_env
+from meo_ds.distributed import free_port
 from test_train_dist import lm_data, lm_run  # noqa: F401  (lm_data is a fixture)
-from train_helpers import CPU_DS, launch_cmd, metrics, rank_pids
+from train_helpers import CPU_DS, launch_cmd, rank_pids, wait_for_step
 
 TIMEOUT_S = 15
 GRACE_S = 8  # the surviving rank notices the timeout, prints, exits
-
-
-def wait_for_step(proc: subprocess.Popen, out_dir: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not any(m["step"] >= step for m in metrics(out_dir)):
-        if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"run ended or timed out before step {step}:\n{proc.communicate()[0][-5000:]}")
-        time.sleep(0.05)
 
 
 def failure_line(text: str, rank: int) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import CPU_DS, CPU_DS_ZERO0, losses, metrics, train, train_and_signal, write_config
+from train_helpers import CPU_DS, CPU_DS_ZERO0, losses, metrics, small_lm_run, train, train_and_signal
 
 TINY_LM = {"preset": "tiny", "vocab_size": 2000, "moe": {"num_experts": 4, "top_k": 2}}
 STEPS = 24
@@ -35,21 +35,10 @@ def lm_data(tmp_path_factory) -> Path:
 
 
 def lm_run(out: Path, data: Path, kind: str = "topk", ep: int = 2, **sections) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    moe = dict(TINY_LM["moe"], kind=kind)
-    tree = {
-        "task": "lm", "name": out.name,
-        "model": dict(TINY_LM, moe=moe),
-        "parallel": {"ep_size": ep},
-        "data": {"path": str(data), "seq_len": 32},
-        "train": {"steps": STEPS, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 4, "seed": 7},
-        "checkpoint": {"interval": 0, "keep_last": 2},
-        "logging": {"out_dir": str(out), "interval": 4},
-        "eval": {"max_batches": 2},
-    }
-    for key, value in sections.items():
-        tree[key] = {**tree.get(key, {}), **value}
-    return write_config(out / "run.yaml", tree)
+    model = dict(TINY_LM, moe=dict(TINY_LM["moe"], kind=kind))
+    return small_lm_run(out, data, model, {"parallel": {"ep_size": ep},
+                                           "train": {"steps": STEPS, "warmup_steps": 4, "seed": 7},
+                                           "checkpoint": {"keep_last": 2}}, sections)
 
 
 def assert_learns(loss: dict[int, float], margin: float) -> None:

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import psutil
 import yaml
 
-from distributed import REPO_ROOT, free_port, launch_env
+from distributed import REPO_ROOT, launch_env
+from meo_ds.distributed import free_port
 
 TRAIN_SCRIPT = REPO_ROOT / "tests" / "workers" / "train_worker.py"
 CPU_DS = str(REPO_ROOT / "ds_configs" / "cpu_fp32.json")
@@ -23,6 +24,37 @@ CPU_DS_ZERO0 = str(REPO_ROOT / "ds_configs" / "cpu_fp32_zero0.json")
 def write_config(path: Path, tree: dict) -> Path:
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
+
+
+def small_lm_run(out: Path, data: Path, model: dict, *overrides: dict, path: Optional[Path] = None) -> Path:
+    """The run config (written to `path`, default out/run.yaml) of a small LM run on `data` with the
+    model mapping `model`: seq_len 32, micro-batch 4, lr 3e-3, no periodic checkpoints, logs in
+    `out` every 4 steps, 2 evaluation batches. Each mapping of `overrides`, in order, updates the
+    sections it names key by key."""
+    out.mkdir(parents=True, exist_ok=True)
+    tree = {
+        "task": "lm", "name": out.name, "model": model,
+        "data": {"path": str(data), "seq_len": 32},
+        "train": {"micro_batch_size": 4, "lr": 3e-3},
+        "checkpoint": {"interval": 0},
+        "logging": {"out_dir": str(out), "interval": 4},
+        "eval": {"max_batches": 2},
+    }
+    for sections in overrides:
+        for key, value in sections.items():
+            tree[key] = {**tree.get(key, {}), **value}
+    return write_config(path or out / "run.yaml", tree)
+
+
+def wait_for_step(proc: subprocess.Popen, out_dir: Path, step: int, timeout: float = 120) -> None:
+    """Until metrics.jsonl in `out_dir` reaches `step`; AssertionError with the run's output if it
+    ends or times out first."""
+    deadline = time.time() + timeout
+    while not any(m["step"] >= step for m in metrics(out_dir)):
+        if proc.poll() is not None or time.time() > deadline:
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"run ended or timed out before step {step}:\n{((stdout or '') + (stderr or ''))[-5000:]}")
+        time.sleep(0.05)
 
 
 def launch_cmd(config: Path, ds_config: str, overrides: Sequence[str] = (), num_ranks: int = 2,

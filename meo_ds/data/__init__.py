@@ -28,6 +28,9 @@ Translation::
                                    # (target + eos, padding = -100), tgt_mask [B,T], index [B]
     pad id: loader.tokenizer.pad_id; same state_dict()/load_state_dict()/forever()/len().
 
+Both loaders share meo_ds/data/loader.py (the corpus split, iteration, exact resume); a batch's
+model inputs (`loader.MODEL_INPUTS`) and its counted tokens are meo_ds/data/batch.py's.
+
 Tokenizer: `Tokenizer(path)` (encode/decode/pad_id/bos_id/eos_id/vocab_size); `hf_tokenizer(path)`
 and `save_hf_tokenizer(path, out_dir)` give a transformers tokenizer that encodes identically.
 """

@@ -103,7 +103,7 @@ def run_tokenizer(args: argparse.Namespace) -> dict:
 
 
 def run_lm(args: argparse.Namespace) -> dict:
-    from meo_ds.data.lm import prepare_lm
+    from meo_ds.data.lm import prepare_lm, print_lm_summary
 
     m = prepare_lm(args.inputs, args.tokenizer, args.out, fmt=args.format, field=args.field, doc_sep=args.doc_sep,
                    valid_fraction=args.valid_fraction, num_proc=args.num_proc, dtype=args.dtype,
@@ -112,15 +112,8 @@ def run_lm(args: argparse.Namespace) -> dict:
     return m
 
 
-def print_lm_summary(m: dict, out: Path) -> None:
-    print(f"lm corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
-    for name, s in m["splits"].items():
-        print(f"  {name:<11} {s['sequences']:>10,} documents {s['tokens']:>14,} tokens")
-    print(f"  total       {m['documents']:>10,} documents {m['tokens']:>14,} tokens  ({m['seconds']:.1f} s)")
-
-
 def run_mt(args: argparse.Namespace) -> dict:
-    from meo_ds.data.mt import prepare_mt
+    from meo_ds.data.mt import prepare_mt, print_mt_summary
 
     m = prepare_mt(args.inputs, args.tokenizer, args.out, fmt=args.format, source_field=args.source_field,
                    target_field=args.target_field, max_len=args.max_len, max_ratio=args.max_ratio,
@@ -129,18 +122,6 @@ def run_mt(args: argparse.Namespace) -> dict:
                    progress=not args.no_progress)
     print_mt_summary(m, args.out)
     return m
-
-
-def print_mt_summary(m: dict, out: Path) -> None:
-    pairs = m["pairs"]
-    print(f"translation corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
-    print(f"  pairs read {pairs['read']:,}  kept {pairs['kept']:,}  dropped {pairs['read'] - pairs['kept']:,}")
-    for name, count in pairs["removed"].items():
-        print(f"    removed by {name:<13} {count:>10,}")
-    for name, s in m["splits"].items():
-        print(f"  {name:<11} {s['pairs']:>10,} pairs {s['source']['tokens']:>12,} source tokens "
-              f"{s['target']['tokens']:>12,} target tokens")
-    print(f"  time {m['seconds']:.1f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,11 +145,11 @@ def build_demo(task: str, out: str | Path, *, num_proc: int = 1, vocab_size: int
 
     Deterministic: re-running into the same directory finds everything up to date.
     """
-    from meo_ds.data.cli import print_lm_summary, print_mt_summary
-    from meo_ds.data.io import atomic_write_bytes, staging_dir
-    from meo_ds.data.lm import prepare_lm
-    from meo_ds.data.mt import prepare_mt
+    from meo_ds.data.io import staging_dir
+    from meo_ds.data.lm import prepare_lm, print_lm_summary
+    from meo_ds.data.mt import prepare_mt, print_mt_summary
     from meo_ds.data.tokenizer import prepare_tokenizer
+    from meo_ds.fileio import atomic_write
 
     if task not in ("lm", "mt"):
         raise ValueError(f"demo task must be lm or mt, not {task!r}")
@@ -177,6 +177,6 @@ def build_demo(task: str, out: str | Path, *, num_proc: int = 1, vocab_size: int
         manifest = prepare_mt(inputs, out / "tokenizer", out / "shards", max_len=64, valid_fraction=0.05,
                               test_fraction=0.05, num_proc=num_proc, overwrite=True)
         print_mt_summary(manifest, out / "shards")
-    atomic_write_bytes(out / "demo.json", json.dumps({"task": task, "shards": "shards", "tokenizer": "tokenizer",
-                                                      "corpus": "corpus"}, indent=2).encode())
+    atomic_write(out / "demo.json", json.dumps({"task": task, "shards": "shards", "tokenizer": "tokenizer",
+                                                "corpus": "corpus"}, indent=2))
     return out / "shards"

@@ -1,4 +1,4 @@
-"""Atomic file/directory writes, checksums, manifests and the streaming token-file writer.
+"""Staging directories, checksums and input fingerprints, manifests and the streaming token-file writer.
 
 Staging directories are named ``.{out}.tmp-{host}-{pid}-{random}`` (and the replaced output
 ``.{out}.old-...`` while it is swapped out), so a later run can tell whose they are: one whose
@@ -23,11 +23,12 @@ import uuid
 from array import array
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from meo_ds.data.readers import CorpusError
+from meo_ds.fileio import atomic_write
 
 MANIFEST = "manifest.json"
 
@@ -60,14 +61,22 @@ def sha256_path(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def describe_inputs(inputs: Sequence[str | os.PathLike]) -> list[dict]:
+    """Path, size and checksum of every input (missing inputs are an error before any work)."""
+    described = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: input not found")
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        described.append({"path": str(path.resolve()), "bytes": size, "sha256": sha256_path(path)})
+    return described
+
+
+def corpus_key(inputs: list[dict], tokenizer_sha: str, options: dict) -> str:
+    """The identity of a prepared output: its inputs' checksums and sizes, the tokenizer, the options."""
+    payload = {"inputs": [(i["sha256"], i["bytes"]) for i in inputs], "tokenizer": tokenizer_sha, "options": options}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def token_dtype(vocab_size: int, requested: str | None = None) -> np.dtype:
@@ -187,7 +196,7 @@ def staging_dir(out: Path) -> Iterator[Path]:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    atomic_write_bytes(directory / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 class TokenFileWriter:

@@ -7,18 +7,18 @@ written last, so a directory without it is never read.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meo_ds.data.io import (StreamMismatch, TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype,
-                            manifest_field, open_tokens, read_manifest, staging_dir, token_dtype, write_manifest)
-from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, select, tokenize_chunks
+from meo_ds.data.io import (TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype, corpus_key,
+                            describe_inputs, open_tokens, read_manifest, staging_dir, token_dtype, write_manifest)
+from meo_ds.data.loader import CorpusSplit, ResumableLoader
+from meo_ds.data.prepare import StrideSplitter, select, ship_tokenizer, tokenize_chunks
 from meo_ds.data.readers import read_documents
 from meo_ds.data.tokenizer import Tokenizer
 
@@ -57,11 +57,9 @@ def prepare_lm(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
         splits = {name: w.close() for name, w in writers.items()}
         if splits["train"]["tokens"] < 2:
             raise ValueError("corpus yields fewer than 2 training tokens")
-        shutil.copyfile(tok.path, tmp / "tokenizer.model")
         manifest = {
             "format": LM_FORMAT, "task": "lm", "corpus_key": key, "inputs": described, "options": options,
-            "tokenizer": {"file": "tokenizer.model", "source": str(tok.path.resolve()), "sha256": tok.checksum(),
-                          "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()},
+            "tokenizer": ship_tokenizer(tok, tmp),
             "dtype": np_dtype.name, "splits": splits,
             "documents": sum(s["sequences"] for s in splits.values()),
             "tokens": sum(s["tokens"] for s in splits.values()),
@@ -71,20 +69,21 @@ def prepare_lm(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
     return manifest
 
 
-class LMDataset:
+def print_lm_summary(m: dict, out: Path) -> None:
+    """What `meo-prepare` prints about a prepared corpus (its manifest `m`)."""
+    print(f"lm corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
+    for name, s in m["splits"].items():
+        print(f"  {name:<11} {s['sequences']:>10,} documents {s['tokens']:>14,} tokens")
+    print(f"  total       {m['documents']:>10,} documents {m['tokens']:>14,} tokens  ({m['seconds']:.1f} s)")
+
+
+class LMDataset(CorpusSplit):
     """A memory-mapped split of a prepared LM directory (nothing is read until sliced)."""
 
+    FORMAT, KIND = LM_FORMAT, "an LM corpus"
+
     def __init__(self, directory: str | Path, split: str = "train"):
-        self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        if self.manifest.get("format") != LM_FORMAT:
-            raise ValueError(f"{self.directory}: not an LM corpus (format {self.manifest.get('format')!r})")
-        splits = manifest_field(self.manifest, self.directory, "splits")
-        if split not in splits:
-            raise KeyError(f"{self.directory}: no split {split!r} (it has {', '.join(splits)})")
-        self.split = split
-        self.entry = splits[split]
-        self.vocab_size = int(manifest_field(self.manifest, self.directory, "tokenizer", "vocab_size"))
+        super().__init__(directory, split)
         self.tokens, self.doc_offsets = open_tokens(self.directory, self.entry,
                                                     corpus_dtype(self.manifest, self.directory))
 
@@ -100,11 +99,8 @@ class LMDataset:
         """Ids of document i (int64), ending with eos."""
         return self.tokens[self.doc_offsets[i]:self.doc_offsets[i + 1]].astype(np.int64)
 
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.directory / self.manifest["tokenizer"]["file"])
 
-
-class LMLoader:
+class LMLoader(ResumableLoader):
     """Packed fixed-length LM micro-batches, shuffled per epoch, sharded over data-parallel ranks.
 
     Sample i is tokens[i*L : i*L+L+1] (L = seq_len): input_ids = its first L, labels = its last L;
@@ -119,23 +115,22 @@ class LMLoader:
     dp_world_size as long as the samples consumed are a multiple of the new global batch).
     """
 
+    MODEL_INPUTS = ("input_ids", "labels", "position_ids", "segment_ids")
+    STATE_KEY, UNIT = "samples_consumed", "samples"
+
     def __init__(self, dataset: LMDataset | str | Path, seq_len: int, micro_batch_size: int, *, dp_rank: int = 0,
                  dp_world_size: int = 1, seed: int = 0, shuffle: bool = True, split: str = "train",
                  reset_at_doc_boundaries: bool = False):
         self.dataset = dataset if isinstance(dataset, LMDataset) else LMDataset(dataset, split)
-        if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_world_size})")
+        super().__init__(dp_rank=dp_rank, dp_world_size=dp_world_size, seed=seed, shuffle=shuffle)
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError("seq_len and micro_batch_size must be positive")
-        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
-        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
-        self.seed, self.shuffle, self.reset = seed, shuffle, reset_at_doc_boundaries
+        self.seq_len, self.micro_batch_size, self.reset = seq_len, micro_batch_size, reset_at_doc_boundaries
         self.num_samples = (self.dataset.num_tokens - 1) // seq_len
         self.global_batch = dp_world_size * micro_batch_size
         if len(self) == 0:
             raise ValueError(f"{self.dataset.directory} [{self.dataset.split}]: {self.num_samples} samples of "
                              f"{seq_len + 1} tokens cannot fill one global batch of {self.global_batch}")
-        self.epoch, self.step = 0, 0
         self._order_cache: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -170,38 +165,9 @@ class LMLoader:
             out["segment_ids"] = torch.from_numpy(doc - doc[:, :1])
         return out
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch, n = self.epoch, len(self)
-        for step in range(self.step, n):
-            batch = self.batch(epoch, step)
-            self.epoch, self.step = (epoch + 1, 0) if step + 1 == n else (epoch, step + 1)
-            yield batch
-
-    def forever(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches across epochs without end (for step-based training loops)."""
-        while True:
-            yield from self
-
     def _identity(self) -> dict:
         return {"seed": self.seed, "seq_len": self.seq_len, "shuffle": self.shuffle,
                 "num_samples": self.num_samples, "corpus_sha256": self.dataset.entry["sha256"]}
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "samples_consumed": self.step * self.global_batch, **self._identity()}
-
-    def check_state(self, state: dict) -> None:
-        """StreamMismatch (a ValueError) unless `state` was saved by a loader of this same data stream."""
-        for key, value in self._identity().items():
-            if state.get(key) != value:
-                raise StreamMismatch(f"loader state does not match this loader: {key} is {state.get(key)!r}, "
-                                     f"this loader has {value!r}", key)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.check_state(state)
-        consumed = state["samples_consumed"]
-        if consumed % self.global_batch:
-            raise ValueError(f"cannot resume: {consumed} samples consumed is not a multiple of the global batch "
-                             f"{self.global_batch} (dp_world_size * micro_batch_size)")
-        self.epoch, self.step = state["epoch"], consumed // self.global_batch
-        if self.step >= len(self):
-            self.epoch, self.step = self.epoch + 1, 0
+    def _units_per_step(self) -> tuple[int, str]:
+        return self.global_batch, f"the global batch {self.global_batch} (dp_world_size * micro_batch_size)"

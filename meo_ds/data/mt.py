@@ -10,7 +10,6 @@ trained to predict target + eos (labels), so decoder_input_ids[:, t+1] == labels
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -19,16 +18,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meo_ds.data.io import (StreamMismatch, TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype,
-                            manifest_field, open_tokens, read_manifest, staging_dir, token_dtype, write_manifest)
-from meo_ds.data.prepare import StrideSplitter, corpus_key, describe_inputs, select, tokenize_chunks
+from meo_ds.data.batch import IGNORE_INDEX
+from meo_ds.data.io import (TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype, corpus_key,
+                            describe_inputs, manifest_field, open_tokens, read_manifest, staging_dir, token_dtype,
+                            write_manifest)
+from meo_ds.data.loader import CorpusSplit, ResumableLoader
+from meo_ds.data.prepare import StrideSplitter, select, ship_tokenizer, tokenize_chunks
 from meo_ds.data.readers import CorpusError, read_pairs
 from meo_ds.data.tokenizer import Tokenizer
 
 MT_FORMAT = "meo_ds.mt/1"
 SPLITS = ("train", "validation", "test")
 FILTERS = ("empty", "duplicate", "max_length", "length_ratio")
-IGNORE_INDEX = -100
 
 
 def _text_filters(pairs: Iterable[tuple[str, str]], removed: dict, dedup: bool) -> Iterator[tuple[str, str]]:
@@ -119,12 +120,10 @@ def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
             splits[name] = {"pairs": source["sequences"], "source": source, "target": target}
         if splits["train"]["pairs"] == 0:
             raise ValueError(f"no training pairs left after filtering: {removed}")
-        shutil.copyfile(tok.path, tmp / "tokenizer.model")
         kept = sum(s["pairs"] for s in splits.values())
         manifest = {
             "format": MT_FORMAT, "task": "mt", "corpus_key": key, "inputs": described, "options": options,
-            "tokenizer": {"file": "tokenizer.model", "source": str(tok.path.resolve()), "sha256": tok.checksum(),
-                          "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()},
+            "tokenizer": ship_tokenizer(tok, tmp),
             "dtype": np_dtype.name, "splits": splits,
             "pairs": {"read": removed["read"], "kept": kept, "removed": {f: removed[f] for f in FILTERS}},
             "tokens": {side: sum(s[side]["tokens"] for s in splits.values()) for side in ("source", "target")},
@@ -134,19 +133,26 @@ def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
     return manifest
 
 
-class MTDataset:
+def print_mt_summary(m: dict, out: Path) -> None:
+    """What `meo-prepare` prints about a prepared corpus (its manifest `m`)."""
+    pairs = m["pairs"]
+    print(f"translation corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
+    print(f"  pairs read {pairs['read']:,}  kept {pairs['kept']:,}  dropped {pairs['read'] - pairs['kept']:,}")
+    for name, count in pairs["removed"].items():
+        print(f"    removed by {name:<13} {count:>10,}")
+    for name, s in m["splits"].items():
+        print(f"  {name:<11} {s['pairs']:>10,} pairs {s['source']['tokens']:>12,} source tokens "
+              f"{s['target']['tokens']:>12,} target tokens")
+    print(f"  time {m['seconds']:.1f} s")
+
+
+class MTDataset(CorpusSplit):
     """A memory-mapped split of a prepared translation directory."""
 
+    FORMAT, KIND = MT_FORMAT, "a translation corpus"
+
     def __init__(self, directory: str | Path, split: str = "train"):
-        self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        if self.manifest.get("format") != MT_FORMAT:
-            raise ValueError(f"{self.directory}: not a translation corpus (format {self.manifest.get('format')!r})")
-        splits = manifest_field(self.manifest, self.directory, "splits")
-        if split not in splits:
-            raise KeyError(f"{self.directory}: no split {split!r} (it has {', '.join(splits)})")
-        self.split, self.entry = split, splits[split]
-        self.vocab_size = int(manifest_field(self.manifest, self.directory, "tokenizer", "vocab_size"))
+        super().__init__(directory, split)
         dtype = corpus_dtype(self.manifest, self.directory)
         self.src, self.src_offsets = open_tokens(self.directory, manifest_field(self.entry, self.directory, "source"), dtype)
         self.tgt, self.tgt_offsets = open_tokens(self.directory, manifest_field(self.entry, self.directory, "target"), dtype)
@@ -164,11 +170,8 @@ class MTDataset:
         return (self.src[self.src_offsets[i]:self.src_offsets[i + 1]].astype(np.int64),
                 self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]].astype(np.int64))
 
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.directory / self.manifest["tokenizer"]["file"])
 
-
-class MTLoader:
+class MTLoader(ResumableLoader):
     """Token-budget batches of translation pairs with length bucketing, sharded over dp ranks.
 
     Per epoch: pairs are sorted by padded length max(src+1, tgt+1) (ties broken by a permutation
@@ -183,14 +186,15 @@ class MTLoader:
     pair ids in the split. Padding uses the tokenizer's pad id. Resumable like LMLoader.
     """
 
+    MODEL_INPUTS = ("src_ids", "src_mask", "decoder_input_ids", "labels", "tgt_mask")  # not `index`
+    STATE_KEY, UNIT = "batches_consumed", "global batches"
+
     def __init__(self, dataset: MTDataset | str | Path, max_tokens: int, *, dp_rank: int = 0,
                  dp_world_size: int = 1, seed: int = 0, shuffle: bool = True, split: str = "train",
                  max_sentences: int | None = None):
         self.dataset = dataset if isinstance(dataset, MTDataset) else MTDataset(dataset, split)
-        if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_world_size})")
+        super().__init__(dp_rank=dp_rank, dp_world_size=dp_world_size, seed=seed, shuffle=shuffle)
         self.max_tokens, self.max_sentences = max_tokens, max_sentences
-        self.dp_rank, self.dp_world_size, self.seed, self.shuffle = dp_rank, dp_world_size, seed, shuffle
         self.tokenizer = self.dataset.tokenizer()
         self.cost = np.maximum(self.dataset.src_lens, self.dataset.tgt_lens) + 1
         if len(self.cost) and self.cost.max() > max_tokens:
@@ -202,7 +206,6 @@ class MTLoader:
         if len(self) == 0:
             raise ValueError(f"{self.dataset.directory} [{self.dataset.split}]: {self.num_global_batches} batches "
                              f"cannot give each of {dp_world_size} ranks one")
-        self.epoch, self.step = 0, 0
 
     def __len__(self) -> int:
         return self.num_global_batches // self.dp_world_size
@@ -253,41 +256,13 @@ class MTLoader:
                 "decoder_input_ids": torch.from_numpy(dec), "labels": torch.from_numpy(labels),
                 "tgt_mask": torch.from_numpy(_mask(tgt_lens + 1, labels.shape[1])), "index": torch.from_numpy(index)}
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch, n = self.epoch, len(self)
-        for step in range(self.step, n):
-            batch = self.batch(epoch, step)
-            self.epoch, self.step = (epoch + 1, 0) if step + 1 == n else (epoch, step + 1)
-            yield batch
-
-    def forever(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            yield from self
-
     def _identity(self) -> dict:
         return {"seed": self.seed, "max_tokens": self.max_tokens, "max_sentences": self.max_sentences,
                 "shuffle": self.shuffle, "num_pairs": len(self.cost),
                 "corpus_sha256": self.dataset.entry["source"]["sha256"] + self.dataset.entry["target"]["sha256"]}
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.step * self.dp_world_size, **self._identity()}
-
-    def check_state(self, state: dict) -> None:
-        """StreamMismatch (a ValueError) unless `state` was saved by a loader of this same data stream."""
-        for key, value in self._identity().items():
-            if state.get(key) != value:
-                raise StreamMismatch(f"loader state does not match this loader: {key} is {state.get(key)!r}, "
-                                     f"this loader has {value!r}", key)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.check_state(state)
-        consumed = state["batches_consumed"]
-        if consumed % self.dp_world_size:
-            raise ValueError(f"cannot resume: {consumed} global batches consumed is not a multiple of "
-                             f"dp_world_size {self.dp_world_size}")
-        self.epoch, self.step = state["epoch"], consumed // self.dp_world_size
-        if self.step >= len(self):
-            self.epoch, self.step = self.epoch + 1, 0
+    def _units_per_step(self) -> tuple[int, str]:
+        return self.dp_world_size, f"dp_world_size {self.dp_world_size}"
 
 
 def _mask(lengths: np.ndarray, width: int) -> np.ndarray:

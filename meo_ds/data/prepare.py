@@ -1,39 +1,30 @@
-"""Shared machinery of the prepare commands: input fingerprints, parallel tokenization, splits."""
+"""Shared machinery of the prepare commands: the shipped tokenizer, parallel tokenization, streaming splits.
+
+(Input fingerprints, `describe_inputs` and `corpus_key`, live in meo_ds/data/io.py.)
+"""
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing as mp
 from collections import deque
 import os
+import shutil
 from fractions import Fraction
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from meo_ds.data.io import sha256_path
 from meo_ds.data.tokenizer import Tokenizer
 
 _WORKER_TOKENIZER: Tokenizer | None = None
 
 
-def describe_inputs(inputs: Sequence[str | os.PathLike]) -> list[dict]:
-    """Path, size and checksum of every input (missing inputs are an error before any work)."""
-    described = []
-    for item in inputs:
-        path = Path(item)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: input not found")
-        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        described.append({"path": str(path.resolve()), "bytes": size, "sha256": sha256_path(path)})
-    return described
-
-
-def corpus_key(inputs: list[dict], tokenizer_sha: str, options: dict) -> str:
-    payload = {"inputs": [(i["sha256"], i["bytes"]) for i in inputs], "tokenizer": tokenizer_sha, "options": options}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+def ship_tokenizer(tok: Tokenizer, staging: Path) -> dict:
+    """Copy the tokenizer into a corpus being staged; returns the manifest's `tokenizer` entry."""
+    shutil.copyfile(tok.path, staging / "tokenizer.model")
+    return {"file": "tokenizer.model", "source": str(tok.path.resolve()), "sha256": tok.checksum(),
+            "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()}
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

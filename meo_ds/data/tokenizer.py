@@ -20,7 +20,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from meo_ds.data.io import atomic_write_bytes, sha256_file
+from meo_ds.data.io import corpus_key, describe_inputs, sha256_file
+from meo_ds.fileio import atomic_write
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 1 << 16
@@ -129,7 +130,7 @@ def train_tokenizer(
         if counted.count == 0:
             raise ValueError("tokenizer training input holds no non-empty text") from None
         raise ValueError(f"sentencepiece training failed: {err}") from None
-    atomic_write_bytes(Path(model_path), buffer.getvalue())
+    atomic_write(Path(model_path), buffer.getvalue())
     tok = Tokenizer(model_path)
     if tok.vocab_size < vocab_size:
         print(f"warning: the training text supports only {tok.vocab_size} tokens, not the requested vocabulary of "
@@ -216,7 +217,7 @@ def save_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = list(hf_tokenizer(model_path).save_pretrained(str(out)))
-    atomic_write_bytes(out / "tokenizer.model", Path(model_path).read_bytes())
+    atomic_write(out / "tokenizer.model", Path(model_path).read_bytes())
     return sorted({Path(f).name for f in files} | {"tokenizer.model"})
 
 
@@ -236,7 +237,6 @@ def prepare_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLik
     from tqdm.auto import tqdm
 
     from meo_ds.data.io import check_output_dir, read_manifest, staging_dir, write_manifest
-    from meo_ds.data.prepare import corpus_key, describe_inputs
     from meo_ds.data.readers import read_documents, read_pairs
 
     start = time.time()

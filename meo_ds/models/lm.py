@@ -19,6 +19,20 @@ class ModelOutput(NamedTuple):
     nll_loss: Optional[torch.Tensor] = None  # plain cross-entropy (perplexity); = loss for the LM
 
 
+def run_blocks(layers: nn.ModuleList, x: torch.Tensor, name: str, cache: Optional[list] = None,
+               **block_inputs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """x through `layers` in order (Block.forward's other inputs by keyword; `cache`: one dict per
+    layer) -> (x, the MoE layers' aux losses summed in fp32, [(f"{name}.{i}.moe", RoutingStats)])."""
+    aux = x.new_zeros((), dtype=torch.float32)
+    stats = []
+    for i, block in enumerate(layers):
+        x, out = block(x, cache=cache[i] if cache is not None else None, **block_inputs)
+        if out is not None:
+            aux = aux + out.aux_loss.float()
+            stats.append((f"{name}.{i}.moe", out.stats))
+    return x, aux, stats
+
+
 def block_spec(cfg: LMConfig) -> BlockSpec:
     """Llama/Mixtral blocks: RMSNorm, RoPE, SwiGLU, no biases."""
     return BlockSpec(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.kv_heads(), d_ff=cfg.d_ff,
@@ -66,15 +80,9 @@ class MoELM(nn.Module):
         mask = (torch.arange(past + L, device=input_ids.device)[None, :] <= q_pos[:, None])[None, None]
         if segment_ids is not None and cache is None:
             mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        x = self.embed(input_ids)
-        aux = x.new_zeros((), dtype=torch.float32)
-        stats = []
-        for i, block in enumerate(self.layers):
-            x, out = block(x, mask, padding_mask, position_ids, cache[i] if cache is not None else None,
-                           doc_ids=segment_ids if cache is None else None)
-            if out is not None:
-                aux = aux + out.aux_loss.float()
-                stats.append((f"layers.{i}.moe", out.stats))
+        x, aux, stats = run_blocks(self.layers, self.embed(input_ids), "layers", cache, mask=mask,
+                                   padding_mask=padding_mask, positions=position_ids,
+                                   doc_ids=segment_ids if cache is None else None)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from meo_ds.models.blocks import Block, BlockSpec, inactive_params, init_weights, make_norm, sinusoidal_positions
 from meo_ds.models.config import MTConfig
-from meo_ds.models.lm import ModelOutput
+from meo_ds.models.lm import ModelOutput, run_blocks
 
 
 def block_spec(cfg: MTConfig) -> BlockSpec:
@@ -116,14 +116,9 @@ class MoETranslationModel(nn.Module):
         return self.lm_head(h), aux, stats
 
     def _run(self, stack: Stack, x, attn_mask, padding_mask, positions, cache=None, memory=None, memory_mask=None):
-        aux = x.new_zeros((), dtype=torch.float32)
-        stats = []
-        for i, block in enumerate(stack.layers):
-            x, out = block(x, attn_mask, padding_mask, positions, cache[i] if cache is not None else None,
-                           memory, memory_mask)
-            if out is not None:
-                aux = aux + out.aux_loss.float()
-                stats.append((f"{stack.name}.layers.{i}.moe", out.stats))
+        x, aux, stats = run_blocks(stack.layers, x, f"{stack.name}.layers", cache, mask=attn_mask,
+                                   padding_mask=padding_mask, positions=positions, memory=memory,
+                                   memory_mask=memory_mask)
         return stack.norm(x), aux, stats
 
     def forward(self, src_ids: torch.Tensor, src_mask: Optional[torch.Tensor] = None,

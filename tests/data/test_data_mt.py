@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from meo_ds.data.demo import synthetic_pairs
+from meo_ds.data.io import StreamMismatch
 from meo_ds.data.mt import MTDataset, MTLoader, prepare_mt
 from meo_ds.data.tokenizer import Tokenizer
 
@@ -123,6 +124,25 @@ def test_exact_resume(mt_dir, world):
             resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
             rest = resumed.forever()
             assert all(torch.equal(next(rest)["index"], expected[k]) for k in range(cut, len(expected)))
+
+
+def test_resume_at_another_world_size_keeps_global_stream(mt_dir):
+    """State counts global batches: 2 ranks at step 3 are 6 batches in, which 1 rank continues
+    at its step 6 and 4 ranks cannot (6 is not a multiple of 4); another max_tokens is refused."""
+    two = [MTLoader(mt_dir, 300, dp_rank=r, dp_world_size=2, seed=8) for r in range(2)]
+    for loader in two:
+        it = iter(loader)
+        for _ in range(3):
+            next(it)
+    state = json.loads(json.dumps(two[0].state_dict()))
+    assert state["batches_consumed"] == 6
+    one = MTLoader(mt_dir, 300, seed=8)
+    one.load_state_dict(state)
+    assert torch.equal(next(iter(one))["index"], torch.from_numpy(one.batches(0)[6]))
+    with pytest.raises(ValueError, match="6 global batches consumed is not a multiple of dp_world_size 4"):
+        MTLoader(mt_dir, 300, dp_world_size=4, seed=8).load_state_dict(state)
+    with pytest.raises(StreamMismatch, match="max_tokens is 300"):
+        MTLoader(mt_dir, 400, seed=8).load_state_dict(state)
 
 
 def test_pair_longer_than_budget_is_an_error(mt_dir):

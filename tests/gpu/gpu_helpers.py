@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from tests.distributed import REPO_ROOT, free_port, launch_env
-from train_helpers import write_config
+from meo_ds.distributed import free_port
+from tests.distributed import REPO_ROOT, launch_env
+from train_helpers import small_lm_run
 
 AUDIT_WORKER = REPO_ROOT / "tests" / "workers" / "collective_audit.py"
 ZERO2_BF16 = str(REPO_ROOT / "ds_configs" / "zero2_bf16.json")
@@ -42,22 +43,12 @@ def cuda_accelerator() -> Iterator[None]:
 
 
 def lm_config(out: Path, data: Path, kind: str, ep: int = 1, steps: int = 12, **sections) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    tree = {
-        "task": "lm", "name": out.name,
-        "model": {"vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
-                  "max_seq_len": 64, "moe_every": 1, "moe_offset": 0,
-                  "moe": {"num_experts": 4, "top_k": 2, **KINDS[kind]}},
-        "parallel": {"ep_size": ep},
-        "data": {"path": str(data), "seq_len": 32},
-        "train": {"steps": steps, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "seed": 5},
-        "checkpoint": {"interval": 0, "keep_last": 1},
-        "logging": {"out_dir": str(out), "interval": 4},
-        "eval": {"max_batches": 2},
-    }
-    for key, value in sections.items():
-        tree[key] = {**tree.get(key, {}), **value}
-    return write_config(out / "run.yaml", tree)
+    model = {"vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
+             "max_seq_len": 64, "moe_every": 1, "moe_offset": 0,
+             "moe": {"num_experts": 4, "top_k": 2, **KINDS[kind]}}
+    return small_lm_run(out, data, model, {"parallel": {"ep_size": ep},
+                                           "train": {"steps": steps, "warmup_steps": 2, "seed": 5},
+                                           "checkpoint": {"keep_last": 1}}, sections)
 
 
 def train_on_gpus(configs: Sequence[Path], num_gpus: int = 1, ds_config: str = ZERO2_BF16,

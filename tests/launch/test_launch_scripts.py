@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from distributed import REPO_ROOT, free_port, launch_env
+from distributed import REPO_ROOT, launch_env
+from meo_ds.distributed import free_port
 from test_train_dist import lm_data, lm_run  # noqa: F401  (lm_data is a fixture)
 from train_helpers import CPU_DS, losses, metrics, write_config
 
