@@ -38,7 +38,7 @@ def test_tiny_preset_xmoe_learns_on_two_ranks(lm_data, tmp_path):
 
 def test_vocabulary_too_small_for_the_tokenizer_is_a_config_error(lm_data, tmp_path):
     from meo_ds.config import ConfigError
-    from meo_ds.train import check_data
+    from meo_ds.preflight import check_data
     from meo_ds.config import run_config_from_dict, _resolve_model_tree
 
     tree = run_tree(tmp_path, lm_data, 256)

@@ -52,7 +52,7 @@ def test_mt_tiny_learns_the_demo_task(mt_data, tmp_path):
 
 def test_sentence_longer_than_the_model_is_a_config_error(mt_data, tmp_path):
     from meo_ds.config import ConfigError, load_run_config
-    from meo_ds.train import check_data
+    from meo_ds.preflight import check_data
 
     run = write_config(tmp_path / "run.yaml", {"task": "translation", "model": {"preset": "mt_tiny", "max_seq_len": 16},
                                                 "data": {"path": str(mt_data)}})

@@ -174,7 +174,7 @@ def test_stale_staging_of_a_killed_prepare_is_removed_by_the_next_run(tmp_path, 
 
 def test_trainer_data_verify_fails_before_any_rank_starts(corpus, monkeypatch):
     from meo_ds.config import DataConfig, RunConfig
-    from meo_ds.train import check_data
+    from meo_ds.preflight import check_data
 
     _poke(corpus / "train.bin", 7, 1)
     cfg = RunConfig(task="lm", data=DataConfig(path=str(corpus), seq_len=8, verify=True))

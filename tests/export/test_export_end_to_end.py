@@ -130,7 +130,7 @@ def test_checkpoint_saved_with_model_moe_ep_size_still_exports_and_resumes(train
 
     from meo_ds import checkpoint as ckpt_lib
     from meo_ds.config import load_run_config
-    from meo_ds.train import check_checkpoints
+    from meo_ds.preflight import check_checkpoints
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained / "topk" / "checkpoints", ckpt)

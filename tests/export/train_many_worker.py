@@ -16,7 +16,8 @@ import sys
 
 import torch.distributed as dist
 
-from meo_ds.train import Trainer, load_configs, parse_args
+from meo_ds.preflight import load_configs
+from meo_ds.train import Trainer, parse_args
 
 
 def run(config: str, ds_path: str) -> int:

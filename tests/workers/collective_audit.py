@@ -86,7 +86,8 @@ for _name in COLLECTIVES:
 def main() -> int:
     """argv: --deepspeed_config DS.json RUN1.yaml [RUN2.yaml ...] (as tests/export/train_many_worker.py):
     each run is what `meo-train --config RUNi.yaml` does; its audit lands in its out_dir."""
-    from meo_ds.train import Trainer, load_configs, parse_args
+    from meo_ds.preflight import load_configs
+    from meo_ds.train import Trainer, parse_args
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     ds_path, configs = argv[1], argv[2:]
