@@ -19,15 +19,14 @@ from typing import Any
 import torch
 
 from meo_ds.export import layout
+from meo_ds.export.hf_remote import LIBRARY_FILES
 from meo_ds.export.weights import dtype_of, load_exact
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-CODE_DIR = PACKAGE_DIR / "export" / "hf_remote"
+CODE_DIR = Path(__file__).resolve().parent / "hf_remote"
 SHIPPED = {  # file name in the export: its source in meo_ds
     "configuration_meo.py": CODE_DIR / "configuration_meo.py",
     "modeling_meo.py": CODE_DIR / "modeling_meo.py",
-    "moe_functional.py": PACKAGE_DIR / "moe" / "functional.py",
-    "models_functional.py": PACKAGE_DIR / "models" / "functional.py",
+    **LIBRARY_FILES,
 }
 AUTO_MAP = {
     "lm": {"AutoConfig": "configuration_meo.MeoConfig", "AutoModelForCausalLM": "modeling_meo.MeoForCausalLM"},

@@ -3,8 +3,8 @@
 The inference forward of meo_ds's decoder LM and translation model with the three MoE families
 (top-k, XMoE threshold routing, MEO merged experts). The math is not written here: it comes from
 models_functional.py and moe_functional.py, which the export copies byte for byte from meo_ds's
-own meo_ds/models/functional.py and meo_ds/moe/functional.py (so one change reaches both; loaded
-in-process, these names are those very modules, see hf_remote/__init__.py). This file holds the
+own meo_ds/models/functional.py and meo_ds/moe/functional.py (so one change reaches both; imported
+from meo_ds, these names load those very files, see hf_remote/__init__.py). This file holds the
 modules (with the export's parameter names) and the transformers classes. Inference only: dropless
 routing (no capacity), no noise, no jitter; the tests compare logits and greedy tokens with
 meo_ds's own model. Generation re-runs the whole prefix each step (no KV cache), which keeps
