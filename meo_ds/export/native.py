@@ -15,6 +15,7 @@ import torch
 
 from meo_ds.export import layout
 from meo_ds.export.errors import ExportError
+from meo_ds.export.weights import dtype_of, load_exact
 
 NATIVE = ("mixtral", "llama", "mistral")
 
@@ -62,28 +63,12 @@ def build_hf_model(target: str, model_cfg: Any, state_dict: dict[str, torch.Tens
         raise ExportError(f"this model cannot be exported as {target}: " + "; ".join(problems))
     config_cls, model_cls = _classes(target)
     config = config_cls(**layout.native_config(model_cfg, target))
-    config.dtype = _dtype_of(state_dict)
+    config.dtype = dtype_of(state_dict)
     with torch.device("meta"):
         model = model_cls(config)
-    weights = layout.native_state_dict(model_cfg, target, state_dict)
-    if config.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    want = set(model.state_dict())
-    if config.tie_word_embeddings:
-        want.discard("lm_head.weight")
-    missing, extra = sorted(want - set(weights)), sorted(set(weights) - want)
-    if missing or extra:
-        raise ExportError(f"weights do not fit {target}: missing {missing[:4]}, unexpected {extra[:4]}")
-    model.load_state_dict(weights, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
+    load_exact(model, layout.native_state_dict(model_cfg, target, state_dict), target)
     _rebuild_buffers(model, config)
     return model.eval()
-
-
-def _dtype_of(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
-    floats = [v.dtype for v in state_dict.values() if v.is_floating_point()]
-    return max(set(floats), key=floats.count) if floats else torch.float32
 
 
 def _rebuild_buffers(model: torch.nn.Module, config: Any) -> None:

@@ -1,9 +1,13 @@
 """Export with our own HuggingFace classes (meo_ds/export/hf_remote), loaded by remote code.
 
-The export directory gets configuration_meo.py and modeling_meo.py (copied verbatim: they never
-import meo_ds) and a config.json whose `auto_map` points AutoConfig / AutoModelForCausalLM /
-AutoModelForSeq2SeqLM at them, so `from_pretrained(dir, trust_remote_code=True)` works where
-meo_ds is not installed. Weights are renamed from our model's state dict by `layout.remote_key`.
+The export directory gets the files of `SHIPPED`, copied verbatim (none imports meo_ds):
+configuration_meo.py and modeling_meo.py, and the pure-torch math modeling_meo.py imports
+relatively, meo_ds/moe/functional.py as moe_functional.py and meo_ds/models/functional.py as
+models_functional.py (the library's own files, so one change reaches both; transformers' remote-code
+loader copies a module's relative imports from next to it). config.json's `auto_map` points
+AutoConfig / AutoModelForCausalLM / AutoModelForSeq2SeqLM at them, so `from_pretrained(dir,
+trust_remote_code=True)` works where meo_ds is not installed. Weights are renamed from our model's
+state dict by `layout.remote_key`.
 """
 from __future__ import annotations
 
@@ -15,10 +19,15 @@ from typing import Any
 import torch
 
 from meo_ds.export import layout
-from meo_ds.export.errors import ExportError
+from meo_ds.export.hf_remote import LIBRARY_FILES
+from meo_ds.export.weights import dtype_of, load_exact
 
 CODE_DIR = Path(__file__).resolve().parent / "hf_remote"
-CODE_FILES = ("configuration_meo.py", "modeling_meo.py")
+SHIPPED = {  # file name in the export: its source in meo_ds
+    "configuration_meo.py": CODE_DIR / "configuration_meo.py",
+    "modeling_meo.py": CODE_DIR / "modeling_meo.py",
+    **LIBRARY_FILES,
+}
 AUTO_MAP = {
     "lm": {"AutoConfig": "configuration_meo.MeoConfig", "AutoModelForCausalLM": "modeling_meo.MeoForCausalLM"},
     "translation": {"AutoConfig": "configuration_meo.MeoConfig", "AutoModelForSeq2SeqLM": "modeling_meo.MeoForSeq2SeqLM"},
@@ -31,7 +40,7 @@ def build_hf_model(task: str, model_cfg: Any, state_dict: dict[str, torch.Tensor
     from meo_ds.export.hf_remote.modeling_meo import MeoForCausalLM, MeoForSeq2SeqLM
 
     config = MeoConfig(**layout.remote_config(task, model_cfg), auto_map=AUTO_MAP[task])
-    config.dtype = _dtype_of(state_dict)
+    config.dtype = dtype_of(state_dict)
     cls = MeoForCausalLM if task == "lm" else MeoForSeq2SeqLM
     with torch.device("meta"):
         model = cls(config)
@@ -40,32 +49,14 @@ def build_hf_model(task: str, model_cfg: Any, state_dict: dict[str, torch.Tensor
         new = layout.remote_key(task, key)
         if new is not None:
             renamed[new] = value
-    _load_exact(model, renamed)
+    load_exact(model, renamed, "the exported architecture")
     return model.eval()
 
 
-def _dtype_of(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
-    floats = [v.dtype for v in state_dict.values() if v.is_floating_point()]
-    return max(set(floats), key=floats.count) if floats else torch.float32
-
-
-def _load_exact(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """assign=True load from the meta model; every parameter must come from the checkpoint."""
-    want = set(model.state_dict())
-    if getattr(model.config, "tie_word_embeddings", False):
-        state_dict.pop("lm_head.weight", None)
-        want.discard("lm_head.weight")
-    missing, extra = sorted(want - set(state_dict)), sorted(set(state_dict) - want)
-    if missing or extra:
-        raise ExportError(f"weights do not fit the exported architecture: missing {missing[:4]}, unexpected {extra[:4]}")
-    model.load_state_dict(state_dict, strict=False, assign=True)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-
-
 def copy_code(out_dir: Path) -> None:
-    for name in CODE_FILES:
-        shutil.copyfile(CODE_DIR / name, out_dir / name)
+    """Write the SHIPPED files into the export directory."""
+    for name, source in SHIPPED.items():
+        shutil.copyfile(source, out_dir / name)
 
 
 def moe_summary(task: str, model_cfg: Any) -> list[dict]:

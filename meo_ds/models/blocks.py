@@ -11,6 +11,9 @@ ffn.{w1,w2,w3} (dense) or moe.* (MoE).
 KV cache: one dict per layer, {"k", "v"} for self-attention (grown each call), {"cross_k",
 "cross_v"} (computed once from the encoder output) and "moe" (the MoE layer's own state, used
 by MEO's causal segment gates).
+
+The math of norms, positions and attention is in meo_ds/models/functional.py (pure torch, shipped
+with remote-code exports); this file holds the modules and their parameter names.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from meo_ds.models.functional import apply_rope, attend, rms_norm
+from meo_ds.models.functional import sinusoidal_positions  # noqa: F401  (mt.py imports it from here)
 from meo_ds.moe import MoEConfig, MoEOutput, build_moe_layer
 from meo_ds.moe.meo import MEOLayer
 
@@ -54,9 +59,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(kind: Norm, dim: int, eps: float) -> nn.Module:
@@ -65,28 +68,6 @@ def make_norm(kind: Norm, dim: int, eps: float) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     raise ValueError(f"unknown norm {kind!r}; use 'rmsnorm' or 'layernorm'")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """x [B,H,L,hd], positions [B,L]; HF Llama/Mixtral convention (rotate_half)."""
-    hd = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
-    ang = positions.float()[:, None, :, None] * inv
-    ang = torch.cat((ang, ang), dim=-1)
-    return (x * ang.cos().to(x.dtype)) + (rotate_half(x) * ang.sin().to(x.dtype))
-
-
-def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Absolute sinusoidal embeddings [..., dim] = [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/2))."""
-    half = dim // 2
-    freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
-    angles = positions.float().unsqueeze(-1) * freq
-    return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
 class Attention(nn.Module):
@@ -121,10 +102,7 @@ class Attention(nn.Module):
                 if "k" in cache:
                     k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
                 cache["k"], cache["v"] = k, v
-        rep = self.h // self.kvh
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.h * self.hd))
 
     def _memory_kv(self, memory: torch.Tensor, cache: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:

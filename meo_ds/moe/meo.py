@@ -6,6 +6,11 @@ of running k experts per token, MEO merges first, W^ = sum_i g_i W_i, b^ = sum_i
 runs one batched matmul per group. For one affine layer this equals the vanilla per-linear MoE
 y = sum_i g_i (W_i x + b_i) exactly (`vanilla_moe_linear` is that reference).
 
+The pure math (group layout, gate summaries, gate logits and top-k softmax, the merge) lives in
+meo_ds/moe/functional.py, which the exported model ships as is; this file adds what training and
+decoding need: the modules, noise and the balance loss, incremental-decoding state, the
+recomputing autograd function, input checks and FLOP counts.
+
 Choices (documented here once):
 - Gate input: each linear's gate reads the masked mean of *that linear's own input* (fc1/w1/w3:
   the layer input x; fc2/w2: the hidden activation), as the paper computes each layer's gate from
@@ -61,6 +66,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MoEConfig, MoEConfigError
+from .functional import (
+    GroupLayout, gate_dtype, gate_logits, gate_summary, group_sums, merge_weights, merged_forward,
+    prefix_summary, source_summary, topk_softmax_gates,
+)
 from .routing import cv_squared
 from .types import MoEOutput, RoutingStats
 
@@ -69,26 +78,7 @@ MERGED_CHUNK_BYTES = 128 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------
-# merged linear: functional core
-
-
-def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Gates and summaries run in fp32 at least (fp64 for a fp64 layer)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def merge_weights(gates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """W^_n = sum_e gates[n, e] * weight[e]: [N, E] x [E, d_out, d_in] -> [N, d_out, d_in]."""
-    num_experts, d_out, d_in = weight.shape
-    return (gates.to(weight.dtype) @ weight.reshape(num_experts, -1)).view(-1, d_out, d_in)
-
-
-def _merged_forward(x, gates, weight, bias):
-    w_hat = merge_weights(gates, weight)
-    if bias is None:
-        return torch.bmm(x, w_hat.transpose(1, 2))
-    b_hat = gates.to(bias.dtype) @ bias
-    return torch.baddbmm(b_hat.unsqueeze(1), x, w_hat.transpose(1, 2))
+# merged linear: the recomputing path around functional.merged_forward
 
 
 def _chunks(num_groups: int, d_out: int, d_in: int, itemsize: int) -> list[slice]:
@@ -108,8 +98,8 @@ class _RecomputedMergedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, gates, weight, bias)
         chunks = _chunks(x.shape[0], weight.shape[1], weight.shape[2], weight.element_size())
         if len(chunks) == 1:
-            return _merged_forward(x, gates, weight, bias)
-        return torch.cat([_merged_forward(x[c], gates[c], weight, bias) for c in chunks])
+            return merged_forward(x, gates, weight, bias)
+        return torch.cat([merged_forward(x[c], gates[c], weight, bias) for c in chunks])
 
     @staticmethod
     def backward(ctx, dy):
@@ -119,7 +109,7 @@ class _RecomputedMergedLinear(torch.autograd.Function):
         need_x, need_g, need_w, need_b = ctx.needs_input_grad[:4]
         dx = torch.empty_like(x) if need_x else None
         dg = torch.zeros_like(gates) if need_g else None
-        acc = _gate_dtype(weight.dtype)  # accumulate expert grads over chunks in >= fp32
+        acc = gate_dtype(weight.dtype)  # accumulate expert grads over chunks in >= fp32
         dw = db = None
 
         def accumulate(total, part):
@@ -174,7 +164,7 @@ def merged_linear(
     _check_merged_shapes(x, gates, weight, bias)
     if recompute:
         return _RecomputedMergedLinear.apply(x, gates, weight, bias)
-    return _merged_forward(x, gates, weight, bias)
+    return merged_forward(x, gates, weight, bias)
 
 
 def vanilla_moe_linear(
@@ -293,19 +283,13 @@ class MEOLinear(nn.Module):
         Noisy top-k (noise in training only), softmax over the k chosen logits. Computed in fp32
         (in fp64 for a fp64 layer).
         """
-        dtype = _gate_dtype(self.gate_weight.dtype)
-        summary = summary.to(dtype)
-        clean = summary @ self.gate_weight.to(dtype).t()
-        if self.source_gate is not None:
-            if source is None:
-                raise ValueError("MEOLinear: this gate reads the source sentence; pass its summary (source=...)")
-            clean = clean + source.to(dtype) @ self.source_gate.to(dtype).t()
+        clean = gate_logits(summary, self.gate_weight, source, self.source_gate)
         logits, noise_std = clean, None
         if self.noise_weight is not None and self.training:
-            noise_std = F.softplus(summary @ self.noise_weight.to(dtype).t()) + self.noise_floor
+            dtype = clean.dtype
+            noise_std = F.softplus(summary.to(dtype) @ self.noise_weight.to(dtype).t()) + self.noise_floor
             logits = clean + torch.randn_like(clean) * noise_std
-        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
-        gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_logits, dim=-1))
+        gates, top_idx = topk_softmax_gates(logits, self.top_k)
         if noise_std is not None and self.smooth_load and self.top_k < self.num_experts:
             load = prob_in_top_k(clean, logits, noise_std, self.top_k)
         else:
@@ -325,99 +309,6 @@ class MEOLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, experts={self.num_experts}, top_k={self.top_k}"
-
-
-def _exclusive_cumsum(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """out[s] = sum of values[:s] along dim (0 for s = 0). Element s reads values[:s] only, so it
-    is bit for bit independent of values[s:] (unlike cumsum - values, which rounds with them)."""
-    head = torch.zeros_like(values.narrow(dim, 0, 1))
-    return torch.cat([head, values.narrow(dim, 0, values.shape[dim] - 1).cumsum(dim)], dim=dim)
-
-
-class _Groups:
-    """Tokens [B, L] laid out as N = B * G groups of T slots that share one gate (row-major).
-
-    Sequence mode: G = 1, T = L. Causal mode: groups are segments of T = segment_len positions; the
-    chunk starts at absolute position `start`, padded in front to a segment boundary and at the
-    back to whole segments. With doc_ids (packed documents, full forward only) segments restart
-    at every document: the token at position p of its document takes slot p % T of that
-    document's (p // T)-th group, a row holds its documents' groups one after another, and G is
-    the most groups of any row (one host sync). Unused slots are masked out.
-    """
-
-    def __init__(self, mask: torch.Tensor, causal: bool, segment_len: int, start: int,
-                 doc_ids: Optional[torch.Tensor] = None, all_real: bool = False):
-        self.batch, self.length = mask.shape
-        self.causal = causal
-        self.front = self.back = 0
-        self.index = None  # [B, L] slot of each token in the [B, G*T] layout (None: contiguous)
-        self.doc_slot = None  # [B, G] place of each group in the per-document layout (None: one document)
-        self.ends_on_boundary = False
-        if not causal:
-            self.num_segments, self.group_len = 1, self.length
-        elif doc_ids is None:
-            self.front = start % segment_len
-            total = self.front + self.length
-            self.num_segments = -(-total // segment_len)
-            self.back = self.num_segments * segment_len - total
-            self.group_len = segment_len
-            # The last segment is complete: its sums move from "current" to "done" in the state.
-            self.ends_on_boundary = (start + self.length) % segment_len == 0
-        else:
-            self._document_layout(doc_ids, segment_len)
-        self.mask = self.to_groups(mask.unsqueeze(-1)).squeeze(-1)  # [N, T] bool
-        self.tokens = self.mask.sum(dim=1)  # [N] real tokens per group
-        # No padding slot (known without reading the mask: no padding mask and no segment padding):
-        # the masks can be skipped. Otherwise they are applied, even where they keep everything.
-        self.all_real = all_real and self.index is None and not (self.front or self.back)
-
-    def _document_layout(self, doc_ids: torch.Tensor, segment_len: int) -> None:
-        batch, length = doc_ids.shape
-        pos = torch.arange(length, device=doc_ids.device).expand(batch, length)
-        new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
-        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        in_doc = pos - torch.where(new_doc, pos, 0).cummax(dim=1).values  # position within the document
-        group = (new_doc | (in_doc % segment_len == 0)).long().cumsum(1) - 1  # group within the row
-        doc = new_doc.long().cumsum(1) - 1  # document within the row
-        seg_in_doc = in_doc // segment_len
-        sizes = torch.stack([group[:, -1].max(), doc[:, -1].max(), seg_in_doc.max()]) + 1
-        self.num_segments, num_docs, self.segs_per_doc = (int(v) for v in sizes.tolist())
-        self.num_docs, self.group_len = num_docs, segment_len
-        self.index = group * segment_len + in_doc % segment_len
-        # Groups no token fills (short rows) go to one spare slot after the documents' groups.
-        spare = num_docs * self.segs_per_doc
-        self.doc_slot = torch.full((batch, self.num_segments), spare, dtype=torch.long, device=doc_ids.device)
-        self.doc_slot.scatter_(1, group, doc * self.segs_per_doc + seg_in_doc)
-
-    def to_groups(self, u: torch.Tensor) -> torch.Tensor:
-        if self.index is not None:
-            index = self.index.unsqueeze(-1).expand(-1, -1, u.shape[-1])
-            u = u.new_zeros(self.batch, self.num_segments * self.group_len, u.shape[-1]).scatter(1, index, u)
-        elif self.front or self.back:
-            u = F.pad(u, (0, 0, self.front, self.back))
-        return u.reshape(self.batch * self.num_segments, self.group_len, u.shape[-1])
-
-    def from_groups(self, y: torch.Tensor) -> torch.Tensor:
-        y = y.reshape(self.batch, self.num_segments * self.group_len, y.shape[-1])
-        if self.index is not None:
-            return y.gather(1, self.index.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
-        return y[:, self.front : self.front + self.length]
-
-    def sum_before(self, values: torch.Tensor) -> torch.Tensor:
-        """values [B, G, ...] per group -> the sum over the earlier groups of the same document.
-
-        Exact: group s's result reads the values of groups before it only (see _exclusive_cumsum).
-        """
-        if self.doc_slot is None:
-            return _exclusive_cumsum(values, dim=1)
-        rest = values.shape[2:]
-        slot = self.doc_slot.view(*self.doc_slot.shape, *([1] * len(rest))).expand_as(values)
-        spare = self.num_docs * self.segs_per_doc
-        per_doc = values.new_zeros(self.batch, spare + 1, *rest).scatter(1, slot, values)
-        per_doc = per_doc[:, :spare].reshape(self.batch, self.num_docs, self.segs_per_doc, *rest)
-        before = _exclusive_cumsum(per_doc, dim=2).reshape(self.batch, spare, *rest)
-        before = torch.cat([before, torch.zeros_like(before[:, :1])], dim=1)
-        return before.gather(1, slot)
 
 
 class MEOLayer(nn.Module):
@@ -511,31 +402,23 @@ class MEOLayer(nn.Module):
 
     # --- gating -------------------------------------------------------------------------------
 
-    def _summaries(self, name: str, u: torch.Tensor, groups: _Groups, state: Optional[dict]) -> torch.Tensor:
+    def _summaries(self, name: str, u: torch.Tensor, groups: GroupLayout, state: Optional[dict]) -> torch.Tensor:
         """Gate input per group [N, d_in] from this linear's input u [N, T, d_in] (grouped)."""
-        dtype = _gate_dtype(u.dtype)
-        if not groups.all_real:
-            u = torch.where(groups.mask.unsqueeze(-1), u, torch.zeros((), dtype=u.dtype, device=u.device))
-        sums = u.to(dtype).sum(dim=1)
-        counts = groups.tokens.to(dtype)
-        if not self.causal:
-            return sums / counts.clamp_min(1.0).unsqueeze(-1)  # all-padding sequence -> 0
+        if state is None:
+            return gate_summary(u, groups, self.linears[name].default_summary)
+        # Incremental decoding (causal): gate_summary's prefix, continued from the state's sums.
+        dtype = gate_dtype(u.dtype)
+        sums, counts = group_sums(u, groups)
         batch, segs = groups.batch, groups.num_segments
         sums, counts = sums.view(batch, segs, -1), counts.view(batch, segs)
-        if state is not None:
-            prior = self._prior(name, state, batch, u.shape[-1], u.device, dtype)
-            # The chunk's first segment continues the partial segment left by the previous call.
-            sums = torch.cat([sums[:, :1] + prior["cur_sum"].unsqueeze(1), sums[:, 1:]], dim=1)
-            counts = torch.cat([counts[:, :1] + prior["cur_cnt"].unsqueeze(1), counts[:, 1:]], dim=1)
-        before_sum, before_cnt = groups.sum_before(sums), groups.sum_before(counts)  # segments < s
-        if state is not None:
-            before_sum = prior["done_sum"].unsqueeze(1) + before_sum
-            before_cnt = prior["done_cnt"].unsqueeze(1) + before_cnt
-            self._update_state(state, name, sums, before_sum, before_cnt, counts, groups.ends_on_boundary)
-        default = self.linears[name].default_summary.to(dtype)
-        summary = torch.where(
-            (before_cnt > 0).unsqueeze(-1), before_sum / before_cnt.clamp_min(1.0).unsqueeze(-1), default
-        )
+        prior = self._prior(name, state, batch, u.shape[-1], u.device, dtype)
+        # The chunk's first segment continues the partial segment left by the previous call.
+        sums = torch.cat([sums[:, :1] + prior["cur_sum"].unsqueeze(1), sums[:, 1:]], dim=1)
+        counts = torch.cat([counts[:, :1] + prior["cur_cnt"].unsqueeze(1), counts[:, 1:]], dim=1)
+        before_sum = prior["done_sum"].unsqueeze(1) + groups.sum_before(sums)  # segments < s
+        before_cnt = prior["done_cnt"].unsqueeze(1) + groups.sum_before(counts)
+        self._update_state(state, name, sums, before_sum, before_cnt, counts, groups.ends_on_boundary)
+        summary = prefix_summary(before_sum, before_cnt, self.linears[name].default_summary)
         return summary.reshape(batch * segs, -1)
 
     @staticmethod
@@ -565,16 +448,9 @@ class MEOLayer(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
 
-    def _source_summary(self, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], groups: _Groups):
+    def _source_summary(self, memory: torch.Tensor, memory_mask: Optional[torch.Tensor], groups: GroupLayout):
         """Masked mean of the encoder output per sentence, repeated for each of its groups [N, d]."""
-        dtype = _gate_dtype(memory.dtype)
-        if memory_mask is not None:
-            memory = torch.where(memory_mask.unsqueeze(-1), memory, torch.zeros((), dtype=memory.dtype, device=memory.device))
-            count = memory_mask.sum(dim=1).to(dtype).clamp_min(1.0)
-        else:
-            count = torch.full((memory.shape[0],), float(memory.shape[1]), dtype=dtype, device=memory.device)
-        mean = memory.to(dtype).sum(dim=1) / count.unsqueeze(-1)
-        return mean.repeat_interleave(groups.num_segments, dim=0)
+        return source_summary(memory, memory_mask).repeat_interleave(groups.num_segments, dim=0)
 
     def forward(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, state: Optional[dict] = None,
@@ -591,7 +467,7 @@ class MEOLayer(nn.Module):
         mask = padding_mask if padding_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         in_dtype = x.dtype
         start = int(state.get("pos", 0)) if state is not None else 0
-        groups = _Groups(mask, self.causal, self.cfg.segment_len, start, doc_ids, all_real=padding_mask is None)
+        groups = GroupLayout(mask, self.causal, self.cfg.segment_len, start, doc_ids, all_real=padding_mask is None)
         source = self._source_summary(memory, memory_mask, groups) if self.cross else None
         u = groups.to_groups(x)
         gate_log = []
@@ -609,14 +485,13 @@ class MEOLayer(nn.Module):
         else:
             h = F.silu(run("w1", u)) * run("w3", u)
             y = run("w2", h)
-        if not groups.all_real:
-            y = torch.where(groups.mask.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+        y = groups.zero_padding(y)
         if state is not None:
             state["pos"] = start + x.shape[1]
         aux, stats = self._aux_and_stats(gate_log, groups)
         return MoEOutput(groups.from_groups(y).to(in_dtype), aux, stats)
 
-    def _aux_and_stats(self, gate_log: list, groups: _Groups) -> tuple[torch.Tensor, RoutingStats]:
+    def _aux_and_stats(self, gate_log: list, groups: GroupLayout) -> tuple[torch.Tensor, RoutingStats]:
         real = (groups.tokens > 0).unsqueeze(-1)  # [N, 1] groups holding a real token
         tokens = groups.tokens.unsqueeze(-1)
         losses, loads, group_loads = [], [], []

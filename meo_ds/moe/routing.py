@@ -1,7 +1,9 @@
 """Routers and their auxiliary losses.
 
 Primitives shared by every router (top-k, XMoE threshold, MEO gate) come first; the router
-classes follow. Router math runs in fp32 whatever the model's dtype.
+classes follow. Router math runs in fp32 whatever the model's dtype. The choice of experts and
+their combine weights are pure functions in meo_ds/moe/functional.py (shared with the exported
+model); this file adds what training needs: noise, jitter, losses and the RouterOutput.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .functional import router_logits, threshold_choices, topk_choices
 
 
 def noisy_logits(
@@ -94,7 +98,7 @@ class _RouterBase(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, d] -> clean fp32 logits [T, E] and the (possibly noisy) logits used for selection."""
         x = jitter_input(x.float(), self.jitter, self.training)
-        clean = x @ self.weight.float().t()
+        clean = router_logits(x, self.weight)
         return clean, noisy_logits(clean, x, self.noise_weight, self.training)
 
     def _losses(self, clean: torch.Tensor, probs: torch.Tensor, assigned: torch.Tensor):
@@ -124,8 +128,7 @@ class TopKRouter(_RouterBase):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         clean, logits = self.logits(x)
         probs = torch.softmax(logits, dim=-1)
-        scores, ids = torch.topk(probs, self.k, dim=-1)
-        weights = scores / scores.sum(dim=-1, keepdim=True) if self.renormalize else scores
+        ids, scores, weights = topk_choices(probs, self.k, self.renormalize)
         assigned = torch.zeros_like(probs).scatter_(1, ids, 1.0)
         bal, z = self._losses(clean, probs, assigned)
         valid = torch.ones_like(ids, dtype=torch.bool)
@@ -156,15 +159,10 @@ class ThresholdRouter(_RouterBase):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         clean, logits = self.logits(x)
         probs = torch.softmax(logits, dim=-1)
-        sorted_p, ids = torch.sort(probs, dim=-1, descending=True)
-        sorted_p, ids = sorted_p[:, : self.max_k], ids[:, : self.max_k]
-        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
-        valid = before < self.threshold
-        valid[:, 0] = True
         # All max_k slots are kept, used or not: trimming the slots no token uses would need the
         # largest per-token count on the host (a sync in every layer); the unused slots cost only
         # integer sorting in the dispatcher, never expert work.
-        weights = sorted_p * valid
+        ids, valid, weights = threshold_choices(probs, self.threshold, self.max_k)
         top1 = torch.zeros_like(probs).scatter_(1, ids[:, :1], 1.0)
         bal, z = self._losses(clean, probs, top1)
-        return RouterOutput(ids, weights, (sorted_p * valid).detach(), valid, probs, bal, z)
+        return RouterOutput(ids, weights, weights.detach(), valid, probs, bal, z)

@@ -20,4 +20,5 @@ def run_fresh_check(specs: list[dict], work_dir: Path) -> str:
                           cwd=work_dir, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("OK ") == len(specs), proc.stdout
+    print(proc.stdout)  # one line per export, with its largest logit difference (pytest -s shows it)
     return proc.stdout

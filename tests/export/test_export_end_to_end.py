@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from meo_ds.export import remote
 from meo_ds.export.cli import main as export_main
 from meo_ds.export.exporter import load_model
 from meo_ds.models import generation
@@ -81,6 +82,8 @@ def test_export_matches_our_model_in_a_fresh_process(trained: Path, tmp_path: Pa
         assert config["architectures"] == (["MixtralForCausalLM"] if target == "mixtral" else ["MeoForCausalLM"])
         if target == "meo":
             assert "auto_map" in config and (out / "modeling_meo.py").is_file()
+            for file_name, source in remote.SHIPPED.items():  # the library's own math files, byte for byte
+                assert (out / file_name).read_bytes() == source.read_bytes(), file_name
         card = (out / "README.md").read_text()
         assert "train/loss" in card and "eval/val_loss" in card and RUNS[name][0]["kind"] in card
         assert {"tokenizer.json", "tokenizer.model"} <= {p.name for p in out.iterdir()}

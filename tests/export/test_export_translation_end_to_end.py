@@ -90,7 +90,8 @@ def test_export_matches_our_model_in_a_fresh_process(trained: Path, tmp_path: Pa
     assert config["architectures"] == ["MeoForSeq2SeqLM"] and config["is_encoder_decoder"]
     assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_meo.MeoForSeq2SeqLM"
     assert config["decoder_start_token_id"] == BOS and config["moe_layers"] == {"encoder": [0, 1], "decoder": []}
-    assert {"modeling_meo.py", "configuration_meo.py", "tokenizer.json", "tokenizer.model"} <= {p.name for p in out.iterdir()}
+    assert {"modeling_meo.py", "configuration_meo.py", "moe_functional.py", "models_functional.py", "tokenizer.json",
+            "tokenizer.model"} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert "train/loss" in card and "eval/bleu" in card and "AutoModelForSeq2SeqLM" in card
     assert "encoder layers [0, 1]; decoder layers []" in card and "tok.eos_token" in card

@@ -1,13 +1,15 @@
-"""meo_ds models in plain torch for transformers' remote code (self-contained: no meo_ds import).
+"""meo_ds models for transformers' remote code (no meo_ds import: this runs where meo_ds is absent).
 
-This re-implements the inference forward of meo_ds's decoder LM and translation model with the
-three MoE families (top-k, XMoE threshold routing, MEO merged experts). Inference only: dropless
+The inference forward of meo_ds's decoder LM and translation model with the three MoE families
+(top-k, XMoE threshold routing, MEO merged experts). The math is not written here: it comes from
+models_functional.py and moe_functional.py, which the export copies byte for byte from meo_ds's
+own meo_ds/models/functional.py and meo_ds/moe/functional.py (so one change reaches both; imported
+from meo_ds, these names load those very files, see hf_remote/__init__.py). This file holds the
+modules (with the export's parameter names) and the transformers classes. Inference only: dropless
 routing (no capacity), no noise, no jitter; the tests compare logits and greedy tokens with
-meo_ds's own model so that any drift is caught. Generation re-runs the whole prefix each step
-(no KV cache), which keeps MEO's causal segment gates exactly as in training.
+meo_ds's own model. Generation re-runs the whole prefix each step (no KV cache), which keeps
+MEO's causal segment gates exactly as in training.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, Seq2SeqLMOutput
 
 from .configuration_meo import MeoConfig
+from .models_functional import apply_rope, attend, rms_norm, sinusoidal_positions
+from .moe_functional import (
+    GroupLayout, dense_combine, gate_logits, gate_summary, merged_forward, router_logits, source_summary,
+    threshold_choices, topk_choices, topk_softmax_gates,
+)
 
 
 # ----------------------------------------------------------------------------- basic blocks
@@ -25,33 +32,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(config, dim):
     if config.norm == "layernorm":
         return nn.LayerNorm(dim, eps=config.norm_eps)
     return RMSNorm(dim, config.norm_eps)
-
-
-def rope(x, positions, theta):
-    """Rotary embedding (rotate-half convention) of x [B, H, T, Dh] at positions [T]."""
-    dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def sinusoidal(positions, dim):
-    half = dim // 2
-    freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
-    angles = positions.float()[:, None] * freq[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 class Attention(nn.Module):
@@ -78,16 +65,13 @@ class Attention(nn.Module):
         k = self._split(self.k_proj(src), self.kv_heads)
         v = self._split(self.v_proj(src), self.kv_heads)
         if self.use_rope:
-            pos = torch.arange(x.shape[1], device=x.device)
-            q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
-        if self.kv_heads != self.heads:
-            rep = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            pos = torch.arange(x.shape[1], device=x.device)[None]
+            q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)
         mask = key_mask[:, None, None, :]
         if self.causal:
             t = x.shape[1]
             mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -114,7 +98,7 @@ class Router(nn.Module):
 
     def forward(self, x):
         """fp32 router probabilities [N, E]."""
-        return torch.softmax(x.float() @ self.weight.float().t(), dim=-1)
+        return torch.softmax(router_logits(x, self.weight), dim=-1)
 
 
 # ----------------------------------------------------------------------------- MoE layers
@@ -134,17 +118,10 @@ class RoutedMoE(nn.Module):
         """[N, E] fp32 probabilities -> dense [N, E] combine weights."""
         moe = self.moe
         if moe["kind"] == "topk":
-            top, idx = probs.topk(moe["top_k"], dim=-1)
-            if moe.get("renormalize", True):
-                top = top / top.sum(dim=-1, keepdim=True)
-            return torch.zeros_like(probs).scatter(-1, idx, top)
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(dim=-1) - sorted_p
-        take = before < moe["threshold"]
-        take[:, 0] = True
-        if moe.get("max_k"):
-            take[:, moe["max_k"]:] = False
-        return torch.zeros_like(probs).scatter(-1, idx, torch.where(take, sorted_p, torch.zeros_like(sorted_p)))
+            ids, _, weights = topk_choices(probs, moe["top_k"], moe.get("renormalize", True))
+        else:
+            ids, _, weights = threshold_choices(probs, moe["threshold"], moe.get("max_k"))
+        return dense_combine(ids, weights, probs.shape[-1])
 
     def forward(self, x, mask):
         flat = x.reshape(-1, x.shape[-1])
@@ -183,24 +160,16 @@ class MEOLinear(nn.Module):
         self.token_block = TokenBlock(d_in, max(1, d_in // token_ratio)) if token_ratio else None
 
     def gates(self, summary, top_k, source):
-        logits = summary.float() @ self.gate_weight.float().t()
-        if self.source_gate is not None:
-            logits = logits + source @ self.source_gate.float().t()
-        top, idx = logits.topk(top_k, dim=-1)
-        return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+        return topk_softmax_gates(gate_logits(summary, self.gate_weight, source, self.source_gate), top_k)[0]
 
     def forward(self, u, g):
-        w = (g.to(self.weight.dtype) @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])
-        y = torch.bmm(u, w.transpose(1, 2))
-        if self.bias is not None:
-            y = y + (g.to(self.bias.dtype) @ self.bias).unsqueeze(1)
-        return y
+        return merged_forward(u, g, self.weight, self.bias)
 
 
 class MEO(nn.Module):
     """Merged experts: one gate per linear, per sequence (encoder) or per causal segment (decoder).
-    A causal segment's gate reads the mean of the earlier segments (a shifted cumsum); in a
-    translation decoder every gate also reads the masked mean of the encoder output."""
+    A causal segment's gate reads the mean of the earlier segments (moe_functional.gate_summary);
+    in a translation decoder every gate also reads the masked mean of the encoder output."""
 
     def __init__(self, config, moe, causal, cross=False):
         super().__init__()
@@ -214,55 +183,25 @@ class MEO(nn.Module):
         ratio = moe.get("token_bottleneck_ratio", 64) if moe.get("meo_level", "sequence") == "token" else 0
         self.linears = nn.ModuleDict({k: MEOLinear(i, o, n, gelu, causal, src, ratio) for k, (i, o) in shapes.items()})
 
-    def _groups(self, x, mask):
-        """[B, L, *] -> [B*S, T, *] groups (sequence, or causal segments of segment_len)."""
-        if not self.causal:
-            return x, mask, 1
-        seg = self.moe.get("segment_len", 64)
-        segments = -(-x.shape[1] // seg)
-        pad = segments * seg - x.shape[1]
-        x = F.pad(x, (0, 0, 0, pad)).reshape(x.shape[0] * segments, seg, x.shape[-1])
-        mask = F.pad(mask, (0, pad)).reshape(-1, seg)
-        return x, mask, segments
-
-    def _summary(self, name, u, mask, segments):
-        m = mask[..., None]
-        sums = torch.where(m, u, torch.zeros((), dtype=u.dtype, device=u.device)).float().sum(dim=1)
-        counts = mask.float().sum(dim=1)
-        if not self.causal:
-            return sums / counts.clamp_min(1.0)[:, None]
-        sums, counts = sums.view(-1, segments, sums.shape[-1]), counts.view(-1, segments)
-        before_sum = torch.cat([torch.zeros_like(sums[:, :1]), sums[:, :-1].cumsum(1)], dim=1)
-        before_cnt = torch.cat([torch.zeros_like(counts[:, :1]), counts[:, :-1].cumsum(1)], dim=1)
-        default = self.linears[name].default_summary.float()
-        summary = torch.where((before_cnt > 0)[..., None], before_sum / before_cnt.clamp_min(1.0)[..., None], default)
-        return summary.reshape(-1, summary.shape[-1])
-
-    @staticmethod
-    def _source(memory, memory_mask, segments):
-        m = memory_mask[..., None]
-        sums = torch.where(m, memory, torch.zeros((), dtype=memory.dtype, device=memory.device)).float().sum(dim=1)
-        mean = sums / memory_mask.sum(dim=1).float().clamp_min(1.0)[:, None]
-        return mean.repeat_interleave(segments, dim=0)
-
     def forward(self, x, mask, memory=None, memory_mask=None):
-        batch, length = x.shape[:2]
-        u, gmask, segments = self._groups(x, mask)
+        groups = GroupLayout(mask, self.causal, self.moe.get("segment_len", 64))
         top_k = self.moe["top_k"]
-        source = self._source(memory, memory_mask, segments) if memory is not None else None
+        source = None
+        if memory is not None:
+            source = source_summary(memory, memory_mask).repeat_interleave(groups.num_segments, dim=0)
 
         def run(name, inp):
             lin = self.linears[name]
             if lin.token_block is not None:
                 inp = lin.token_block(inp)
-            return lin(inp, lin.gates(self._summary(name, inp, gmask, segments), top_k, source))
+            return lin(inp, lin.gates(gate_summary(inp, groups, lin.default_summary), top_k, source))
 
+        u = groups.to_groups(x)
         if "fc1" in self.linears:
             y = run("fc2", F.gelu(run("fc1", u)))
         else:
             y = run("w2", F.silu(run("w1", u)) * run("w3", u))
-        y = torch.where(gmask[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-        return y.reshape(batch, -1, y.shape[-1])[:, :length].to(x.dtype)
+        return groups.from_groups(groups.zero_padding(y)).to(x.dtype)
 
 
 def make_ffn(config, layer_is_moe, causal, cross):
@@ -306,16 +245,25 @@ class Stack(nn.Module):
 
     def forward(self, x, mask, memory=None, memory_mask=None):
         if self.config.positions == "sinusoidal":
-            x = x + sinusoidal(torch.arange(x.shape[1], device=x.device), x.shape[-1]).to(x.dtype)
+            x = x + sinusoidal_positions(torch.arange(x.shape[1], device=x.device), x.shape[-1]).to(x.dtype)
         for layer in self.layers:
             x = layer(x, mask, memory, memory_mask)
         return self.norm(x)
 
 
 class MeoPreTrainedModel(PreTrainedModel):
+    """Both tasks: `self.model` holds embed_tokens (the target embedding), `self.lm_head` is tied to it."""
+
     config_class = MeoConfig
     base_model_prefix = "model"
     _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
 
     def _init_weights(self, module):
         std = 0.02
@@ -350,19 +298,11 @@ class MeoModel(nn.Module):
 
 
 class MeoForCausalLM(MeoPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
     def __init__(self, config):
         super().__init__(config)
         self.model = MeoModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self):
-        return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         hidden = self.model(input_ids, _mask(input_ids, attention_mask))
@@ -423,8 +363,6 @@ class MeoForSeq2SeqLM(MeoPreTrainedModel, GenerationMixin):
     meo_ds trains them. attention_mask marks the real source tokens; decoder_attention_mask (optional)
     the real decoder tokens. The loss is plain cross-entropy (training used label smoothing)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
     def __init__(self, config):
         super().__init__(config)
         self.model = MeoSeq2SeqModel(config)
@@ -434,12 +372,6 @@ class MeoForSeq2SeqLM(MeoPreTrainedModel, GenerationMixin):
 
     def get_encoder(self, *args, **kwargs):
         return self._encoder
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def get_output_embeddings(self):
-        return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, labels=None, **kwargs):
