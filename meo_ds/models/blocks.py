@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from meo_ds.models.functional import apply_rope, attend, rms_norm
-from meo_ds.models.functional import sinusoidal_positions  # noqa: F401  (mt.py imports it from here)
 from meo_ds.moe import MoEConfig, MoEOutput, build_moe_layer
 from meo_ds.moe.meo import MEOLayer
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meo_ds.models.blocks import Block, BlockSpec, inactive_params, init_weights, make_norm, sinusoidal_positions
+from meo_ds.models.blocks import Block, BlockSpec, inactive_params, init_weights, make_norm
+from meo_ds.models.functional import sinusoidal_positions
 from meo_ds.models.config import MTConfig
 from meo_ds.models.lm import ModelOutput, run_blocks
 
