@@ -258,13 +258,13 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     return models.build_model(cfg.model)
 
 
-def train_flops_per_token(model: torch.nn.Module, cfg: RunConfig) -> float:
+def train_flops(model: torch.nn.Module, cfg: RunConfig) -> metrics.TrainFlops:
     """Training (forward + backward) FLOPs per trained token as the model accounts them: LM at
     data.seq_len; translation per target token at the training corpus's mean sentence lengths."""
     if cfg.task == "lm":
-        return float(model.flops_per_token(cfg.data.seq_len))
+        return metrics.TrainFlops(model, cfg.data.seq_len)
     ds = train_dataset(cfg)
-    return float(model.flops_per_token(float(ds.src_lens.mean()) + 1, float(ds.tgt_lens.mean()) + 1))
+    return metrics.TrainFlops(model, float(ds.src_lens.mean()) + 1, float(ds.tgt_lens.mean()) + 1)
 
 
 def build_loader(cfg: RunConfig, split: str, rank: int, world: int, shuffle: bool = True) -> Any:
@@ -345,7 +345,7 @@ class Trainer:
         self.optimizer = SkippableAdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                         betas=tuple(cfg.train.betas), eps=cfg.train.eps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
-        self.flops_per_token = train_flops_per_token(model, cfg)
+        self.flops = train_flops(model, cfg)
         self.loader = build_loader(cfg, "train", self.rank, self.world)
         self.val_loader = build_loader(cfg, cfg.data.val_split, self.rank, self.world, shuffle=False)
         self._seed_rank()
@@ -608,10 +608,12 @@ class Trainer:
         tps = self.tokens_per_s()
         peak = metrics.peak_flops(metrics.device_name() if cfg.logging.peak_flops_device == "auto"
                                   else cfg.logging.peak_flops_device, cfg.train.precision)
+        routing = self.routing.summary(global_loads)
+        flops = self.flops.per_token(routing)  # model and executed FLOPs/token of this interval; MFU from executed
         m = {"step": self.step, "loss": loss, "ppl": metrics.safe_ppl(nll), "aux": w["aux"] / max(1, w["n"]),
-             "lr": self.lr(), "grad_norm": w["gnorm"], "tokens_per_s": tps,
-             "mfu": metrics.mfu(tps or 0.0, self.flops_per_token, peak, self.world),
-             "routing": self.routing.summary(global_loads), "skipped": w["skipped"]}
+             "lr": self.lr(), "grad_norm": w["gnorm"], "tokens_per_s": tps, **flops,
+             "mfu": metrics.mfu(tps or 0.0, flops["executed_flops_per_token"], peak, self.world),
+             "routing": routing, "skipped": w["skipped"]}
         self.log(metrics.format_line(m))
         self._monitor(m)
         self.routing.reset()

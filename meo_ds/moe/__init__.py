@@ -3,10 +3,14 @@
     layer = build_moe_layer(cfg, d_model, d_ff)
     out = layer(x, padding_mask)   # MoEOutput(hidden, aux_loss, stats)
 
-Parts (swappable, one file each): routing.py (TopKRouter, ThresholdRouter -> RouterOutput),
-dispatch.py (TokenDispatcher: capacity / dropless, all-to-all over the expert-parallel group),
-experts.py (LocalExperts of SwiGLU or GELU experts), layer.py (MoELayer = the three, a
-`deepspeed.moe.layer.MoE` for the engine). With ep_size > 1 run under deepspeed.initialize (or
+Parts (swappable, one file each): registry.py (the kinds: what each MoEConfig.kind builds, the
+fields it reads, what the exporter and the model card need), routing.py (the Router base,
+TopKRouter, ThresholdRouter -> RouterOutput), dispatch.py (TokenDispatcher: capacity / dropless,
+all-to-all over the expert-parallel group), experts.py (LocalExperts of SwiGLU or GELU experts),
+layer.py (MoELayer = the three, a `deepspeed.moe.layer.MoE` for the engine; register_router),
+meo.py (MEOLayer). Every layer answers flops_per_token (model and executed), inactive_params and
+describe. A new router: one Router subclass, `register_router(TheRouter)`, and a test.
+With ep_size > 1 run under deepspeed.initialize (or
 call `layer.set_deepspeed_parallelism()` after deepspeed.init_distributed()); load a full set of
 experts into an ep rank by renaming `deepspeed_experts.{global}` to `.{global - rank*El}`.
 Do not name a model attribute holding an MoE layer with the substring "expert": DeepSpeed's
@@ -16,26 +20,25 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from . import registry
 from .config import MoEConfig, MoEConfigError
 from .dispatch import AllToAll, TokenDispatcher, capacity_slots, expert_capacity
 from .experts import GeluExpert, LocalExperts, SwiGLUExpert
-from .layer import MoELayer
-from .routing import RouterOutput, ThresholdRouter, TopKRouter
+from .layer import MoELayer, register_router
+from .meo import MEOLayer  # registers kind "meo"
+from .routing import Router, RouterOutput, ThresholdRouter, TopKRouter
 from .types import MoEOutput, RoutingStats
 
 
-def build_moe_layer(cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False) -> nn.Module:
-    """The MoE layer for cfg.kind ('topk', 'xmoe' or 'meo'); expert width cfg.expert_hidden or d_ff."""
+def build_moe_layer(cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False, cross: bool = False) -> nn.Module:
+    """The layer of cfg.kind (registry); expert width cfg.expert_hidden or d_ff. cross: a decoder
+    layer with a source sentence (MEO's gates then also read it)."""
     cfg.validate()
-    if cfg.kind == "meo":
-        from .meo import MEOLayer  # imported lazily: MEO is an independent room
-
-        return MEOLayer(cfg, d_model, d_ff, causal=causal)
-    return MoELayer(cfg, d_model, d_ff, causal=causal)
+    return registry.get(cfg.kind).build(cfg, d_model, d_ff, causal=causal, cross=cross)
 
 
 __all__ = [
-    "AllToAll", "GeluExpert", "LocalExperts", "MoEConfig", "MoEConfigError", "MoELayer", "MoEOutput",
-    "RouterOutput", "RoutingStats", "SwiGLUExpert", "ThresholdRouter", "TokenDispatcher", "TopKRouter",
-    "build_moe_layer", "capacity_slots", "expert_capacity",
+    "AllToAll", "GeluExpert", "LocalExperts", "MEOLayer", "MoEConfig", "MoEConfigError", "MoELayer", "MoEOutput",
+    "Router", "RouterOutput", "RoutingStats", "SwiGLUExpert", "ThresholdRouter", "TokenDispatcher", "TopKRouter",
+    "build_moe_layer", "capacity_slots", "expert_capacity", "register_router", "registry",
 ]
