@@ -50,6 +50,9 @@ Choices (documented here once):
   W^ is never stored for backward and is built at most MERGED_CHUNK_BYTES at a time.
 - Dtypes: x must have the weights' dtype (or run under torch.autocast); output has x's dtype.
 - Padding positions get a zero output.
+- Registered as kind "meo" (registry.py; its fields, noisy gating by default, data-parallel
+  experts); like every layer it answers flops_per_token (model: the paper's sparse merge;
+  executed: the dense merge), inactive_params and describe.
 """
 from __future__ import annotations
 
