@@ -293,7 +293,7 @@ def _deepspeed_step(moe: nn.Module) -> Step:
         indices = output[3]  # [k, S] with sparse routes
         kept["routes"] = int((indices >= 0).sum())
         kept["assigned"] = indices.numel()
-        kept["rows"] = output[1].shape[1] * output[1].shape[2]  # combine weights [S, E, C]: E*C padded rows
+        kept["rows"] = int(output[1]) * int(output[2])  # sparse routes: (l_aux, C, E, ...): E*C padded rows
 
     moe.deepspeed_moe.gate.register_forward_hook(hook)
 
