@@ -13,9 +13,13 @@ Columns:
   ms          median forward + backward time of one micro-batch
   tokens/s    tokens of all ranks / ms
   x dense     ms / ms of the dense SwiGLU MLP of one expert's size (the baseline)
-  MFLOP/tok   counted forward matmul FLOPs per token: dense 6 d f; top-k, XMoE, DeepSpeed and
-              Mixtral 2 d E (router) + m * 6 d f_expert with m the measured experts per token after
-              capacity drops; MEO `MEOLayer.flops_per_token(seq_len)` (the paper's sparse merge count)
+  MFLOP/tok   model forward matmul FLOPs per token (the work the routing asks for): dense 6 d f;
+              top-k, XMoE, DeepSpeed and Mixtral 2 d E (router) + m * 6 d f_expert with m the
+              measured experts per token after capacity drops; MEO the paper's sparse k-expert merge.
+              Our layers count themselves (`layer.flops_per_token`, meo_ds/moe/layer.py and meo.py).
+  exec MF/tok executed forward matmul FLOPs per token (what ran): capacity dispatch (ours and
+              DeepSpeed's) computes E*C padded rows, so m = E*C / tokens; MEO merges all E experts
+              densely; dropless layers and Mixtral equal the model count
   exp/tok     measured mean experts per token after drops (RoutingStats; DeepSpeed: its gate's
               kept routes; Mixtral never drops)
   a2a B/tok   forward all-to-all bytes a rank sends to other ranks per token (RoutingStats.a2a_bytes;
@@ -248,7 +252,8 @@ class Case:
     module: nn.Module
     seq_len: int
     step: Step
-    flops: Callable[[float], float]  # measured experts/token -> counted forward FLOPs/token
+    # (measured experts/token, measured expert rows/token, executed) -> forward FLOPs/token
+    flops: Callable[[float, float, bool], float]
     times: list = field(default_factory=list)  # seconds per timed round
     samples: list = field(default_factory=list)  # stats per timed round
 
@@ -259,7 +264,7 @@ def _ours_step(layer: nn.Module) -> Step:
         s = out.stats
         return out.hidden, out.aux_loss, {
             "tokens": s.num_tokens, "experts": s.experts_per_token_mean, "a2a": s.a2a_bytes,
-            "dropped": s.dropped_fraction,
+            "dropped": s.dropped_fraction, "rows": s.extra.get("rows"),
         }
 
     return step
@@ -267,7 +272,8 @@ def _ours_step(layer: nn.Module) -> Step:
 
 def _plain_step(module: nn.Module, experts: Optional[float]) -> Step:
     def step(x):
-        return module(x), None, {"tokens": x.shape[0] * x.shape[1], "experts": experts, "a2a": 0, "dropped": 0.0}
+        return module(x), None, {"tokens": x.shape[0] * x.shape[1], "experts": experts, "a2a": 0, "dropped": 0.0,
+                                 "rows": None}
 
     return step
 
@@ -280,6 +286,7 @@ def _deepspeed_step(moe: nn.Module) -> Step:
         indices = output[3]  # [k, S] with sparse routes
         kept["routes"] = int((indices >= 0).sum())
         kept["assigned"] = indices.numel()
+        kept["rows"] = int(output[1]) * int(output[2])  # sparse routes: (l_aux, C, E, ...): E*C padded rows
 
     moe.deepspeed_moe.gate.register_forward_hook(hook)
 
@@ -288,7 +295,7 @@ def _deepspeed_step(moe: nn.Module) -> Step:
         tokens = x.shape[0] * x.shape[1]
         return out, l_aux, {
             "tokens": tokens, "experts": kept["routes"] / tokens, "a2a": None,
-            "dropped": 1.0 - kept["routes"] / kept["assigned"],
+            "dropped": 1.0 - kept["routes"] / kept["assigned"], "rows": kept["rows"],
         }
 
     return step
@@ -311,20 +318,25 @@ def build_cases(args: argparse.Namespace, env: Env) -> list[Case]:
         module.to(device=env.device, dtype=dtype).train()
         cases.append(Case(name, family, module, seq_len, step, flops))
 
-    def moe_flops(num_experts: int, width: int) -> Callable[[float], float]:
-        return lambda m: 2 * d * num_experts + m * 6 * d * width
+    def moe_flops(num_experts: int, width: int) -> Callable[[float, float, bool], float]:
+        """Layers that do not count themselves (DeepSpeed's, Mixtral's): SwiGLU experts of `width`."""
+        return lambda m, rows, executed: 2 * d * num_experts + (rows if executed else m) * 6 * d * width
+
+    def own_flops(layer: nn.Module, seq: int) -> Callable[[float, float, bool], float]:
+        return lambda m, rows, executed: layer.flops_per_token(seq, executed=executed, experts_per_token=m,
+                                                               rows_per_token=rows)
 
     # Weights are built from one seed in one order, so every rank builds the same router weights.
     torch.manual_seed(args.seed)
     dense = SwiGLUExpert(d, f)
-    add(f"dense SwiGLU d_ff={f}", "dense", dense, _plain_step(dense, None), lambda m: 6 * d * f)
+    add(f"dense SwiGLU d_ff={f}", "dense", dense, _plain_step(dense, None), lambda m, rows, executed: 6 * d * f)
 
     for k in (1, 2):
         for mode in ("capacity", "dropless"):
             cfg = MoEConfig(kind="topk", num_experts=E, top_k=k, dispatch=mode, capacity_factor=cf)
             layer = parallelize(build_moe_layer(cfg, d, f), ep)
             label = f"cf {cf:g}" if mode == "capacity" else "dropless"
-            add(f"top-{k} of {E} {label}", "topk", layer, _ours_step(layer), moe_flops(E, f))
+            add(f"top-{k} of {E} {label}", "topk", layer, _ours_step(layer), own_flops(layer, L))
 
     width = args.xmoe_width or max(1, f // 8)
     for t in _floats(args.xmoe_thresholds):
@@ -335,7 +347,7 @@ def build_cases(args: argparse.Namespace, env: Env) -> list[Case]:
         with torch.no_grad():
             layer.router.weight.mul_(args.xmoe_router_scale)
         name = f"xmoe t={t:g} {args.xmoe_experts}x{width} dropless"
-        add(name, "xmoe", layer, _ours_step(layer), moe_flops(args.xmoe_experts, width))
+        add(name, "xmoe", layer, _ours_step(layer), own_flops(layer, L))
 
     for seq in _ints(args.meo_seq_lens):
         for n_exp in _ints(args.meo_experts):
@@ -348,8 +360,7 @@ def build_cases(args: argparse.Namespace, env: Env) -> list[Case]:
                 with torch.no_grad():
                     for lin in layer.linears.values():
                         lin.gate_weight.normal_(std=lin.d_in**-0.5)
-                flops = layer.flops_per_token(seq)
-                add(f"meo k={k} of {n_exp} L={seq}", "meo", layer, _ours_step(layer), lambda m, v=flops: v, seq)
+                add(f"meo k={k} of {n_exp} L={seq}", "meo", layer, _ours_step(layer), own_flops(layer, seq), seq)
 
     ds = DeepSpeedMoE(
         hidden_size=d, expert=SwiGLUExpert(d, f), num_experts=E, ep_size=ep, k=2, capacity_factor=cf,
@@ -417,19 +428,22 @@ def summarize(cases: list[Case], env: Env) -> list[dict]:
 
     # Samples may hold device tensors (RoutingStats stay on the device); read back after timing.
     times = all_reduce([c.times for c in cases], op="max")
-    # per case: tokens, experts*tokens, a2a bytes (reported), a2a bytes (counted), dropped*tokens
-    sums = torch.zeros(len(cases), 5, dtype=torch.float64)
+    # per case: tokens, experts*tokens, a2a bytes (reported), a2a bytes (counted), dropped*tokens, expert rows
+    sums = torch.zeros(len(cases), 6, dtype=torch.float64)
     for i, c in enumerate(cases):
         for s in c.samples:
             tokens, experts, dropped = (float(s[k]) if s[k] is not None else 0.0 for k in ("tokens", "experts", "dropped"))
             a2a = s["a2a"] if s["a2a"] is not None else s["a2a_counted"]
-            sums[i] += torch.tensor([tokens, experts * tokens, a2a, s["a2a_counted"], dropped * tokens], dtype=torch.float64)
+            rows = float(s["rows"]) if s["rows"] is not None else experts * tokens  # no padded rows: the kept ones
+            sums[i] += torch.tensor([tokens, experts * tokens, a2a, s["a2a_counted"], dropped * tokens, rows],
+                                    dtype=torch.float64)
     sums = all_reduce(sums)
     rows = []
     for i, c in enumerate(cases):
         tokens = sums[i, 0].item()
         ms = 1000 * statistics.median(times[i].tolist())
         experts = sums[i, 1].item() / tokens if c.samples[0]["experts"] is not None else None
+        expert_rows = sums[i, 5].item() / tokens if experts is not None else None
         rows.append({
             "name": c.name,
             "family": c.family,
@@ -438,7 +452,9 @@ def summarize(cases: list[Case], env: Env) -> list[dict]:
             "ms_min": 1000 * min(times[i].tolist()),
             "ms_max": 1000 * max(times[i].tolist()),
             "tokens_per_s": (tokens / len(c.samples)) / (ms / 1000),
-            "flops_per_token": c.flops(experts if experts is not None else 1.0),
+            "flops_per_token": c.flops(experts, expert_rows, False),
+            "executed_flops_per_token": c.flops(experts, expert_rows, True),
+            "rows_per_token": expert_rows,
             "experts_per_token": experts,
             "a2a_bytes_per_token": sums[i, 2].item() / tokens,
             "a2a_counted_per_token": sums[i, 3].item() / tokens,
@@ -502,13 +518,15 @@ def format_table(meta: dict, rows: list[dict]) -> str:
         f"(seq {meta['seq_len']}), {meta['dtype']}, capacity factor {meta['capacity_factor']:g}, "
         f"xmoe router scale {meta['xmoe_router_scale']:g}, malloc {meta['malloc']}",
         "",
-        f"{'layer':<38} {'ms':>9} {'tokens/s':>11} {'x dense':>8} {'MFLOP/tok':>10} {'exp/tok':>8} {'a2a B/tok':>10}",
+        f"{'layer':<38} {'ms':>9} {'tokens/s':>11} {'x dense':>8} {'MFLOP/tok':>10} {'exec MF/tok':>11} {'exp/tok':>8} "
+        f"{'a2a B/tok':>10}",
     ]
     for r in rows:
         experts = f"{r['experts_per_token']:.2f}" if r["experts_per_token"] is not None else "-"
         lines.append(
             f"{r['name']:<38} {r['ms']:>9.2f} {r['tokens_per_s']:>11,.0f} {r['ratio_to_dense']:>8.2f} "
-            f"{r['flops_per_token'] / 1e6:>10.3f} {experts:>8} {r['a2a_bytes_per_token']:>10.1f}"
+            f"{r['flops_per_token'] / 1e6:>10.3f} {r['executed_flops_per_token'] / 1e6:>11.3f} {experts:>8} "
+            f"{r['a2a_bytes_per_token']:>10.1f}"
         )
     mismatched = [
         r["name"] for r in rows

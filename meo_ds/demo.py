@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 import yaml
 
+from meo_ds.moe import registry
+
 DEMO_PRESET = "tiny"
 
 
@@ -31,7 +33,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meo-demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="meo_demo", help="working directory (data, run config, logs, checkpoints)")
-    p.add_argument("--kind", default="topk", choices=["topk", "xmoe", "meo"], help="MoE family")
+    p.add_argument("--kind", default="topk", choices=registry.kinds(), help="MoE family")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps")
     p.add_argument("--ranks", type=int, default=2, help="ranks (processes); expert parallelism uses all of them")
     p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
@@ -48,7 +50,7 @@ def use_gpus(ranks: int) -> bool:
 def run_config(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
     from meo_ds.data import LMDataset
 
-    ep = args.ranks if args.kind != "meo" else 1  # MEO merges weights: its experts are data-parallel
+    ep = args.ranks if registry.get(args.kind).expert_parallel else 1  # MEO's experts are data-parallel
     vocab = LMDataset(data_dir, "train").tokenizer().vocab_size
     return {
         "task": "lm",

@@ -1,8 +1,16 @@
-"""Training metrics: peak-FLOPS table and MFU, routing-statistics summaries, the log line."""
+"""Training metrics: peak-FLOPS table and MFU, FLOPs per token, routing-statistics summaries, the log line.
+
+FLOPs per token come in two counts, both from the model's own accounting (each MoE layer's
+`flops_per_token`, meo_ds/moe): the model count (the work the routing asks for: top-k k experts,
+XMoE the measured experts per token, MEO the paper's k-expert sparse merge) and the executed
+count (what the code runs: capacity dispatch's E*C padded rows, MEO's dense E-expert merge).
+`TrainFlops.per_token` computes both for a log interval from that interval's measured routing;
+MFU is computed from the executed count (the work the hardware did).
+"""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -44,7 +52,23 @@ def peak_flops(name: str, precision: str) -> Optional[float]:
     return None
 
 
+class TrainFlops:
+    """Training FLOPs per trained token of `model` at fixed lengths (the arguments of its
+    flops_per_token after the routing: LM seq_len; translation mean source and target lengths)."""
+
+    def __init__(self, model: torch.nn.Module, *lengths: float):
+        self.model, self.lengths = model, lengths
+
+    def per_token(self, routing: Sequence[Mapping[str, float]] = ()) -> dict[str, float]:
+        """{model_flops_per_token, executed_flops_per_token} for an interval's routing summary
+        (RoutingAccumulator.summary: per MoE layer in forward order); empty: nothing measured."""
+        measured = list(routing) or None
+        return {key: float(self.model.flops_per_token(*self.lengths, routing=measured, executed=executed))
+                for key, executed in (("model_flops_per_token", False), ("executed_flops_per_token", True))}
+
+
 def mfu(tokens_per_s: float, train_flops_per_token: Optional[float], peak: Optional[float], world: int) -> Optional[float]:
+    """Model FLOPs utilisation; pass the executed FLOPs per token (TrainFlops.per_token)."""
     if not train_flops_per_token or not peak or tokens_per_s <= 0:
         return None
     return tokens_per_s * train_flops_per_token / (peak * world)
@@ -60,7 +84,8 @@ class RoutingAccumulator:
 
     def __init__(self) -> None:
         self.loads: list[torch.Tensor] = []  # per layer: [num_experts] float64 load, summed
-        self.scalars: Optional[torch.Tensor] = None  # [layers, 2] float64: dropped fraction, experts/token, summed
+        # [layers, 4] float64, summed: dropped fraction, experts/token, expert rows computed, tokens
+        self.scalars: Optional[torch.Tensor] = None
         self.count = 0
 
     def add(self, stats: Optional[Sequence[Any]]) -> None:
@@ -71,24 +96,35 @@ class RoutingAccumulator:
         stats = [s for s in stats if s is not None]
         if not self.loads:
             self.loads = [torch.zeros_like(s.expert_load, dtype=torch.float64) for s in stats]
-            self.scalars = torch.zeros(len(stats), 2, dtype=torch.float64, device=stats[0].expert_load.device)
+            self.scalars = torch.zeros(len(stats), 4, dtype=torch.float64, device=stats[0].expert_load.device)
         stats = stats[: len(self.loads)]
         for i, s in enumerate(stats):
             self.loads[i] += s.expert_load.detach()
-        self.scalars += torch.stack([torch.stack([s.dropped_fraction.double(), s.experts_per_token_mean.double()]) for s in stats])
+        self.scalars += torch.stack([torch.stack(self._scalars(s)) for s in stats])
         self.count += 1
 
+    @staticmethod
+    def _scalars(s: Any) -> list[torch.Tensor]:
+        """Layers that report no expert rows (MEO: its cost does not depend on routing) count their experts/token."""
+        tokens = s.num_tokens.double()
+        rows = s.extra.get("rows")
+        rows = s.experts_per_token_mean.double() * tokens if rows is None else rows.double()
+        return [s.dropped_fraction.double(), s.experts_per_token_mean.double(), rows, tokens]
+
     def summary(self, global_loads: Optional[list[torch.Tensor]] = None) -> list[dict]:
-        """Per layer: balance = max/mean expert load (1.0 is perfect), drop rate, experts/token."""
+        """Per layer: balance = max/mean expert load (1.0 is perfect), drop rate, experts/token (kept
+        after drops, mean over micro-batches), rows_per_token (expert rows computed per token: with
+        capacity E*C padded rows; this rank's)."""
         loads = global_loads if global_loads is not None else self.loads
         if not loads:
             return []
-        # Read back once per interval: per layer max load, mean load, dropped sum, experts/token sum.
+        # Read back once per interval: per layer max load, mean load, and the summed scalars.
         table = torch.stack([torch.stack([l.max(), l.mean()]).double().cpu() for l in loads])
         rows = torch.cat([table, self.scalars[: len(loads)].cpu()], dim=1).tolist()
         n = max(1, self.count)
-        return [{"balance": top / mean if mean > 0 else float("nan"), "drop": drop / n, "experts_per_token": ept / n}
-                for top, mean, drop, ept in rows]
+        return [{"balance": top / mean if mean > 0 else float("nan"), "drop": drop / n, "experts_per_token": ept / n,
+                 "rows_per_token": expert_rows / tokens if tokens > 0 else ept / n}
+                for top, mean, drop, ept, expert_rows, tokens in rows]
 
     def reset(self) -> None:
         self.__init__()
@@ -108,6 +144,8 @@ def format_line(m: dict) -> str:
         f"tok/s {tps:,.0f}" if tps else "tok/s warm-up",
         f"mfu {mfu_text}",
     ]
+    if m.get("model_flops_per_token") is not None:
+        parts.append(f"flops/tok model {m['model_flops_per_token']:.4g} executed {m['executed_flops_per_token']:.4g}")
     routing = m.get("routing") or []
     if routing:
         parts.append(

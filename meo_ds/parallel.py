@@ -37,10 +37,9 @@ from typing import Iterable, Optional
 import torch.distributed as dist
 import torch.nn as nn
 
+from meo_ds.moe import registry
 from meo_ds.moe.config import MoEConfig
 from meo_ds.moe.layer import MoELayer
-
-SHARDED_KINDS = ("topk", "xmoe")  # the kinds whose experts are sharded; MEO's are data-parallel
 
 
 class ParallelizeError(ValueError):
@@ -52,12 +51,13 @@ def ep_size_problems(ep_size: int, moe_configs: Iterable[MoEConfig], world_size:
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
         return [f"parallel.ep_size={ep_size!r} must be an integer >= 1"]
     configs = list(moe_configs)
-    sharded = [c for c in configs if c.kind in SHARDED_KINDS]
+    sharded = [c for c in configs if registry.get(c.kind).expert_parallel]  # MEO's experts are data-parallel
     problems = []
     if ep_size > 1 and not sharded:
         if configs:
-            problems.append("MEO merges weights, not tokens: its experts are data-parallel; set parallel.ep_size=1 "
-                            "for kind='meo'")
+            kinds = sorted({c.kind for c in configs})
+            problems.append(f"the model's MoE layers ({', '.join(kinds)}) move weights, not tokens: their experts are "
+                            f"data-parallel; set parallel.ep_size=1")
         else:
             problems.append(f"parallel.ep_size={ep_size} but the model has no top-k or XMoE layer whose experts could "
                             f"be sharded; set parallel.ep_size=1")

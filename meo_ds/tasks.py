@@ -4,7 +4,7 @@
     task.dataset("train"); task.loader(split, rank, world, shuffle)     # the corpus and its loader
     task.check_fits_model(dataset)               # the corpus fits model.max_seq_len (ConfigError)
     task.batch_size_advice()                     # which setting sizes a batch (for the too-small-corpus error)
-    task.train_flops_per_token(model)            # training FLOPs per counted token (MFU)
+    task.train_flops(model).per_token(routing)   # model and executed training FLOPs per counted token
     task.evaluate(engine, val_loader, device)    # validation loss/perplexity; translation adds BLEU/chrF
 
 The rest is the same for both and lives with the data: a loader names the batch keys its model
@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from meo_ds import evaluate as ev
+from meo_ds import metrics
 from meo_ds.config import ConfigError, RunConfig
 from meo_ds.data import LMDataset, LMLoader, MTDataset, MTLoader
 
@@ -56,8 +57,9 @@ class Task(ABC):
         """Which setting to change when a split cannot fill one global batch."""
 
     @abstractmethod
-    def train_flops_per_token(self, model: torch.nn.Module) -> float:
-        """Training (forward + backward) FLOPs per counted token as the model accounts them."""
+    def train_flops(self, model: torch.nn.Module) -> metrics.TrainFlops:
+        """Training (forward + backward) FLOPs per counted token as the model accounts them (model
+        and executed, from an interval's routing: metrics.TrainFlops)."""
 
     def scores(self, model: torch.nn.Module, device: torch.device) -> dict:
         """Scores beyond the validation loss (translation: BLEU/chrF); none by default."""
@@ -90,9 +92,9 @@ class LMTask(Task):
     def batch_size_advice(self) -> str:
         return f"lower train.micro_batch_size={self.cfg.train.micro_batch_size} or data.seq_len={self.cfg.data.seq_len}"
 
-    def train_flops_per_token(self, model: torch.nn.Module) -> float:
+    def train_flops(self, model: torch.nn.Module) -> metrics.TrainFlops:
         """At data.seq_len."""
-        return float(model.flops_per_token(self.cfg.data.seq_len))
+        return metrics.TrainFlops(model, self.cfg.data.seq_len)
 
 
 class TranslationTask(Task):
@@ -119,10 +121,10 @@ class TranslationTask(Task):
     def batch_size_advice(self) -> str:
         return f"change data.max_tokens={self.cfg.data.max_tokens}"
 
-    def train_flops_per_token(self, model: torch.nn.Module) -> float:
+    def train_flops(self, model: torch.nn.Module) -> metrics.TrainFlops:
         """Per target token, at the training corpus's mean sentence lengths."""
         ds = self.dataset("train")
-        return float(model.flops_per_token(float(ds.src_lens.mean()) + 1, float(ds.tgt_lens.mean()) + 1))
+        return metrics.TrainFlops(model, float(ds.src_lens.mean()) + 1, float(ds.tgt_lens.mean()) + 1)
 
     def scores(self, model: torch.nn.Module, device: torch.device) -> dict:
         return ev.bleu_chrf(model, self.cfg, device) if self.cfg.eval.bleu else {}

@@ -186,7 +186,7 @@ class Trainer:
         self.optimizer = SkippableAdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                         betas=tuple(cfg.train.betas), eps=cfg.train.eps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
-        self.flops_per_token = self.task.train_flops_per_token(model)
+        self.flops = self.task.train_flops(model)
         self.loader = self.task.loader("train", self.rank, self.world)
         self.val_loader = self.task.loader(cfg.data.val_split, self.rank, self.world, shuffle=False)
         self._seed_rank()
@@ -440,10 +440,12 @@ class Trainer:
         tps = self.tokens_per_s()
         peak = metrics.peak_flops(metrics.device_name() if cfg.logging.peak_flops_device == "auto"
                                   else cfg.logging.peak_flops_device, cfg.train.precision)
+        routing = self.routing.summary(global_loads)
+        flops = self.flops.per_token(routing)  # model and executed FLOPs/token of this interval; MFU from executed
         m = {"step": self.step, "loss": loss, "ppl": metrics.safe_ppl(nll), "aux": w.aux / max(1, w.steps),
-             "lr": self.lr(), "grad_norm": w.grad_norm, "tokens_per_s": tps,
-             "mfu": metrics.mfu(tps or 0.0, self.flops_per_token, peak, self.world),
-             "routing": self.routing.summary(global_loads), "skipped": w.skipped}
+             "lr": self.lr(), "grad_norm": w.grad_norm, "tokens_per_s": tps, **flops,
+             "mfu": metrics.mfu(tps or 0.0, flops["executed_flops_per_token"], peak, self.world),
+             "routing": routing, "skipped": w.skipped}
         self.log(metrics.format_line(m))
         self._monitor(m)
         self.routing.reset()

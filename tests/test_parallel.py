@@ -51,7 +51,7 @@ def test_ep_size_problems_name_the_fix():
         "num_experts=6 is not divisible by ep_size=4; choose a parallel.ep_size that divides the number of experts",
         "world size 6 is not divisible by ep_size=4; launch a multiple of 4 ranks or change parallel.ep_size",
     ]
-    assert "for kind='meo'" in ep_size_problems(2, [meo], 2)[0]
+    assert "(meo) move weights, not tokens" in ep_size_problems(2, [meo], 2)[0]
     assert "no top-k or XMoE layer" in ep_size_problems(2, [], 2)[0]
     assert ep_size_problems(0, [topk]) == ["parallel.ep_size=0 must be an integer >= 1"]
 

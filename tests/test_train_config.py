@@ -71,7 +71,7 @@ def test_expert_parallel_size_is_checked_against_world_experts_and_kind():
         with pytest.raises(ConfigError, match=needle):
             cfg.validate(world_size=world)
     cfg.parallel.ep_size, cfg.model["moe"].kind = 2, "meo"
-    with pytest.raises(ConfigError, match="set parallel.ep_size=1 for kind='meo'"):
+    with pytest.raises(ConfigError, match=r"\(meo\) move weights, not tokens: their experts are data-parallel; set parallel.ep_size=1"):
         cfg.validate(world_size=2)
     cfg.model = {}  # a dense model has no experts to shard
     with pytest.raises(ConfigError, match="no top-k or XMoE layer"):
@@ -117,7 +117,7 @@ def test_ds_config_precision_clipping_optimizer_zero3_monitor():
         reconcile_ds_config(make_cfg(), {"gradient_clipping": 0.5}, 2, "cpu")
     with pytest.raises(ConfigError, match="remove 'optimizer'"):
         reconcile_ds_config(make_cfg(), {"optimizer": {"type": "Adam"}}, 2, "cpu")
-    with pytest.raises(ConfigError, match="ZeRO stage 3 needs every MoE layer to be MEO"):
+    with pytest.raises(ConfigError, match="ZeRO stage 3 needs every MoE layer's experts to be ordinary parameters"):
         reconcile_ds_config(make_cfg(), {"zero_optimization": {"stage": 3}}, 2, "cpu")
     meo = make_cfg()
     meo.model = {"moe": MoEConfig(kind="meo")}

@@ -86,10 +86,24 @@ def test_sigterm_checkpoints_and_resume_is_exact(reference, lm_data):
     assert got == want, "\n".join(f"{s}: {want[s]} vs {got.get(s)}" for s in want if want[s] != got.get(s))
 
 
+def monitored(run: Path, name: str) -> dict[int, float]:
+    """The csv monitor's Train/{name} values by step."""
+    (path,) = run.glob(f"monitor/**/Train_{name}.csv")
+    return {int(step): float(value) for step, value in (line.split(",") for line in path.read_text().splitlines()[1:])}
+
+
 @pytest.mark.parametrize("kind,ep", [("xmoe", 2), ("meo", 1)])
 def test_kind_learns(kind, ep, lm_data, tmp_path):
-    train(lm_run(tmp_path / kind, lm_data, kind=kind, ep=ep, eval={"at_end": False}, checkpoint={"save_at_end": False}))
-    assert_learns(losses(tmp_path / kind), margin=0.5)
+    run = tmp_path / kind
+    train(lm_run(run, lm_data, kind=kind, ep=ep, eval={"at_end": False}, checkpoint={"save_at_end": False},
+                 logging={"peak_flops_device": "A100"}))  # a known peak (fp32 19.5 TFLOP/s): MFU is computed
+    assert_learns(losses(run), margin=0.5)
+    assert "flops/tok model" in (run / "train.log").read_text()
+    model, executed = monitored(run, "model_flops_per_token"), monitored(run, "executed_flops_per_token")
+    mfu, tps = monitored(run, "mfu"), monitored(run, "tokens_per_s")
+    assert mfu and all(mfu[s] == pytest.approx(tps[s] * executed[s] / (19.5e12 * 2), rel=1e-5) for s in mfu)
+    if kind == "meo":  # the dense E-expert merge runs more than the paper's k-expert merge
+        assert all(executed[s] > model[s] for s in model)
 
 
 def test_death_during_save_keeps_latest_then_nan_steps_are_skipped(lm_data, tmp_path):

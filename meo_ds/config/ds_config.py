@@ -14,6 +14,8 @@ import copy
 import os
 from typing import Optional
 
+from meo_ds.moe import registry
+
 from .errors import ConfigError, listing
 from .loading import read_mapping
 from .schema import RunConfig
@@ -97,10 +99,10 @@ def _zero_problems(cfg: RunConfig, ds: dict) -> list[str]:
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if stage not in (0, 1, 2, 3):
         return [f"zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3"]
-    kinds = sorted({m.kind for m in cfg.moe_configs()})
-    if stage == 3 and any(k != "meo" for k in kinds):
-        return [f"ZeRO stage 3 needs every MoE layer to be MEO (its experts are ordinary parameters); this model "
-                f"has {kinds}: use ZeRO stage 2 (ds_configs/zero2_*.json)"]
+    sharded = sorted({m.kind for m in cfg.moe_configs() if registry.get(m.kind).expert_parallel})
+    if stage == 3 and sharded:
+        return [f"ZeRO stage 3 needs every MoE layer's experts to be ordinary parameters (MEO); this model has "
+                f"expert-parallel {sharded} layers: use ZeRO stage 2 (ds_configs/zero2_*.json)"]
     return []
 
 

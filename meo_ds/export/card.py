@@ -4,7 +4,9 @@ Sources: the exported HuggingFace config, the run config saved in the checkpoint
 (MoE settings, data), the data directory's manifest (corpus summary) and the trainer's
 `metrics.jsonl` and `eval.jsonl` (the last value of every training/evaluation metric logged at
 or before the exported checkpoint's step: a run that went on after the tag, or trained the same
-steps twice after a crash, does not leak later numbers into the card), when present.
+steps twice after a crash, does not leak later numbers into the card), when present. The MoE
+settings listed per layer group are each kind's own (meo_ds.moe.registry.describe, via
+export/remote.py's moe_summary); the card never compares kind names.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ source's when shared) and model.src_embed_tokens. Inside an MoE layer:
 - top-k / XMoE layers keep their experts at `deepspeed_moe.experts.deepspeed_experts.{e}.`
   (the prefix DeepSpeed's per-expert checkpointing needs); the remote layer calls them `experts.{e}.`.
 - noise weights of noisy gates are training-only (inference routes on clean logits): dropped.
+Whether a MoE kind maps to native Mixtral is the kind's answer (meo_ds.moe.registry: `native`,
+`native_problems`), never a comparison of kind names here.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from meo_ds.export.errors import ExportError
+from meo_ds.moe import registry
 
 DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 _TRAINING_ONLY = re.compile(r"(^|\.)noise_weight$")
@@ -126,12 +129,13 @@ def native_problems(model_cfg: Any) -> list[str]:
 
 def mixtral_moe_problems(model_cfg: Any, moe: Any) -> list[str]:
     problems = []
-    if moe.kind != "topk":
+    spec = registry.get(moe.kind)
+    if spec.native != "mixtral":
         problems.append(f"its MoE layers are {moe.kind} (Mixtral routes top-k)")
     if moe.activation != "swiglu":
         problems.append(f"its experts use {moe.activation} (Mixtral experts are SwiGLU without biases)")
-    if not moe.renormalize:
-        problems.append("its top-k weights are not renormalised (Mixtral renormalises)")
+    if spec.native == "mixtral":
+        problems += spec.native_problems(moe)
     dense = [i for i in range(model_cfg.n_layers) if not model_cfg.is_moe_layer(i)]
     if dense:
         problems.append(f"layers {dense} are dense (every Mixtral layer is MoE)")

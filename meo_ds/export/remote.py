@@ -7,11 +7,11 @@ models_functional.py (the library's own files, so one change reaches both; trans
 loader copies a module's relative imports from next to it). config.json's `auto_map` points
 AutoConfig / AutoModelForCausalLM / AutoModelForSeq2SeqLM at them, so `from_pretrained(dir,
 trust_remote_code=True)` works where meo_ds is not installed. Weights are renamed from our model's
-state dict by `layout.remote_key`.
+state dict by `layout.remote_key`. The model card's MoE settings are each kind's own
+(`meo_ds.moe.registry.describe`).
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from meo_ds.export import layout
 from meo_ds.export.hf_remote import LIBRARY_FILES
 from meo_ds.export.weights import dtype_of, load_exact
+from meo_ds.moe import registry
 
 CODE_DIR = Path(__file__).resolve().parent / "hf_remote"
 SHIPPED = {  # file name in the export: its source in meo_ds
@@ -70,14 +71,10 @@ def moe_summary(task: str, model_cfg: Any) -> list[dict]:
 
     seen, out = [], []
     for moe in iter_moe_configs(model_cfg):
-        d = dataclasses.asdict(moe)
-        if d in seen:
+        if moe in seen:
             continue
-        seen.append(d)
-        keep = ["kind", "num_experts", "expert_hidden", "activation", "dispatch", "aux_loss_coef"]
-        keep += {"topk": ["top_k", "renormalize", "capacity_factor"], "xmoe": ["threshold", "max_k", "capacity_factor"],
-                 "meo": ["top_k", "meo_level", "segment_len", "token_bottleneck_ratio"]}[moe.kind]
-        out.append({"where": f"MoE layers ({moe.kind}): {where}", **{k: d[k] for k in keep}})
+        seen.append(moe)
+        out.append({"where": f"MoE layers ({moe.kind}): {where}", **registry.describe(moe)})
     return out
 
 

@@ -14,12 +14,16 @@ by MEO's causal segment gates).
 
 The math of norms, positions and attention is in meo_ds/models/functional.py (pure torch, shipped
 with remote-code exports); this file holds the modules and their parameter names.
+
+A block never asks which MoE kind it holds: it builds the layer through meo_ds.moe's registry
+(`build_moe_layer`), passes every layer the same context, and delegates FLOP and parameter
+accounting to the layer (`flops_per_token`, `inactive_params`; see meo_ds/moe/layer.py).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,7 +31,6 @@ import torch.nn.functional as F
 
 from meo_ds.models.functional import apply_rope, attend, rms_norm
 from meo_ds.moe import MoEConfig, MoEOutput, build_moe_layer
-from meo_ds.moe.meo import MEOLayer
 
 Norm = Literal["rmsnorm", "layernorm"]
 Activation = Literal["swiglu", "gelu"]
@@ -142,11 +145,8 @@ class Block(nn.Module):
         self.cross_attn = Attention(spec, cross=True) if cross else None
         self.ffn_norm = make_norm(spec.norm, spec.d_model, spec.norm_eps)
         self.is_moe = moe is not None
-        if self.is_moe:
-            if moe.kind == "meo":  # decoder MEO gates also read the source sentence (meo.py)
-                self.moe = MEOLayer(moe, spec.d_model, spec.d_ff, causal=causal, cross=cross)
-            else:
-                self.moe = build_moe_layer(moe, spec.d_model, spec.d_ff, causal=causal)
+        if self.is_moe:  # cross: a decoder layer's MoE may read the source sentence (MEO's gates do)
+            self.moe = build_moe_layer(moe, spec.d_model, spec.d_ff, causal=causal, cross=cross)
         else:
             self.ffn = DenseFFN(spec.d_model, spec.d_ff, spec.activation, spec.bias)
         self.drop = nn.Dropout(spec.dropout)
@@ -164,19 +164,17 @@ class Block(nn.Module):
         if not self.is_moe:
             return x + self.drop(self.ffn(h)), None
         state = cache.setdefault("moe", {}) if cache is not None else None
-        if isinstance(self.moe, MEOLayer):
-            source_mask = None if memory is None else memory_mask.reshape(memory.shape[:2])
-            out = self.moe(h, padding_mask, state, doc_ids=doc_ids, memory=memory, memory_mask=source_mask)
-        else:
-            out = self.moe(h, padding_mask, state)
+        source_mask = None if memory is None else memory_mask.reshape(memory.shape[:2])
+        out = self.moe(h, padding_mask, state, doc_ids=doc_ids, memory=memory, memory_mask=source_mask)
         return x + self.drop(out.hidden), out
 
     # ---------------------------------------------------------------- accounting
-    def forward_flops(self, query_len: int, memory_len: int = 0,
-                      xmoe_mean_experts: Optional[float] = None) -> float:
+    def forward_flops(self, query_len: int, memory_len: int = 0, routing: Optional[Mapping[str, float]] = None,
+                      executed: bool = False) -> float:
         """Forward matmul FLOPs per token: projections, attention over query_len keys (full square,
-        not halved for causal masks), cross-attention over memory_len keys, and the FFN or MoE
-        (top-k: k experts; XMoE: the measured mean experts per token, 1 if unknown; MEO: its own count)."""
+        not halved for causal masks), cross-attention over memory_len keys, and the FFN or the MoE
+        layer's own count (model or executed, from `routing`: this layer's measured
+        experts_per_token and rows_per_token, as metrics.RoutingAccumulator.summary gives them)."""
         spec = self.spec
         d, hd = spec.d_model, spec.head_dim
         proj = 2 * (2 * d * spec.n_heads * hd + 2 * d * spec.n_kv_heads * hd)  # q,o + k,v
@@ -186,13 +184,10 @@ class Block(nn.Module):
             flops += 2 * 2 * d * spec.n_heads * hd + 2 * 2 * memory_len * spec.n_heads * hd
         if not self.is_moe:
             return flops + 2 * (3 if self.ffn.w3 is not None else 2) * d * spec.d_ff
-        cfg = self.moe.cfg
-        if cfg.kind == "meo":
-            return flops + self.moe.flops_per_token(query_len)
-        width = cfg.expert_hidden or spec.d_ff
-        per_expert = 2 * (3 if cfg.activation == "swiglu" else 2) * d * width
-        k = cfg.top_k if cfg.kind == "topk" else (xmoe_mean_experts or 1.0)
-        return flops + 2 * d * cfg.num_experts + k * per_expert
+        routing = routing or {}
+        return flops + self.moe.flops_per_token(query_len, executed=executed,
+                                                experts_per_token=routing.get("experts_per_token"),
+                                                rows_per_token=routing.get("rows_per_token"))
 
     def memory_kv_flops(self) -> float:
         """Forward FLOPs per memory token of the cross-attention k and v projections (0 without cross)."""
@@ -200,24 +195,21 @@ class Block(nn.Module):
         return 0.0 if self.cross_attn is None else 2 * 2 * spec.d_model * spec.n_kv_heads * spec.head_dim
 
 
-def experts_active(moe: MoEConfig, xmoe_mean_experts: Optional[float] = None) -> float:
-    """Experts whose weights a token uses: top-k k; XMoE the measured mean (1 if unknown); MEO k (merged)."""
-    if moe.kind == "xmoe":
-        return xmoe_mean_experts or 1.0
-    return float(moe.top_k)
+def routing_per_block(blocks: Sequence[Block], routing: Optional[Sequence[Mapping[str, float]]]) -> list:
+    """Per-MoE-layer routing rows (forward order, as the model's stats list them) -> one per block
+    (None for dense blocks, and for every block when nothing was measured)."""
+    if routing is None:
+        return [None] * len(blocks)
+    moe = [b for b in blocks if b.is_moe]
+    if len(routing) != len(moe):
+        raise ValueError(f"routing has {len(routing)} rows but the model has {len(moe)} MoE layers")
+    rows = iter(routing)
+    return [next(rows) if b.is_moe else None for b in blocks]
 
 
-def inactive_params(block: Block, xmoe_mean_experts: Optional[float] = None) -> float:
-    """Parameters of an MoE block that one token does not use (its unused experts)."""
-    if not block.is_moe:
-        return 0.0
-    cfg, layer = block.moe.cfg, block.moe
-    if cfg.kind == "meo":
-        per_expert = sum(lin.weight[0].numel() + (lin.bias[0].numel() if lin.bias is not None else 0)
-                         for lin in layer.linears.values())
-    else:
-        per_expert = sum(p.numel() for p in layer.experts.deepspeed_experts[0].parameters())
-    return (cfg.num_experts - experts_active(cfg, xmoe_mean_experts)) * per_expert
+def inactive_params(block: Block, experts_per_token: Optional[float] = None) -> float:
+    """Parameters of a block that one token does not use (its MoE layer's unused experts)."""
+    return block.moe.inactive_params(experts_per_token) if block.is_moe else 0.0
 
 
 def init_weights(model: nn.Module, std: float, n_residual_layers: int) -> None:

@@ -1,13 +1,13 @@
 """Decoder-only MoE language model (Mixtral architecture when the MoE is top-k SwiGLU)."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meo_ds.models.blocks import Block, BlockSpec, RMSNorm, inactive_params, init_weights
+from meo_ds.models.blocks import Block, BlockSpec, RMSNorm, inactive_params, init_weights, routing_per_block
 from meo_ds.models.config import LMConfig
 
 
@@ -93,16 +93,21 @@ class MoELM(nn.Module):
         return [dict() for _ in self.layers]
 
     # ---------------------------------------------------------------- accounting
-    def param_counts(self, xmoe_mean_experts: Optional[float] = None) -> dict:
-        """Total parameters and parameters active per token (unused experts excluded: top-k keeps k,
-        XMoE the measured mean experts per token (1 if unknown), MEO the k merged experts)."""
+    def param_counts(self, experts_per_token: Optional[float] = None) -> dict:
+        """Total parameters and parameters active per token (each MoE layer's unused experts
+        excluded, as the layer counts them: top-k k, XMoE the given mean experts per token (1 if
+        unknown), MEO the k merged experts)."""
         total = sum(p.numel() for p in self.parameters())
-        inactive = sum(inactive_params(b, xmoe_mean_experts) for b in self.layers)
+        inactive = sum(inactive_params(b, experts_per_token) for b in self.layers)
         return {"total": total, "active": total - inactive}
 
-    def flops_per_token(self, seq_len: Optional[int] = None, xmoe_mean_experts: Optional[float] = None) -> float:
-        """Training (forward + backward = 3 x forward) matmul FLOPs per token at sequence length seq_len."""
+    def flops_per_token(self, seq_len: Optional[int] = None, routing: Optional[Sequence[Mapping[str, float]]] = None,
+                        executed: bool = False) -> float:
+        """Training (forward + backward = 3 x forward) matmul FLOPs per token at sequence length
+        seq_len: the model count, or (executed) what ran; routing: per MoE layer in forward order,
+        the measured experts_per_token / rows_per_token (metrics.RoutingAccumulator.summary)."""
         L = seq_len or self.cfg.max_seq_len
         fwd = 2 * self.cfg.d_model * self.cfg.vocab_size
-        fwd += sum(b.forward_flops(L, xmoe_mean_experts=xmoe_mean_experts) for b in self.layers)
+        fwd += sum(b.forward_flops(L, routing=r, executed=executed)
+                   for b, r in zip(self.layers, routing_per_block(self.layers, routing)))
         return 3.0 * fwd

@@ -12,13 +12,13 @@ ends with eos, the decoder reads bos + target and predicts target + eos (labels,
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meo_ds.models.blocks import Block, BlockSpec, inactive_params, init_weights, make_norm
+from meo_ds.models.blocks import Block, BlockSpec, inactive_params, init_weights, make_norm, routing_per_block
 from meo_ds.models.functional import sinusoidal_positions
 from meo_ds.models.config import MTConfig
 from meo_ds.models.lm import ModelOutput, run_blocks
@@ -149,21 +149,25 @@ class MoETranslationModel(nn.Module):
         return [dict() for _ in self.decoder.layers]
 
     # ---------------------------------------------------------------- accounting
-    def param_counts(self, xmoe_mean_experts: Optional[float] = None) -> dict:
+    def param_counts(self, experts_per_token: Optional[float] = None) -> dict:
         """Total parameters and parameters active per token (unused experts excluded)."""
         total = sum(p.numel() for p in self.parameters())
         blocks = list(self.encoder.layers) + list(self.decoder.layers)
-        return {"total": total, "active": total - sum(inactive_params(b, xmoe_mean_experts) for b in blocks)}
+        return {"total": total, "active": total - sum(inactive_params(b, experts_per_token) for b in blocks)}
 
     def flops_per_token(self, src_len: Optional[float] = None, tgt_len: Optional[float] = None,
-                        xmoe_mean_experts: Optional[float] = None) -> float:
+                        routing: Optional[Sequence[Mapping[str, float]]] = None, executed: bool = False) -> float:
         """Training (3 x forward) matmul FLOPs per target token, for sentences of src_len source and
         tgt_len target tokens (default: both max_seq_len / 2); the encoder's cost is spread over
-        the target tokens."""
+        the target tokens. Model count, or (executed) what ran; routing: per MoE layer in forward
+        order (encoder, then decoder), as metrics.RoutingAccumulator.summary gives it."""
         S = src_len or self.cfg.max_seq_len / 2
         T = tgt_len or self.cfg.max_seq_len / 2
-        enc = sum(b.forward_flops(round(S), xmoe_mean_experts=xmoe_mean_experts) for b in self.encoder.layers)
-        dec = sum(b.forward_flops(round(T), round(S), xmoe_mean_experts) + b.memory_kv_flops() * S / T
-                  for b in self.decoder.layers)
+        blocks = list(self.encoder.layers) + list(self.decoder.layers)
+        rows = routing_per_block(blocks, routing)
+        enc_rows, dec_rows = rows[: len(self.encoder.layers)], rows[len(self.encoder.layers):]
+        enc = sum(b.forward_flops(round(S), routing=r, executed=executed) for b, r in zip(self.encoder.layers, enc_rows))
+        dec = sum(b.forward_flops(round(T), round(S), routing=r, executed=executed) + b.memory_kv_flops() * S / T
+                  for b, r in zip(self.decoder.layers, dec_rows))
         head = 2 * self.cfg.d_model * self.cfg.vocab_size
         return 3.0 * (enc * S / T + dec + head)

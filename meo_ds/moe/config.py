@@ -1,9 +1,12 @@
-"""MoEConfig: the single description of one MoE layer (any of the three families).
+"""MoEConfig: the single description of one MoE layer (any registered kind).
 
 The MoE layer library depends on nothing else in meo_ds; models embed this dataclass in
 their own config. Every value is checked in `validate()`, which layers call at construction,
-so a bad configuration fails before any work is done. It describes the model only: how the
-experts are spread over ranks is the run's `parallel` section (meo_ds/parallel.py).
+so a bad configuration fails before any work is done. The kind is looked up in registry.py:
+an unknown kind, or a field that only other kinds read set away from its default, is an error
+(the flat-dataclass design and its consequences are documented in registry.py). It describes
+the model only: how the experts are spread over ranks is the run's `parallel` section
+(meo_ds/parallel.py).
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-MoEKind = Literal["topk", "xmoe", "meo"]
+from . import registry
+from .registry import MoEConfigError
+
 DispatchMode = Literal["capacity", "dropless"]
 Activation = Literal["swiglu", "gelu"]
 MEOLevel = Literal["sequence", "token"]
@@ -19,14 +24,11 @@ MEOLoad = Literal["smooth", "count"]
 MEOAuxReduce = Literal["sum", "mean"]
 
 
-class MoEConfigError(ValueError):
-    """A MoE configuration value that cannot work; the message names the field and the fix."""
-
-
 @dataclass
 class MoEConfig:
-    # Which family: "topk" (GShard/Switch/Mixtral), "xmoe" (threshold router), "meo" (merged experts).
-    kind: MoEKind = "topk"
+    # Which family (a registered kind, registry.kinds()): "topk" (GShard/Switch/Mixtral), "xmoe"
+    # (threshold router), "meo" (merged experts).
+    kind: str = "topk"
     num_experts: int = 8
     # Width of one expert's hidden layer. None: the model's dense FFN width (for XMoE set it small,
     # e.g. d_ff // 8 with 8x the experts).
@@ -71,7 +73,7 @@ class MoEConfig:
 
     def noisy(self) -> bool:
         """Whether the gate adds noise in training: noisy_gating, or the family default when None."""
-        return self.kind == "meo" if self.noisy_gating is None else bool(self.noisy_gating)
+        return registry.get(self.kind).noisy_default if self.noisy_gating is None else bool(self.noisy_gating)
 
     def validate(self) -> "MoEConfig":
         """Raise MoEConfigError naming the field and the fix; return self when valid."""
@@ -79,8 +81,7 @@ class MoEConfig:
         def fail(msg: str) -> None:
             raise MoEConfigError(f"MoEConfig: {msg}")
 
-        if self.kind not in ("topk", "xmoe", "meo"):
-            fail(f"kind={self.kind!r} is unknown; use 'topk', 'xmoe' or 'meo'")
+        registry.get(self.kind)  # an unknown kind: MoEConfigError naming the registered ones
         if self.num_experts < 1:
             fail(f"num_experts={self.num_experts} must be >= 1")
         if self.expert_hidden is not None and self.expert_hidden < 1:
@@ -119,4 +120,7 @@ class MoEConfig:
             fail(f"meo_aux_reduce={self.meo_aux_reduce!r} is unknown; use 'sum' (paper) or 'mean'")
         if self.segment_len < 1:
             fail(f"segment_len={self.segment_len} must be >= 1")
+        problems = registry.field_problems(self)
+        if problems:
+            raise MoEConfigError("; ".join(problems))
         return self

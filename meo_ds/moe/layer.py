@@ -23,20 +23,38 @@ capacity drops; a2a_bytes counts the bytes this rank sent to *other* ranks (toke
 back, and the dropless per-expert counts), 0 at ep_size=1. Padding tokens are never routed:
 they get zero output and count in no statistic or loss. `state` and `causal` are accepted for
 the common interface; top-k/XMoE routing is per token, so both change nothing.
+
+Kinds: a MoELayer runs any registered Router (routing.py); `register_router(RouterClass)` makes
+its `kind` a registry kind built by MoELayer.from_config. The dispatch fields (LAYER_FIELDS) belong
+to every router kind.
+
+Accounting (asked by the models, the trainer, the benchmark and the exporter; registry.py):
+`flops_per_token` counts forward FLOPs per token, router 2 d E plus m expert MLPs (2 d h per
+matmul, 3 matmuls for SwiGLU, 2 for GELU). The model count (executed=False) takes m = the
+measured experts per token after capacity drops (`experts_per_token`, RoutingStats), the work the
+routing asks for; the executed count takes m = the expert rows actually computed per token
+(`rows_per_token`): the kept assignments when dropless, E*C padded rows / T with capacity
+(stats.extra["rows"]). Unmeasured: the router's nominal count (top-k k, XMoE 1), and for
+executed capacity dispatch capacity_k * capacity_factor rows (C without min_capacity and rounding).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 
+from . import registry
 from .config import MoEConfig, MoEConfigError
 from .dispatch import TokenDispatcher, counts_of
 from .experts import LocalExperts
-from .routing import RouterOutput, ThresholdRouter, TopKRouter
+from .routing import Router, RouterOutput, ThresholdRouter, TopKRouter
 from .types import MoEOutput, RoutingStats
+
+# MoEConfig fields every router kind reads through the MoELayer (dispatch, router input and z-loss).
+LAYER_FIELDS = ("dispatch", "capacity_factor", "eval_capacity_factor", "min_capacity", "z_loss_coef", "jitter")
+LAYER_CARD_FIELDS = ("capacity_factor",)
 
 
 class ExpertHolder(nn.Module):
@@ -47,12 +65,12 @@ class ExpertHolder(nn.Module):
         self.experts = experts
 
 
-def build_router(cfg: MoEConfig, d_model: int) -> nn.Module:
-    if cfg.kind == "topk":
-        return TopKRouter(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.noisy_gating, cfg.jitter)
-    if cfg.kind == "xmoe":
-        return ThresholdRouter(d_model, cfg.num_experts, cfg.threshold, cfg.max_k, cfg.noisy_gating, cfg.jitter)
-    raise MoEConfigError(f"MoELayer handles kind 'topk' and 'xmoe', not {cfg.kind!r} (use build_moe_layer)")
+def router_class(cfg: MoEConfig) -> type[Router]:
+    """The registered Router class of cfg.kind (MoEConfigError for a kind with its own layer)."""
+    spec = registry.get(cfg.kind)
+    if spec.router is None:
+        raise MoEConfigError(f"MoELayer runs routers; kind {cfg.kind!r} builds its own layer (use build_moe_layer)")
+    return spec.router
 
 
 class MoELayer(_DeepSpeedMoE):
@@ -61,11 +79,11 @@ class MoELayer(_DeepSpeedMoE):
     def __init__(self, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False):
         nn.Module.__init__(self)  # deliberately not MoE.__init__: we only borrow its type
         cfg.validate()
-        self.cfg, self.d_model, self.causal = cfg, d_model, causal
+        self.cfg, self.d_model, self.d_ff, self.causal = cfg, d_model, d_ff, causal
         self.num_experts = cfg.num_experts
         self.enable_expert_tensor_parallelism = False  # read by deepspeed's flops profiler
         self.use_residual = False
-        self.router = build_router(cfg, d_model)
+        self.router = router_class(cfg).from_config(cfg, d_model)
         # One draw from the global RNG per layer (none when built on the meta device, shapes only).
         layer_seed = 0 if torch.empty(0).is_meta else int(torch.randint(0, 2**62, ()))
         experts = LocalExperts(cfg.num_experts, cfg.activation, d_model, cfg.expert_hidden or d_ff, layer_seed=layer_seed)
@@ -74,9 +92,14 @@ class MoELayer(_DeepSpeedMoE):
         self.ep_group = None  # DeepSpeed's expert-parallel group, set by meo_ds.parallel.parallelize
         self.use_data_before_expert_parallel = False
         self.dispatcher = TokenDispatcher(
-            cfg.num_experts, 1, cfg.dispatch, cfg.top_k if cfg.kind == "topk" else 1,
+            cfg.num_experts, 1, cfg.dispatch, type(self.router).capacity_k(cfg),
             cfg.capacity_factor, cfg.eval_capacity_factor, cfg.min_capacity,
         )
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False, cross: bool = False) -> "MoELayer":
+        """Registry constructor; cross (a decoder layer with a source) changes nothing: routing is per token."""
+        return cls(cfg, d_model, d_ff, causal=causal)
 
     @property
     def experts(self) -> LocalExperts:
@@ -141,8 +164,11 @@ class MoELayer(_DeepSpeedMoE):
 
     # --- forward ---------------------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, state: Optional[dict] = None
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, state: Optional[dict] = None,
+        **context: Any,
     ) -> MoEOutput:
+        """context (doc_ids, memory, memory_mask: what a sequence-level layer may read) is accepted
+        for the common interface and unused: routing is per token."""
         self._check_input(x, padding_mask)
         flat = x.reshape(-1, x.shape[-1])
         real = None if padding_mask is None else padding_mask.reshape(-1).nonzero().squeeze(1)
@@ -182,6 +208,53 @@ class MoELayer(_DeepSpeedMoE):
                 balance_loss=route.balance_loss.detach(),
                 z_loss=route.z_loss.detach(),
                 a2a_bytes=info.a2a_bytes,
-                extra={"capacity": info.capacity},
+                extra={"capacity": info.capacity, "rows": self._rows(kept_per_token, info.capacity)},
             )
+
+    def _rows(self, kept_per_token: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Expert rows computed for this forward's tokens: E*C padded slots with capacity, else the kept assignments."""
+        if self.cfg.dispatch == "capacity":
+            return kept_per_token.new_full((), self.num_experts * capacity)
+        return kept_per_token.sum()
+
+    # --- accounting (the module docstring) ---------------------------------------------------
+    def _per_expert_flops(self) -> float:
+        width = self.cfg.expert_hidden or self.d_ff
+        return 2 * (3 if self.cfg.activation == "swiglu" else 2) * self.d_model * width
+
+    def flops_per_token(self, seq_len: int = 1, executed: bool = False, experts_per_token: Optional[float] = None,
+                        rows_per_token: Optional[float] = None) -> float:
+        """Forward FLOPs per token (seq_len changes nothing: routing is per token)."""
+        cfg, router = self.cfg, type(self.router)
+        m = experts_per_token if experts_per_token is not None else router.nominal_experts_per_token(cfg)
+        if executed:
+            if rows_per_token is not None:
+                m = rows_per_token
+            elif cfg.dispatch == "capacity":
+                m = router.capacity_k(cfg) * cfg.capacity_factor
+        return 2 * self.d_model * self.num_experts + m * self._per_expert_flops()
+
+    def inactive_params(self, experts_per_token: Optional[float] = None) -> float:
+        """Parameters of this layer one token does not use: its unused experts (measured or nominal count)."""
+        active = experts_per_token if experts_per_token is not None else type(self.router).nominal_experts_per_token(self.cfg)
+        per_expert = sum(p.numel() for p in self.experts.deepspeed_experts[0].parameters())
+        return (self.num_experts - active) * per_expert
+
+    def describe(self) -> dict[str, Any]:
+        """The settings the model card lists."""
+        return registry.describe(self.cfg)
+
+
+def register_router(router: type[Router]) -> type[Router]:
+    """Make router.kind a MoE kind whose layer is a MoELayer running `router` (usable as a decorator)."""
+    registry.register(registry.KindSpec(
+        name=router.kind, layer=MoELayer, fields=LAYER_FIELDS + tuple(router.config_fields),
+        card_fields=tuple(router.card_fields) + LAYER_CARD_FIELDS, router=router, native=router.native,
+        native_problems=router.native_problems,
+    ))
+    return router
+
+
+register_router(TopKRouter)
+register_router(ThresholdRouter)
 

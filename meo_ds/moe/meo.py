@@ -55,6 +55,9 @@ Choices (documented here once):
   W^ is never stored for backward and is built at most MERGED_CHUNK_BYTES at a time.
 - Dtypes: x must have the weights' dtype (or run under torch.autocast); output has x's dtype.
 - Padding positions get a zero output.
+- Registered as kind "meo" (registry.py; its fields, noisy gating by default, data-parallel
+  experts); like every layer it answers flops_per_token (model: the paper's sparse merge;
+  executed: the dense merge), inactive_params and describe.
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import registry
 from .config import MoEConfig, MoEConfigError
 from .functional import (
     GroupLayout, gate_dtype, gate_logits, gate_summary, group_sums, merge_weights, merged_forward,
@@ -522,12 +526,20 @@ class MEOLayer(nn.Module):
 
     # --- accounting ---------------------------------------------------------------------------
 
-    def flops_per_token(self, seq_len: int, executed: bool = False) -> float:
+    @classmethod
+    def from_config(cls, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False, cross: bool = False) -> "MEOLayer":
+        """Registry constructor (registry.KindSpec.build)."""
+        return cls(cfg, d_model, d_ff, causal=causal, cross=cross)
+
+    def flops_per_token(self, seq_len: int, executed: bool = False, experts_per_token: Optional[float] = None,
+                        rows_per_token: Optional[float] = None) -> float:
         """Forward FLOPs per token of this layer on sequences of seq_len tokens (matmuls and gates).
 
         Each group (the sequence, or a causal segment) merges every linear once. executed=False
         counts the paper's sparse merge (2 k d_in d_out); executed=True counts what this code runs
-        (dense merge over all E experts, 2 E d_in d_out).
+        (dense merge over all E experts, 2 E d_in d_out). The measured experts_per_token and
+        rows_per_token (the routed layers' arguments) change nothing: every token runs one merged
+        matmul per linear whatever the gates chose.
         """
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len} must be >= 1")
@@ -540,3 +552,23 @@ class MEOLayer(nn.Module):
             if lin.token_block is not None:
                 total += seq_len * 4 * lin.d_in * lin.token_block.down.out_features
         return total / seq_len
+
+    def inactive_params(self, experts_per_token: Optional[float] = None) -> float:
+        """Expert parameters one token does not use: the E - k experts its group's merge leaves out
+        (the paper's count; the dense merge reads them with gate 0). experts_per_token is unused."""
+        per_expert = sum(lin.weight[0].numel() + (lin.bias[0].numel() if lin.bias is not None else 0)
+                         for lin in self.linears.values())
+        return (self.cfg.num_experts - self.cfg.top_k) * per_expert
+
+    def describe(self) -> dict:
+        """The settings the model card lists."""
+        return registry.describe(self.cfg)
+
+
+registry.register(registry.KindSpec(
+    name="meo", layer=MEOLayer,
+    fields=("top_k", "meo_level", "token_bottleneck_ratio", "segment_len", "recompute_merged", "meo_noise_floor",
+            "meo_load", "meo_aux_reduce"),
+    card_fields=("top_k", "meo_level", "segment_len", "token_bottleneck_ratio"),
+    noisy_default=True, expert_parallel=False,
+))

@@ -4,17 +4,25 @@ Primitives shared by every router (top-k, XMoE threshold, MEO gate) come first; 
 classes follow. Router math runs in fp32 whatever the model's dtype. The choice of experts and
 their combine weights are pure functions in meo_ds/moe/functional.py (shared with the exported
 model); this file adds what training needs: noise, jitter, losses and the RouterOutput.
+
+`Router` is what a MoELayer asks of its router: `from_config`, `forward` (-> RouterOutput) and,
+per kind, `capacity_k` (the k of the capacity C = ceil(k S / E cf)), `nominal_experts_per_token`
+(the count used when nothing is measured) and `native_problems`. A new router is one Router
+subclass and `layer.register_router(TheRouter)` (see registry.py).
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import router_logits, threshold_choices, topk_choices
+if TYPE_CHECKING:
+    from .config import MoEConfig
 
 
 def noisy_logits(
@@ -83,7 +91,47 @@ class RouterOutput:
     z_loss: torch.Tensor  # scalar, unweighted router z-loss
 
 
-class _RouterBase(nn.Module):
+class Router(nn.Module, abc.ABC):
+    """A MoELayer's router: forward(x [T, d] real tokens) -> RouterOutput.
+
+    Class attributes, read by layer.register_router: `kind` (the MoEConfig.kind it serves),
+    `config_fields` (the MoEConfig fields it reads beyond registry.COMMON_FIELDS; the MoELayer adds
+    its dispatch fields), `card_fields` (of those, the model card's), `native` (the transformers
+    architecture layers with this router equal, e.g. "mixtral"). Parameter names must avoid the
+    substring "expert" (see below).
+    """
+
+    kind: ClassVar[str]
+    config_fields: ClassVar[tuple[str, ...]] = ()
+    card_fields: ClassVar[tuple[str, ...]] = ()
+    native: ClassVar[Optional[str]] = None
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, cfg: "MoEConfig", d_model: int) -> "Router":
+        """The router for cfg on d_model-wide tokens."""
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x [T, d] (real tokens only) -> RouterOutput."""
+
+    @classmethod
+    def capacity_k(cls, cfg: "MoEConfig") -> int:
+        """k of the capacity C = ceil(k S / E cf): the slots each token may take, 1 by default."""
+        return 1
+
+    @classmethod
+    def nominal_experts_per_token(cls, cfg: "MoEConfig") -> float:
+        """Experts per token counted when none were measured (FLOPs, active parameters)."""
+        return 1.0
+
+    @classmethod
+    def native_problems(cls, cfg: "MoEConfig") -> list[str]:
+        """Why a layer with this router and cfg is not its `native` architecture ([]: it is)."""
+        return []
+
+
+class _RouterBase(Router):
     """Shared part: fp32 logits from a bias-free linear d -> E, optional noise and jitter."""
 
     def __init__(self, d_model: int, num_experts: int, noisy_gating: bool = False, jitter: float = 0.0):
@@ -115,6 +163,27 @@ class TopKRouter(_RouterBase):
     The Switch balance loss counts every routed assignment (all k per token).
     """
 
+    kind = "topk"
+    config_fields = ("top_k", "renormalize")
+    card_fields = ("top_k", "renormalize")
+    native = "mixtral"
+
+    @classmethod
+    def from_config(cls, cfg: "MoEConfig", d_model: int) -> "TopKRouter":
+        return cls(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.noisy(), cfg.jitter)
+
+    @classmethod
+    def capacity_k(cls, cfg: "MoEConfig") -> int:
+        return cfg.top_k
+
+    @classmethod
+    def nominal_experts_per_token(cls, cfg: "MoEConfig") -> float:
+        return float(cfg.top_k)
+
+    @classmethod
+    def native_problems(cls, cfg: "MoEConfig") -> list[str]:
+        return [] if cfg.renormalize else ["its top-k weights are not renormalised (Mixtral renormalises)"]
+
     def __init__(
         self, d_model: int, num_experts: int, k: int, renormalize: bool = True,
         noisy_gating: bool = False, jitter: float = 0.0,
@@ -141,8 +210,17 @@ class ThresholdRouter(_RouterBase):
 
     Combine weights are the raw (not renormalised) probabilities. The output has max_k slots per
     token (`valid` marks the taken ones), a shape known without looking at the data. The Switch balance loss counts
-    each token's top-1 assignment only.
+    each token's top-1 assignment only. Capacity C uses k = 1 (XMoE); with nothing measured a
+    token counts as one expert (the router's minimum).
     """
+
+    kind = "xmoe"
+    config_fields = ("threshold", "max_k")
+    card_fields = ("threshold", "max_k")
+
+    @classmethod
+    def from_config(cls, cfg: "MoEConfig", d_model: int) -> "ThresholdRouter":
+        return cls(d_model, cfg.num_experts, cfg.threshold, cfg.max_k, cfg.noisy(), cfg.jitter)
 
     def __init__(
         self, d_model: int, num_experts: int, threshold: float, max_k: Optional[int] = None,

@@ -23,11 +23,11 @@ from tests.export.export_fresh import run_fresh_check
 
 HERE = Path(__file__).resolve().parent
 DS = str(HERE.parents[1] / "ds_configs" / "cpu_fp32.json")
-MOE = {"num_experts": 4, "top_k": 2, "dispatch": "dropless", "segment_len": 8}
+MOE = {"num_experts": 4, "top_k": 2}
 RUNS = {  # name: (moe overrides, model overrides, expected target)
     "topk": ({"kind": "topk"}, {"moe_every": 1, "moe_offset": 0}, "mixtral"),
     "xmoe": ({"kind": "xmoe", "threshold": 0.6}, {}, "meo"),
-    "meo": ({"kind": "meo", "noisy_gating": True}, {}, "meo"),
+    "meo": ({"kind": "meo", "noisy_gating": True, "segment_len": 8}, {}, "meo"),
 }
 EP_SIZE = {"topk": 2, "xmoe": 2, "meo": 1}  # MEO's experts are data-parallel
 

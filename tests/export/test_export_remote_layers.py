@@ -18,8 +18,8 @@ CASES = [
 @pytest.mark.parametrize("kind,causal,activation", CASES)
 def test_remote_layer_equals_meo_ds_layer(kind: str, causal: bool, activation: str) -> None:
     torch.manual_seed(0)
-    cfg = MoEConfig(kind=kind, num_experts=4, top_k=2, activation=activation, segment_len=3, noisy_gating=True,
-                    dispatch="dropless", meo_level="token", threshold=0.6, max_k=3 if kind == "xmoe" else None)
+    own = {"topk": {}, "xmoe": dict(threshold=0.6, max_k=3), "meo": dict(segment_len=3, meo_level="token")}[kind]
+    cfg = MoEConfig(kind=kind, num_experts=4, top_k=2, activation=activation, noisy_gating=True, **own)
     ours = build_moe_layer(cfg, 16, 24, causal=causal).eval()
     with torch.no_grad():
         for p in ours.parameters():

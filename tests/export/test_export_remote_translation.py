@@ -14,16 +14,16 @@ from tests.export.export_mt import hf_generated
 
 V, BOS, EOS, PAD = 40, 2, 3, 0
 STEPS = 12
-MOE = dict(num_experts=4, top_k=2, segment_len=3, noisy_gating=True)  # noise weights are not exported
+MOE = dict(num_experts=4, top_k=2, noisy_gating=True)  # noise weights are not exported
 CASES = {  # name: (MoE settings, MTConfig settings)
     # MTConfig defaults: layernorm, sinusoidal positions, GELU FFNs with biases, scaled shared+tied embeddings
     "topk": ({"kind": "topk", "activation": "gelu"}, {}),
     "xmoe": ({"kind": "xmoe", "threshold": 0.6, "max_k": 3},
              {"share_embeddings": False, "src_vocab_size": 50, "tie_output": False, "positions": "rope"}),
-    "meo": ({"kind": "meo", "meo_level": "token"},
+    "meo": ({"kind": "meo", "meo_level": "token", "segment_len": 3},
             {"norm": "rmsnorm", "positions": "rope", "activation": "swiglu", "bias": False,
              "scale_embeddings": False, "tie_output": False}),
-    "meo_gelu": ({"kind": "meo", "activation": "gelu"}, {"share_embeddings": False}),
+    "meo_gelu": ({"kind": "meo", "activation": "gelu", "segment_len": 3}, {"share_embeddings": False}),
 }
 
 

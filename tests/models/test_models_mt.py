@@ -14,7 +14,8 @@ V, BOS, EOS, PAD = 24, 2, 3, 0
 
 
 def tiny(kind, **kw) -> MTConfig:
-    moe = None if kind is None else MoEConfig(kind=kind, num_experts=4, top_k=2, segment_len=4, noisy_gating=kind == "meo")
+    own = {"segment_len": 4} if kind == "meo" else {}  # a field of another kind is an error
+    moe = None if kind is None else MoEConfig(kind=kind, num_experts=4, top_k=2, noisy_gating=kind == "meo", **own)
     base = dict(vocab_size=V, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, encoder_layers=2, decoder_layers=2,
                 max_seq_len=24, dropout=0.0, moe=moe, moe_in="both", moe_every=1, moe_offset=0)
     base.update(kw)

@@ -23,7 +23,8 @@ from meo_ds.parallel import parallelize  # noqa: E402
 
 
 def make(task: str, kind: str):
-    moe = MoEConfig(kind=kind, num_experts=4, top_k=2, threshold=0.6, dispatch="dropless")
+    own = {"threshold": 0.6} if kind == "xmoe" else {}  # a field of another kind is an error
+    moe = MoEConfig(kind=kind, num_experts=4, top_k=2, dispatch="dropless", **own)
     if task == "lm":
         cfg = LMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16, moe=moe)
     else:
