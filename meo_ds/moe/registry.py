@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
-if TYPE_CHECKING:  # annotations only: config.py imports this module
-    from .config import MoEConfig
+# What this module reads of a config: a MoEConfig (config.py imports this module, so it names
+# the type instead of importing it): a dataclass instance with a `kind` and the fields below.
+MoEConfig = Any
 
 
 class MoEConfigError(ValueError):
@@ -72,11 +73,11 @@ class KindSpec:
     card_fields: tuple[str, ...] = ()
     router: Optional[type] = None
     native: Optional[str] = None
-    native_problems: Callable[["MoEConfig"], list[str]] = field(default=lambda cfg: [])
+    native_problems: Callable[[MoEConfig], list[str]] = field(default=lambda cfg: [])
     noisy_default: bool = False
     expert_parallel: bool = True
 
-    def build(self, cfg: "MoEConfig", d_model: int, d_ff: int, causal: bool = False, cross: bool = False) -> nn.Module:
+    def build(self, cfg: MoEConfig, d_model: int, d_ff: int, causal: bool = False, cross: bool = False) -> nn.Module:
         """The layer for cfg; expert width cfg.expert_hidden or d_ff; cross: a decoder layer with a source."""
         return self.layer.from_config(cfg, d_model, d_ff, causal=causal, cross=cross)
 
@@ -117,7 +118,7 @@ def owners(name: str) -> tuple[str, ...]:
     return tuple(k for k, spec in _KINDS.items() if name in spec.fields)
 
 
-def field_problems(cfg: "MoEConfig") -> list[str]:
+def field_problems(cfg: MoEConfig) -> list[str]:
     """Fields cfg.kind does not read whose value differs from the default (see the module docstring)."""
     spec = get(cfg.kind)
     unknown = sorted(set(spec.fields) - {f.name for f in dataclasses.fields(cfg)})
@@ -139,7 +140,7 @@ def field_problems(cfg: "MoEConfig") -> list[str]:
     return problems
 
 
-def describe(cfg: "MoEConfig") -> dict[str, Any]:
+def describe(cfg: MoEConfig) -> dict[str, Any]:
     """The settings of one MoE configuration the model card lists (CARD_FIELDS + the kind's)."""
     spec = get(cfg.kind)
     return {name: getattr(cfg, name) for name in CARD_FIELDS + tuple(spec.card_fields)}
