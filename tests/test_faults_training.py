@@ -68,7 +68,8 @@ def test_stuck_rank_stops_every_survivor_naming_the_collective(lm_data, tmp_path
     assert f"Timed out waiting {TIMEOUT_S * 1000}ms" in line, line
     assert TIMEOUT_S - 1 < survivor_s < TIMEOUT_S + GRACE_S, f"rank 0 left after {survivor_s:.1f} s"
     woken_line = failure_line(text, 1)
-    assert proc.returncode == 4 and woken_s < 10, (proc.returncode, woken_s)
+    # The woken rank's peer is gone: it fails fast, at worst at its own collective timeout.
+    assert proc.returncode == 4 and woken_s < TIMEOUT_S + GRACE_S, (proc.returncode, woken_s)
     print(f"{line}\n{woken_line}\nrank 0 left {survivor_s:.1f} s after the freeze; the woken rank and the job {woken_s:.1f} s after waking")
 
 
