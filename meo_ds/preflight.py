@@ -88,7 +88,8 @@ def check_loader(cfg: RunConfig, split: str, world_size: int) -> Any:
         return task.loader(split, 0, world_size, shuffle=split == "train")
     except KeyError as err:
         raise ConfigError(f"data.path={cfg.data.path!r} has no split {split!r} ({err.args[0]}); "
-                          f"set data.val_split to one it has") from None
+                          f"set data.val_split to one it has, or prepare the corpus with that split (`meo-prepare lm|mt "
+                          f"... --valid FILE... --test FILE...`)") from None
     except ValueError as err:
         if isinstance(err, CorpusError):
             raise

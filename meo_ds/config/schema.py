@@ -43,7 +43,8 @@ class DataConfig:
     seq_len: int = 128
     # Translation: tokens (source + target) per rank per micro-batch (token-based batching).
     max_tokens: int = 2048
-    # Validation split name inside `path`.
+    # The split of `path` evaluated during and after training: `validation`, or `test` (a corpus prepared
+    # with `meo-prepare ... --test FILE...` or, for translation by default, --test-fraction).
     val_split: str = "validation"
     # Shuffle seed of the training stream (the data order is a pure function of it and the step).
     seed: int = 1234

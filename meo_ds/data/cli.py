@@ -16,10 +16,33 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_shard_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory or .model file")
-    p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tokenizer", required=True, type=Path,
+                   help="tokenizer directory (from `meo-prepare tokenizer`) or SentencePiece .model file")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
+                   help="token id type on disk; auto: uint16 when the vocabulary fits, else uint32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_split_options(p: argparse.ArgumentParser, files: str, test_default: str) -> None:
+    """--valid/--test FILE... and the --valid-fraction/--test-fraction fallbacks (meo_ds/data/prepare.py)."""
+    splits = p.add_argument_group(
+        "held-out splits",
+        "Each of validation and test comes from your own files or, without them, from a fraction of the "
+        "training inputs (giving both for one split is an error). Given files are read in the training "
+        "inputs' format and tokenized with the same tokenizer; they are never filtered or deduplicated (a "
+        "translation pair with an empty side is an error). "
+        "A file identical to a training input is an error; text that also occurs in the training inputs "
+        "is a warning, counted in the manifest. Put these options after the training inputs.")
+    splits.add_argument("--valid", nargs="+", type=Path, metavar="FILE",
+                        help=f"the validation split is exactly these files ({files})")
+    splits.add_argument("--test", nargs="+", type=Path, metavar="FILE",
+                        help=f"the test split is exactly these files ({files})")
+    splits.add_argument("--valid-fraction", type=float, default=None, metavar="F",
+                        help="without --valid: hold out this fraction of the training inputs' items, evenly spread "
+                             "(default 0.01)")
+    splits.add_argument("--test-fraction", type=float, default=None, metavar="F",
+                        help=f"without --test: hold out this fraction as the test split ({test_default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,49 +50,59 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer (also writes HuggingFace files)")
-    tok.add_argument("inputs", nargs="+", type=Path)
+    tok.add_argument("inputs", nargs="+", type=Path, help="corpus files (or a parallel corpus with --parallel)")
     _add_common(tok)
     tok.add_argument("--parallel", action="store_true", help="inputs are a parallel corpus: joint vocabulary")
     tok.add_argument("--format", default="auto", help="text|jsonl|parquet|hf (or aligned|tsv|jsonl with --parallel)")
-    tok.add_argument("--field", default="text")
-    tok.add_argument("--doc-sep", default="line", choices=["line", "blank"])
-    tok.add_argument("--source-field", default="source")
-    tok.add_argument("--target-field", default="target")
-    tok.add_argument("--vocab-size", type=int, default=8000)
-    tok.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
-    tok.add_argument("--character-coverage", type=float, default=0.9995)
-    tok.add_argument("--no-byte-fallback", action="store_true")
+    tok.add_argument("--field", default="text", help="JSON/parquet/dataset text field")
+    tok.add_argument("--doc-sep", default="line", choices=["line", "blank"], help="plain text: document separator")
+    tok.add_argument("--source-field", default="source", help="--parallel JSON lines: source field")
+    tok.add_argument("--target-field", default="target", help="--parallel JSON lines: target field")
+    tok.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (a soft limit; default 8000)")
+    tok.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"],
+                     help="SentencePiece model type")
+    tok.add_argument("--character-coverage", type=float, default=0.9995,
+                     help="fraction of characters the vocabulary covers (default 0.9995)")
+    tok.add_argument("--no-byte-fallback", action="store_true", help="map unknown characters to unk, not bytes")
     tok.add_argument("--normalization", default="nmt_nfkc", choices=["nmt_nfkc", "nfkc"],
                      help="nfkc keeps newlines and tabs (multi-line documents); nmt_nfkc maps them to spaces")
     tok.add_argument("--max-sentences", type=int, default=2_000_000, help="sentences sampled for training")
-    tok.add_argument("--no-progress", action="store_true")
+    tok.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    lm = sub.add_parser("lm", help="tokenize a corpus into LM shards (train/validation)")
-    lm.add_argument("inputs", nargs="+", type=Path)
+    lm = sub.add_parser("lm", help="tokenize a corpus into LM shards (train/validation[/test])",
+                        description="Tokenize documents into LM shards: train, validation and (when asked for) "
+                                    "test, each documents' ids + eos back to back.")
+    lm.add_argument("inputs", nargs="+", type=Path, help="training corpus files or `datasets` directories")
     _add_common(lm)
     _add_shard_options(lm)
-    lm.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"])
+    lm.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"],
+                    help="input format of every file; auto: by extension (.jsonl/.json, .parquet, .csv or a "
+                         "directory = hf, else text)")
     lm.add_argument("--field", default="text", help="JSON/parquet/dataset text field")
     lm.add_argument("--doc-sep", default="line", choices=["line", "blank"], help="plain text: document separator")
-    lm.add_argument("--valid-fraction", type=float, default=0.01)
+    _add_split_options(lm, "any LM input format; a `datasets` DatasetDict directory is read through its split "
+                           "named validation / test", "default 0: no test split")
 
-    mt = sub.add_parser("mt", help="clean and tokenize a parallel corpus into paired shards (train/validation/test)")
+    mt = sub.add_parser("mt", help="clean and tokenize a parallel corpus into paired shards (train/validation/test)",
+                        description="Clean, tokenize and split a parallel corpus into paired source/target shards.")
     mt.add_argument("inputs", nargs="+", type=Path, help="SRC TGT aligned files, one TSV, or one JSON lines file")
     _add_common(mt)
     _add_shard_options(mt)
-    mt.add_argument("--format", default="auto", choices=["auto", "aligned", "tsv", "jsonl"])
-    mt.add_argument("--source-field", default="source")
-    mt.add_argument("--target-field", default="target")
-    mt.add_argument("--max-len", type=int, default=256, help="drop pairs with a side longer (tokens); 0 = off")
-    mt.add_argument("--max-ratio", type=float, default=3.0, help="drop pairs with a length ratio above; 0 = off")
-    mt.add_argument("--no-dedup", action="store_true", help="keep exact duplicate pairs")
-    mt.add_argument("--valid-fraction", type=float, default=0.01)
-    mt.add_argument("--test-fraction", type=float, default=0.01)
+    mt.add_argument("--format", default="auto", choices=["auto", "aligned", "tsv", "jsonl"],
+                    help="parallel format of the inputs and of --valid/--test; auto: two files = aligned, "
+                         "one .jsonl = JSON lines, one other file = TSV")
+    mt.add_argument("--source-field", default="source", help="JSON lines: source field")
+    mt.add_argument("--target-field", default="target", help="JSON lines: target field")
+    mt.add_argument("--max-len", type=int, default=256, help="drop training pairs with a side longer (tokens); 0 = off")
+    mt.add_argument("--max-ratio", type=float, default=3.0, help="drop training pairs with a length ratio above; 0 = off")
+    mt.add_argument("--no-dedup", action="store_true", help="keep exact duplicate training pairs")
+    _add_split_options(mt, "given like the inputs: SRC TGT aligned files, one TSV or one JSON lines file",
+                       "default 0.01")
 
     demo = sub.add_parser("demo", help="build a demo corpus, tokenizer and shards without any download")
-    demo.add_argument("--task", required=True, choices=["lm", "mt"])
+    demo.add_argument("--task", required=True, choices=["lm", "mt"], help="language modelling or translation")
     _add_common(demo)
-    demo.add_argument("--num-proc", type=int, default=1)
+    demo.add_argument("--num-proc", type=int, default=1, help="tokenizer processes (default 1)")
     demo.add_argument("--vocab-size", type=int, default=None, help="default 8000 (lm) / 1000 (mt)")
     demo.add_argument("--pairs", type=int, default=20_000, help="mt: number of synthetic pairs")
     demo.add_argument("--max-chars", type=int, default=3_000_000, help="lm: docstring characters at most")
@@ -106,7 +139,8 @@ def run_lm(args: argparse.Namespace) -> dict:
     from meo_ds.data.lm import prepare_lm, print_lm_summary
 
     m = prepare_lm(args.inputs, args.tokenizer, args.out, fmt=args.format, field=args.field, doc_sep=args.doc_sep,
-                   valid_fraction=args.valid_fraction, num_proc=args.num_proc, dtype=args.dtype,
+                   valid=args.valid, test=args.test, valid_fraction=args.valid_fraction,
+                   test_fraction=args.test_fraction, num_proc=args.num_proc, dtype=args.dtype,
                    overwrite=args.overwrite, progress=not args.no_progress)
     print_lm_summary(m, args.out)
     return m
@@ -117,7 +151,8 @@ def run_mt(args: argparse.Namespace) -> dict:
 
     m = prepare_mt(args.inputs, args.tokenizer, args.out, fmt=args.format, source_field=args.source_field,
                    target_field=args.target_field, max_len=args.max_len, max_ratio=args.max_ratio,
-                   dedup=not args.no_dedup, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
+                   dedup=not args.no_dedup, valid=args.valid, test=args.test, valid_fraction=args.valid_fraction,
+                   test_fraction=args.test_fraction,
                    num_proc=args.num_proc, dtype=args.dtype, overwrite=args.overwrite,
                    progress=not args.no_progress)
     print_mt_summary(m, args.out)

@@ -61,21 +61,27 @@ def sha256_path(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def describe_inputs(inputs: Sequence[str | os.PathLike]) -> list[dict]:
-    """Path, size and checksum of every input (missing inputs are an error before any work)."""
+def describe_inputs(inputs: Sequence[str | os.PathLike], what: str = "input") -> list[dict]:
+    """Path, size and checksum of every input (missing inputs are an error before any work;
+    `what` names them in that error, e.g. "test file")."""
     described = []
     for item in inputs:
         path = Path(item)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: input not found")
+            raise FileNotFoundError(f"{path}: {what} not found")
         size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         described.append({"path": str(path.resolve()), "bytes": size, "sha256": sha256_path(path)})
     return described
 
 
-def corpus_key(inputs: list[dict], tokenizer_sha: str, options: dict) -> str:
-    """The identity of a prepared output: its inputs' checksums and sizes, the tokenizer, the options."""
+def corpus_key(inputs: list[dict], tokenizer_sha: str, options: dict,
+               split_inputs: dict[str, list[dict]] | None = None) -> str:
+    """The identity of a prepared output: its inputs' checksums and sizes (and those of the files
+    given for held-out splits, `{split: described inputs}`), the tokenizer, the options."""
     payload = {"inputs": [(i["sha256"], i["bytes"]) for i in inputs], "tokenizer": tokenizer_sha, "options": options}
+    if split_inputs:
+        payload["split_inputs"] = {name: [(i["sha256"], i["bytes"]) for i in described]
+                                   for name, described in split_inputs.items()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,8 +1,8 @@
 """Language-modelling corpora: `prepare_lm` writes token shards; `LMDataset`/`LMLoader` read them.
 
-On disk (one directory): ``train.bin``/``validation.bin`` hold every document's ids followed by
-eos, back to back, as raw uint16/uint32; ``*.idx.npy`` hold document start offsets (n_docs + 1,
-int64); ``tokenizer.model`` is a copy of the tokenizer; ``manifest.json`` describes it all and is
+On disk (one directory): ``train.bin``/``validation.bin`` (and ``test.bin`` when asked for) hold
+every document's ids followed by eos, back to back, as raw uint16/uint32; ``*.idx.npy`` hold
+document start offsets (n_docs + 1, int64); ``tokenizer.model`` is a copy of the tokenizer; ``manifest.json`` describes it all and is
 written last, so a directory without it is never read.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from meo_ds.data.io import (TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype, corpus_key,
                             describe_inputs, open_tokens, read_manifest, staging_dir, token_dtype, write_manifest)
 from meo_ds.data.loader import CorpusSplit, ResumableLoader
-from meo_ds.data.prepare import StrideSplitter, select, ship_tokenizer, tokenize_chunks
+from meo_ds.data.prepare import (SPLITS, HeldOutSplitter, TextOverlap, check_held_out_not_training, describe_origin,
+                                  plan_held_out, select, ship_tokenizer, split_origins, tokenize_chunks)
 from meo_ds.data.readers import read_documents
 from meo_ds.data.tokenizer import Tokenizer
 
@@ -26,37 +27,58 @@ LM_FORMAT = "meo_ds.lm/1"
 
 
 def prepare_lm(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | Path, *, fmt: str = "auto",
-               field: str = "text", doc_sep: str = "line", valid_fraction: float = 0.01, num_proc: int = 1,
-               dtype: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
+               field: str = "text", doc_sep: str = "line", valid: Sequence[str | Path] | None = None,
+               test: Sequence[str | Path] | None = None, valid_fraction: float | None = None,
+               test_fraction: float | None = None, num_proc: int = 1, dtype: str = "auto", overwrite: bool = False,
+               progress: bool = True) -> dict:
     """Tokenize documents into an LM shard directory `out`; returns the manifest.
 
+    Splits: `train` always, `validation` always (the files `valid`, else `valid_fraction` of the
+    inputs, default 0.01), `test` when `test` files or a `test_fraction` > 0 are given. Given
+    files are read in the inputs' format (`fmt`, `field`, `doc_sep`; a `datasets` DatasetDict
+    directory through its split of the same name) and keep every document, as training does;
+    meo_ds/data/prepare.py says what is checked (identical files, verbatim overlap).
     Re-running with the same inputs/tokenizer/options is a no-op; a directory holding another
     corpus is an error unless `overwrite`. Everything is written to a staging directory first.
     """
     start = time.time()
+    given, fractions = plan_held_out({"validation": valid, "test": test},
+                                     {"validation": valid_fraction, "test": test_fraction},
+                                     {"validation": 0.01, "test": 0.0})
+    described = describe_inputs(inputs)
+    split_inputs = {name: describe_inputs(paths, f"{name} file") for name, paths in given.items()}
+    check_held_out_not_training(described, split_inputs)
     tok = Tokenizer(tokenizer)
     np_dtype = token_dtype(tok.vocab_size, dtype)
-    described = describe_inputs(inputs)
-    options = {"format": fmt, "field": field, "doc_sep": doc_sep, "valid_fraction": valid_fraction,
-               "dtype": np_dtype.name}
-    key = corpus_key(described, tok.checksum(), options)
+    names = [n for n in SPLITS if n != "test" or "test" in given or fractions["test"] > 0]
+    options = {"format": fmt, "field": field, "doc_sep": doc_sep, "valid_fraction": fractions["validation"],
+               "test_fraction": fractions["test"], "dtype": np_dtype.name}
+    key = corpus_key(described, tok.checksum(), options, split_inputs)
     out = Path(out)
     if check_output_dir(out, key, overwrite):
         print(f"{out}: already holds this corpus (same inputs, tokenizer and options); nothing to do")
         return read_manifest(out)
-    splitter = StrideSplitter(valid_fraction)
-    with staging_dir(out) as tmp:
-        writers = {name: TokenFileWriter(tmp, name, np_dtype) for name in ("train", "validation")}
-        docs = read_documents(inputs, fmt, field, doc_sep)
-        with tqdm(desc="tokenize", unit="doc", disable=not progress) as bar:
+    splitter, overlap = HeldOutSplitter(fractions["validation"], fractions["test"]), TextOverlap()
+    with staging_dir(out) as tmp, tqdm(desc="tokenize", unit="doc", disable=not progress) as bar:
+        writers = {name: TokenFileWriter(tmp, name, np_dtype) for name in names}
+        for name, paths in given.items():  # the small given splits first: their errors come before the long pass
+            docs = overlap.record(name, read_documents(paths, fmt, field, doc_sep, split=name))
             for [(flat, lengths)] in tokenize_chunks(docs, tok.path, num_proc):
-                held = splitter.take(len(lengths))
-                writers["validation"].add_many(*select(flat, lengths, held), suffix=tok.eos_id)
-                writers["train"].add_many(*select(flat, lengths, ~held), suffix=tok.eos_id)
+                writers[name].add_many(flat, lengths, suffix=tok.eos_id)
                 bar.update(len(lengths))
+        docs = overlap.watch(read_documents(inputs, fmt, field, doc_sep))
+        for [(flat, lengths)] in tokenize_chunks(docs, tok.path, num_proc):
+            codes = splitter.assign(len(lengths))
+            for code, name in enumerate(SPLITS):
+                if name in writers and name not in given:
+                    writers[name].add_many(*select(flat, lengths, codes == code), suffix=tok.eos_id)
+            bar.update(len(lengths))
         splits = {name: w.close() for name, w in writers.items()}
         if splits["train"]["tokens"] < 2:
             raise ValueError("corpus yields fewer than 2 training tokens")
+        overlap.warn("documents")
+        for name, origin in split_origins(names, split_inputs, fractions, overlap).items():
+            splits[name]["origin"] = origin
         manifest = {
             "format": LM_FORMAT, "task": "lm", "corpus_key": key, "inputs": described, "options": options,
             "tokenizer": ship_tokenizer(tok, tmp),
@@ -73,7 +95,7 @@ def print_lm_summary(m: dict, out: Path) -> None:
     """What `meo-prepare` prints about a prepared corpus (its manifest `m`)."""
     print(f"lm corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
     for name, s in m["splits"].items():
-        print(f"  {name:<11} {s['sequences']:>10,} documents {s['tokens']:>14,} tokens")
+        print(f"  {name:<11} {s['sequences']:>10,} documents {s['tokens']:>14,} tokens{describe_origin(s.get('origin'))}")
     print(f"  total       {m['documents']:>10,} documents {m['tokens']:>14,} tokens  ({m['seconds']:.1f} s)")
 
 

@@ -9,7 +9,7 @@ trained to predict target + eos (labels), so decoder_input_ids[:, t+1] == labels
 """
 from __future__ import annotations
 
-import hashlib
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -23,12 +23,12 @@ from meo_ds.data.io import (TokenFileWriter, check_output_dir, check_token_ids, 
                             describe_inputs, manifest_field, open_tokens, read_manifest, staging_dir, token_dtype,
                             write_manifest)
 from meo_ds.data.loader import CorpusSplit, ResumableLoader
-from meo_ds.data.prepare import StrideSplitter, select, ship_tokenizer, tokenize_chunks
-from meo_ds.data.readers import CorpusError, read_pairs
+from meo_ds.data.prepare import (SPLITS, HeldOutSplitter, TextOverlap, check_held_out_not_training, describe_origin,
+                                  plan_held_out, select, ship_tokenizer, split_origins, text_digest, tokenize_chunks)
+from meo_ds.data.readers import CorpusError, pair_format, read_pairs
 from meo_ds.data.tokenizer import Tokenizer
 
 MT_FORMAT = "meo_ds.mt/1"
-SPLITS = ("train", "validation", "test")
 FILTERS = ("empty", "duplicate", "max_length", "length_ratio")
 
 
@@ -41,7 +41,7 @@ def _text_filters(pairs: Iterable[tuple[str, str]], removed: dict, dedup: bool) 
             removed["empty"] += 1
             continue
         if dedup:
-            digest = hashlib.blake2b(f"{len(src)}:{src}{tgt}".encode(), digest_size=16).digest()
+            digest = text_digest((src, tgt))
             if digest in seen:
                 removed["duplicate"] += 1
                 continue
@@ -60,67 +60,86 @@ def _length_filter(src_lens: np.ndarray, tgt_lens: np.ndarray, removed: dict, ma
     return ~(too_long | bad_ratio)
 
 
-class _Splitter:
-    """Held-out items by stride (exact counts): floor(n*(v+t)) held out, floor(held*t/(v+t)) of them test."""
-
-    def __init__(self, valid_fraction: float, test_fraction: float):
-        held = valid_fraction + test_fraction
-        self.held = StrideSplitter(held)
-        self.test = StrideSplitter(test_fraction / held if held else 0.0)
-
-    def assign(self, n: int) -> np.ndarray:
-        """Split index (0 train, 1 validation, 2 test) of the next `n` items."""
-        held = self.held.take(n)
-        codes = np.zeros(n, dtype=np.int8)
-        codes[held] = np.where(self.test.take(int(held.sum())), 2, 1)
-        return codes
-
-
 def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | Path, *, fmt: str = "auto",
                source_field: str = "source", target_field: str = "target", max_len: int = 256,
-               max_ratio: float = 3.0, dedup: bool = True, valid_fraction: float = 0.01,
-               test_fraction: float = 0.01, num_proc: int = 1, dtype: str = "auto", overwrite: bool = False,
+               max_ratio: float = 3.0, dedup: bool = True, valid: Sequence[str | Path] | None = None,
+               test: Sequence[str | Path] | None = None, valid_fraction: float | None = None,
+               test_fraction: float | None = None, num_proc: int = 1, dtype: str = "auto", overwrite: bool = False,
                progress: bool = True) -> dict:
     """Clean, tokenize and split a parallel corpus into `out`; returns the manifest.
 
-    Filters, in order (a pair counts against the first that removes it): `empty` (either side
-    blank), `duplicate` (exact pair seen before), `max_length` (either side > max_len tokens; 0 =
-    off), `length_ratio` (longer side > max_ratio x shorter; 0 = off).
+    Filters of the training inputs, in order (a pair counts against the first that removes it):
+    `empty` (either side blank), `duplicate` (exact pair seen before), `max_length` (either side
+    > max_len tokens; 0 = off), `length_ratio` (longer side > max_ratio x shorter; 0 = off).
+
+    Held-out splits: `valid` / `test` files (given like `inputs`: SRC TGT aligned files, one TSV
+    or one JSON lines file, in format `fmt`) are kept whole: no filter drops a pair of theirs
+    (a benchmark must stay the benchmark); a pair with an empty side is an error, a side longer
+    than max_len a warning (the trainer's data.seq_len / max_tokens must hold it). Without files a
+    split is `valid_fraction` / `test_fraction` (default 0.01 each) of the filtered inputs.
+    meo_ds/data/prepare.py says what else is checked (identical files, verbatim overlap).
     """
     start = time.time()
+    given, fractions = plan_held_out({"validation": valid, "test": test},
+                                     {"validation": valid_fraction, "test": test_fraction},
+                                     {"validation": 0.01, "test": 0.01})
+    for name, paths in [("train", inputs), *given.items()]:
+        try:
+            pair_format(paths, fmt)
+        except ValueError as err:
+            raise ValueError(f"{'training inputs' if name == 'train' else name + ' files'}: {err}") from None
+    described = describe_inputs(inputs)
+    split_inputs = {name: describe_inputs(paths, f"{name} file") for name, paths in given.items()}
+    check_held_out_not_training(described, split_inputs)
     tok = Tokenizer(tokenizer)
     np_dtype = token_dtype(tok.vocab_size, dtype)
-    described = describe_inputs(inputs)
     options = {"format": fmt, "source_field": source_field, "target_field": target_field, "max_len": max_len,
-               "max_ratio": max_ratio, "dedup": dedup, "valid_fraction": valid_fraction,
-               "test_fraction": test_fraction, "dtype": np_dtype.name}
-    key = corpus_key(described, tok.checksum(), options)
+               "max_ratio": max_ratio, "dedup": dedup, "valid_fraction": fractions["validation"],
+               "test_fraction": fractions["test"], "dtype": np_dtype.name}
+    key = corpus_key(described, tok.checksum(), options, split_inputs)
     out = Path(out)
     if check_output_dir(out, key, overwrite):
         print(f"{out}: already holds this corpus (same inputs, tokenizer and options); nothing to do")
         return read_manifest(out)
     removed = dict.fromkeys(("read",) + FILTERS, 0)
-    splitter = _Splitter(valid_fraction, test_fraction)
-    with staging_dir(out) as tmp:
+    splitter, overlap = HeldOutSplitter(fractions["validation"], fractions["test"]), TextOverlap()
+    with staging_dir(out) as tmp, tqdm(desc="tokenize", unit="pair", disable=not progress) as bar:
         writers = {s: (TokenFileWriter(tmp, f"{s}.src", np_dtype), TokenFileWriter(tmp, f"{s}.tgt", np_dtype))
                    for s in SPLITS}
-        pairs = _text_filters(read_pairs(inputs, fmt, source_field, target_field), removed, dedup)
-        with tqdm(desc="tokenize", unit="pair", disable=not progress) as bar:
+        for name, paths in given.items():  # the small given splits first: their errors come before the long pass
+            pairs = overlap.record(name, _given_pairs(read_pairs(paths, fmt, source_field, target_field), name, paths))
+            count = longest = 0
             for (src, src_lens), (tgt, tgt_lens) in tokenize_chunks(pairs, tok.path, num_proc):
-                keep = _length_filter(src_lens, tgt_lens, removed, max_len, max_ratio)
-                codes = np.full(len(keep), -1, dtype=np.int8)
-                codes[keep] = splitter.assign(int(keep.sum()))
-                for code, name in enumerate(SPLITS):
+                writers[name][0].add_many(src, src_lens)
+                writers[name][1].add_many(tgt, tgt_lens)
+                count, longest = count + len(src_lens), max(longest, int(src_lens.max()), int(tgt_lens.max()))
+                bar.update(len(src_lens))
+            if count == 0:
+                raise CorpusError(f"{_names(paths)}: no {name} pairs (only blank lines)")
+            if max_len and longest > max_len:
+                print(f"warning: the {name} files hold a side of {longest} tokens, longer than --max-len {max_len}; "
+                      f"kept (a given split is never filtered): the trainer's data.seq_len and data.max_tokens "
+                      f"must hold it", file=sys.stderr)
+        pairs = overlap.watch(_text_filters(read_pairs(inputs, fmt, source_field, target_field), removed, dedup))
+        for (src, src_lens), (tgt, tgt_lens) in tokenize_chunks(pairs, tok.path, num_proc):
+            keep = _length_filter(src_lens, tgt_lens, removed, max_len, max_ratio)
+            codes = np.full(len(keep), -1, dtype=np.int8)
+            codes[keep] = splitter.assign(int(keep.sum()))
+            for code, name in enumerate(SPLITS):
+                if name not in given:
                     writers[name][0].add_many(*select(src, src_lens, codes == code))
                     writers[name][1].add_many(*select(tgt, tgt_lens, codes == code))
-                bar.update(len(keep))
+            bar.update(len(keep))
         splits = {}
         for name, (src_writer, tgt_writer) in writers.items():
             source, target = src_writer.close(), tgt_writer.close()
             splits[name] = {"pairs": source["sequences"], "source": source, "target": target}
         if splits["train"]["pairs"] == 0:
             raise ValueError(f"no training pairs left after filtering: {removed}")
-        kept = sum(s["pairs"] for s in splits.values())
+        overlap.warn("pairs")
+        for name, origin in split_origins(SPLITS, split_inputs, fractions, overlap).items():
+            splits[name]["origin"] = origin
+        kept = sum(s["pairs"] for name, s in splits.items() if name not in given)
         manifest = {
             "format": MT_FORMAT, "task": "mt", "corpus_key": key, "inputs": described, "options": options,
             "tokenizer": ship_tokenizer(tok, tmp),
@@ -133,16 +152,30 @@ def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
     return manifest
 
 
+def _names(paths: Sequence[Path]) -> str:
+    return " ".join(map(str, paths))
+
+
+def _given_pairs(pairs: Iterable[tuple[str, str]], split: str, paths: Sequence[Path]) -> Iterator[tuple[str, str]]:
+    """The pairs of a given split, each side stripped; a pair with an empty side is an error (never dropped)."""
+    for number, (src, tgt) in enumerate(pairs, 1):
+        src, tgt = src.strip(), tgt.strip()
+        if not src or not tgt:
+            raise CorpusError(f"{_names(paths)}: {split} pair {number} has an empty {'source' if not src else 'target'};"
+                              f" a given split is kept whole (no pair is dropped), so fix or remove that pair")
+        yield src, tgt
+
+
 def print_mt_summary(m: dict, out: Path) -> None:
     """What `meo-prepare` prints about a prepared corpus (its manifest `m`)."""
     pairs = m["pairs"]
     print(f"translation corpus: {out}  dtype {m['dtype']}  vocab {m['tokenizer']['vocab_size']}")
-    print(f"  pairs read {pairs['read']:,}  kept {pairs['kept']:,}  dropped {pairs['read'] - pairs['kept']:,}")
+    print(f"  input pairs read {pairs['read']:,}  kept {pairs['kept']:,}  dropped {pairs['read'] - pairs['kept']:,}")
     for name, count in pairs["removed"].items():
         print(f"    removed by {name:<13} {count:>10,}")
     for name, s in m["splits"].items():
         print(f"  {name:<11} {s['pairs']:>10,} pairs {s['source']['tokens']:>12,} source tokens "
-              f"{s['target']['tokens']:>12,} target tokens")
+              f"{s['target']['tokens']:>12,} target tokens{describe_origin(s.get('origin'))}")
     print(f"  time {m['seconds']:.1f} s")
 
 

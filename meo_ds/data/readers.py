@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
 
@@ -161,31 +161,44 @@ def read_documents(inputs: Iterable[str | os.PathLike], fmt: str = "auto", field
             raise CorpusError(f"{path}: no documents (only empty text)")
 
 
-def read_pairs(inputs: list[str | os.PathLike], fmt: str = "auto", source_field: str = "source",
+PAIR_FORMATS = ("auto", "aligned", "tsv", "jsonl")
+
+
+def pair_format(inputs: Sequence[str | os.PathLike], fmt: str = "auto") -> str:
+    """The parallel format of `inputs` (`auto`: two files are aligned, one .jsonl file JSON lines,
+    any other single file TSV); a format that does not fit the number of files is a ValueError."""
+    paths = [Path(p) for p in inputs]
+    if fmt not in PAIR_FORMATS:
+        raise ValueError(f"parallel format must be auto, aligned, tsv or jsonl, not {fmt!r}")
+    if fmt == "auto":
+        if not paths:
+            raise ValueError("no input files")
+        fmt = "aligned" if len(paths) == 2 else ("jsonl" if detect_format(paths[0]) == "jsonl" else "tsv")
+    if fmt == "aligned" and len(paths) != 2:
+        raise ValueError(f"aligned format needs exactly two files: source and target (got {len(paths)})")
+    if fmt != "aligned" and len(paths) != 1:
+        raise ValueError(f"{fmt} format takes exactly one file, got {len(paths)}")
+    return fmt
+
+
+def read_pairs(inputs: Sequence[str | os.PathLike], fmt: str = "auto", source_field: str = "source",
                target_field: str = "target") -> Iterator[tuple[str, str]]:
     """Stream (source, target) pairs: two aligned text files, one TSV file, or one JSON lines file."""
     paths = [Path(p) for p in inputs]
-    if fmt == "auto":
-        fmt = "aligned" if len(paths) == 2 else ("jsonl" if detect_format(paths[0]) == "jsonl" else "tsv")
+    fmt = pair_format(paths, fmt)
     if fmt == "aligned":
-        if len(paths) != 2:
-            raise ValueError("aligned format needs exactly two files: source and target")
         yield from _read_aligned(*paths)
-        return
-    if len(paths) != 1:
-        raise ValueError(f"{fmt} format takes exactly one file, got {len(paths)}")
-    if fmt == "tsv":
+    elif fmt == "tsv":
         for number, line in iter_lines(paths[0]):
             parts = line.split("\t")
             if len(parts) != 2:
-                raise CorpusError(f"{paths[0]}:{number}: expected 2 tab-separated columns, found {len(parts)}")
+                raise CorpusError(f"{paths[0]}:{number}: expected 2 tab-separated columns, found {len(parts)} "
+                                  f"(one parallel file is read as source<TAB>target; give aligned files as SRC TGT)")
             yield parts[0], parts[1]
-    elif fmt == "jsonl":
+    else:
         for number, record in read_jsonl_records(paths[0]):
             where = f"{paths[0]}:{number}"
             yield get_field(record, source_field, where), get_field(record, target_field, where)
-    else:
-        raise ValueError(f"parallel format must be auto, aligned, tsv or jsonl, not {fmt!r}")
 
 
 def _read_aligned(source: Path, target: Path) -> Iterator[tuple[str, str]]:
