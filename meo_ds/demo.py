@@ -135,7 +135,7 @@ def describe_eval(result: dict) -> str:
     return text
 
 
-def summarize(run_dir: Path, seconds: float) -> None:
+def summarize(run_dir: Path, seconds: float, name: str) -> None:
     metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     steps = {m["step"]: m for m in metrics}
     losses = [(s, steps[s]["loss"]) for s in sorted(steps) if steps[s]["loss"] is not None]
@@ -155,7 +155,7 @@ def summarize(run_dir: Path, seconds: float) -> None:
     print(f"[meo-demo] checkpoint: {run_dir / 'checkpoints' / latest.read_text().strip() if latest.is_file() else 'none'}")
     print(f"[meo-demo] logs: {run_dir / 'train.log'}, per-step metrics: {run_dir / 'metrics.jsonl'}, "
           f"evaluations: {run_dir / 'eval.jsonl'}, monitor CSVs: {run_dir / 'monitor'}")
-    print(f"[meo-demo] export to HuggingFace: meo-export {run_dir / 'checkpoints'} hf/{run_dir.name}")
+    print(f"[meo-demo] export to HuggingFace: meo-export {run_dir / 'checkpoints'} hf/{name}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if code != 0:
         print(f"[meo-demo] training failed (exit {code}); see {run_dir / 'train.log'}", file=sys.stderr)
         return code
-    summarize(run_dir, time.time() - start)
+    summarize(run_dir, time.time() - start, f"demo-{label(args)}")
     return 0
 
 

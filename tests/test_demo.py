@@ -25,7 +25,7 @@ def test_meo_demo_mt_trains_evaluates_and_says_where_everything_is(tmp_path):
     assert re.search(rf"\[meo-demo\] validation: step 2: {score}, step 4: {score}\n", text), text[-3000:]
     assert f"[meo-demo] run directory: {run} (run config as trained: {run / 'config.json'})" in text
     assert f"[meo-demo] checkpoint: {run / 'checkpoints' / 'step_00000004'}\n" in text
-    assert f"[meo-demo] export to HuggingFace: meo-export {run / 'checkpoints'} hf/run-mt-topk" in text
+    assert f"[meo-demo] export to HuggingFace: meo-export {run / 'checkpoints'} hf/demo-mt-topk" in text
     for path in ("train.log", "metrics.jsonl", "eval.jsonl", "monitor", "checkpoints/step_00000004"):
         assert (run / path).exists(), path
     config = json.loads((run / "config.json").read_text())
