@@ -7,7 +7,8 @@ Nothing is written and no collective runs here, so a bad input ends every rank a
 `ConfigError` line (the trainer's exit status 2) before any work or data is lost. What is checked:
 the run config against the world size and the DeepSpeed config (config/ds_config.py); that
 logging.out_dir and the checkpoint directory are writable directories; the corpus (manifest,
-the cheap per-file checks or, with data.verify, every checksum; vocabulary and sequence length
+the cheap per-file checks or, with data.verify, every checksum; `model.vocab_size: auto` /
+`model.max_seq_len: auto` resolved from it (resolve_from_corpus); vocabulary and sequence length
 against the model; one global batch of the train and validation splits); and the checkpoint a
 resume or init_from names (it exists, its saved run config rebuilds the same parameter shapes,
 and a resume at the same world/ep size continues the same data stream).
@@ -73,13 +74,24 @@ def check_data(cfg: RunConfig, world_size: int = 1) -> None:
         verify_corpus(path)
     ds = task.dataset("train")
     vocab = ds.tokenizer().vocab_size
+    resolve_from_corpus(cfg, vocab)
     model_vocab = getattr(cfg.model, "vocab_size", None)
     if model_vocab is not None and vocab > model_vocab:
         raise ConfigError(f"the tokenizer of {path} has {vocab} tokens but model.vocab_size={model_vocab}; "
-                          f"set --set model.vocab_size={vocab}")
+                          f"set --set model.vocab_size={vocab}, or model.vocab_size: auto (the tokenizer's size)")
     task.check_fits_model(ds)
     for split in ("train", cfg.data.val_split):
         check_loader(cfg, split, world_size)
+
+def resolve_from_corpus(cfg: RunConfig, vocab: int) -> dict[str, int]:
+    """Fill the model sizes the run config left `auto` (config/schema.py, FROM_CORPUS) from the
+    corpus: vocab_size = `vocab` (its tokenizer's size), max_seq_len = task.longest_sequence().
+    Changes cfg.model in place; returns what it set. Deterministic: every rank sets the same."""
+    resolved = {}
+    for key in cfg.unresolved_sizes():
+        resolved[key] = vocab if key == "vocab_size" else task_for(cfg).longest_sequence()
+        setattr(cfg.model, key, resolved[key])
+    return resolved
 
 def check_loader(cfg: RunConfig, split: str, world_size: int) -> Any:
     """Rank 0's loader of `split` (every rank gets as many batches); ConfigError if there is none."""

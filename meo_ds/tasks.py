@@ -3,6 +3,7 @@
     task = task_for(cfg)                         # LMTask (task: lm) or TranslationTask (task: translation)
     task.dataset("train"); task.loader(split, rank, world, shuffle)     # the corpus and its loader
     task.check_fits_model(dataset)               # the corpus fits model.max_seq_len (ConfigError)
+    task.longest_sequence()                      # what `model.max_seq_len: auto` becomes (config/schema.py)
     task.batch_size_advice()                     # which setting sizes a batch (for the too-small-corpus error)
     task.train_flops(model).per_token(routing)   # model and executed training FLOPs per counted token
     task.evaluate(engine, val_loader, device)    # validation loss/perplexity; translation adds BLEU/chrF
@@ -53,6 +54,10 @@ class Task(ABC):
         """ConfigError unless the sequences of `dataset` fit model.max_seq_len."""
 
     @abstractmethod
+    def longest_sequence(self) -> int:
+        """The longest sequence (tokens) this run feeds the model: `model.max_seq_len: auto`."""
+
+    @abstractmethod
     def batch_size_advice(self) -> str:
         """Which setting to change when a split cannot fill one global batch."""
 
@@ -89,6 +94,10 @@ class LMTask(Task):
         if max_len is not None and seq_len > max_len:
             raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={max_len}; lower one or raise the other")
 
+    def longest_sequence(self) -> int:
+        """data.seq_len: every training and validation sequence has that length."""
+        return self.cfg.data.seq_len
+
     def batch_size_advice(self) -> str:
         return f"lower train.micro_batch_size={self.cfg.train.micro_batch_size} or data.seq_len={self.cfg.data.seq_len}"
 
@@ -117,6 +126,16 @@ class TranslationTask(Task):
             raise ConfigError(f"the {dataset.split} split of {dataset.directory} holds a sentence of {longest} tokens "
                               f"(with eos/bos) but model.max_seq_len={max_len}; raise model.max_seq_len or prepare "
                               f"the corpus with --max-len {max_len - 1}")
+
+    def longest_sequence(self) -> int:
+        """The longest source or target sentence of any split of the corpus, + 1 (eos on the source,
+        bos/eos on the target): every pair the run trains or evaluates on fits."""
+        manifest = self.dataset("train").manifest
+        longest = 0
+        for split in manifest["splits"]:
+            ds = self.dataset(split)
+            longest = max(longest, int(ds.src_lens.max(initial=0)), int(ds.tgt_lens.max(initial=0)))
+        return longest + 1
 
     def batch_size_advice(self) -> str:
         return f"change data.max_tokens={self.cfg.data.max_tokens}"

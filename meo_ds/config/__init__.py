@@ -21,13 +21,13 @@ from .errors import ConfigError, listing
 from .loading import (MOVED_KEYS, _resolve_model_tree, apply_override, build_model_config, deep_merge,
                       load_run_config, migrate_saved_run_config, parse_text, preset_dict, preset_dir, preset_names,
                       read_mapping, read_preset, run_config_from_dict)
-from .schema import (CheckpointConfig, DataConfig, DebugConfig, EvalConfig, LoggingConfig, ParallelConfig,
-                     Precision, RunConfig, Schedule, Task, TrainConfig, iter_moe_configs)
+from .schema import (AUTO, FROM_CORPUS, CheckpointConfig, DataConfig, DebugConfig, EvalConfig, LoggingConfig, ParallelConfig,
+                     Precision, RunConfig, Schedule, Task, TrainConfig, iter_moe_configs, split_auto_sizes)
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "EvalConfig", "LoggingConfig", "MOVED_KEYS",
+    "AUTO", "FROM_CORPUS", "CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "EvalConfig", "LoggingConfig", "MOVED_KEYS",
     "ParallelConfig", "Precision", "RunConfig", "Schedule", "Task", "TrainConfig", "apply_override",
     "build_model_config", "deep_merge", "ds_precision", "from_dict", "iter_moe_configs", "listing",
     "load_ds_config", "load_run_config", "migrate_saved_run_config", "parse_text", "preset_dict", "preset_dir",
-    "preset_names", "read_mapping", "read_preset", "reconcile_ds_config", "run_config_from_dict", "to_dict",
+    "preset_names", "read_mapping", "read_preset", "reconcile_ds_config", "run_config_from_dict", "split_auto_sizes", "to_dict",
 ]

@@ -7,6 +7,8 @@ the other keys of `model` override the preset's values. Command-line overrides
 `--set train.betas=[0.9,0.95]`) are applied to the merged dictionary before it becomes
 dataclasses (convert.py), so an unknown key anywhere is an error naming the key and the valid
 keys. Model overrides land on top of the preset, so the preset is resolved first.
+`model.vocab_size: auto` / `model.max_seq_len: auto` stay None in the model config until
+pre-flight reads them from the corpus (schema.py, FROM_CORPUS).
 
 Keys that moved (MOVED_KEYS, e.g. `model.moe.ep_size` -> `parallel.ep_size`) are an error
 naming the new key when a user writes them, and are moved silently in the run configs saved
@@ -25,7 +27,7 @@ import yaml
 
 from .convert import from_dict
 from .errors import ConfigError
-from .schema import RunConfig
+from .schema import RunConfig, split_auto_sizes
 
 # Old dotted key (under `model`, any `moe` section) -> where it lives now.
 MOVED_KEYS = {"moe.ep_size": "parallel.ep_size"}
@@ -136,7 +138,11 @@ def run_config_from_dict(tree: dict) -> RunConfig:
     tree = dict(tree)
     model_tree = tree.pop("model", None)
     cfg = from_dict(RunConfig, tree)
-    cfg.model = build_model_config(model_tree, cfg.task) if model_tree is not None else None
+    if model_tree is not None:
+        model_tree, auto = split_auto_sizes(model_tree)
+        cfg.model = build_model_config(model_tree, cfg.task)
+        for key in auto:  # read from the corpus by pre-flight (schema.py)
+            setattr(cfg.model, key, None)
     return cfg
 
 

@@ -11,6 +11,15 @@
     eval: {...}              # EvalConfig
     debug: {...}             # DebugConfig: fault-injection hooks used by the tests
 
+Sizes from the corpus: `model.vocab_size: auto` and `model.max_seq_len: auto` (the keys in
+FROM_CORPUS) are read from the prepared corpus at data.path when the run starts, by pre-flight
+on every rank (meo_ds.preflight.resolve_from_corpus): vocab_size = the corpus tokenizer's size,
+max_seq_len = the longest sequence the task feeds the model (LM: data.seq_len; translation: the
+corpus's longest sentence in any split, + eos/bos). Between loading and pre-flight the model
+config holds None there (`RunConfig.unresolved_sizes()`); every config the trainer writes
+(config.json, the checkpoints' saved config) holds the numbers, so resume and export see a
+fixed model whatever the corpus becomes.
+
 `RunConfig.validate(world_size)` lists every problem of the values (one ConfigError); the
 expert-parallel size is checked against the model's MoE layers and the world size by
 meo_ds.parallel.ep_size_problems, the same check `parallelize` makes.
@@ -32,6 +41,20 @@ from .errors import ConfigError, listing
 Task = Literal["lm", "translation"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["auto", "cosine", "inverse_sqrt", "constant"]
+
+AUTO = "auto"
+FROM_CORPUS = ("vocab_size", "max_seq_len")  # model keys that may be `auto` (module docstring)
+
+
+def split_auto_sizes(model_tree: dict) -> tuple[dict, list[str]]:
+    """A model mapping -> (the mapping without its `auto` sizes, the FROM_CORPUS keys that were `auto`).
+    `auto` on any other model key is a ConfigError."""
+    auto = [k for k, v in model_tree.items() if v == AUTO and k in FROM_CORPUS]
+    other = [k for k, v in model_tree.items() if v == AUTO and k not in FROM_CORPUS]
+    if other:
+        raise ConfigError(f"model.{other[0]}=auto: only {' and '.join('model.' + k for k in FROM_CORPUS)} can be "
+                          f"auto (read from the corpus); give model.{other[0]} a value")
+    return {k: v for k, v in model_tree.items() if k not in auto}, auto
 
 
 # --------------------------------------------------------------------------- sections
@@ -156,6 +179,10 @@ class RunConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or os.path.join(self.logging.out_dir, "checkpoints"))
+
+    def unresolved_sizes(self) -> list[str]:
+        """The FROM_CORPUS model keys still waiting for pre-flight to read them from the corpus (`auto`)."""
+        return [k for k in FROM_CORPUS if self.model is not None and getattr(self.model, k, 0) is None]
 
     def moe_configs(self) -> list[MoEConfig]:
         return list(iter_moe_configs(self.model))
