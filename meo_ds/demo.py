@@ -7,7 +7,7 @@
 3. evaluates validation perplexity, and prints the loss curve, throughput, and where the
    checkpoint and logs are.
 
-    meo-demo                       # 4.5-5.5 min on 2 CPU cores (267 s idle, 322 s under load; README)
+    meo-demo                       # 267-322 s on 2 CPU cores (idle / shared with a test run; README)
     meo-demo --kind xmoe --steps 100 --out /tmp/demo
 """
 from __future__ import annotations
