@@ -12,7 +12,7 @@
    validation pairs), and prints the loss curve, throughput, and where the run directory,
    checkpoint and logs are and how to export the checkpoint.
 
-    meo-demo                       # about 3 minutes on 2 CPU cores
+    meo-demo                       # 267-322 s on 2 CPU cores (idle / shared with a test run; README)
     meo-demo --task mt             # translation: 43 s on 2 idle CPU cores; BLEU 59 -> 89, chrF 81 -> 95
     meo-demo --kind xmoe --steps 100 --out /tmp/demo
 
@@ -90,7 +90,7 @@ def run_config(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
     # smoothing from the preset), batches of 1024 padded tokens per rank; BLEU/chrF halfway and at the end.
     return {**common,
             "data": {"path": str(data_dir), "max_tokens": 1024},
-            "train": {"steps": n, "micro_batch_size": 1, "grad_accum": 1, "lr": 3e-3, "warmup_steps": max(1, n // 10),
+            "train": {"steps": n, "grad_accum": 1, "lr": 3e-3, "warmup_steps": max(1, n // 10),
                       "betas": [0.9, 0.98], "weight_decay": 0.0, "grad_clip": 1.0, "seed": 3},
             "checkpoint": {"interval": max(1, n // 2), "keep_last": 2},
             "eval": {"interval": max(1, n // 2), "max_batches": 4, "bleu_sentences": 200, "beam_size": 4,

@@ -14,6 +14,16 @@ tests/test_collectives.py fails when any other module issues a collective of its
 `free_port` gives a single-machine launch (meo-train without a launcher, the demo, the benchmark,
 the tests) its MASTER_PORT.
 
+DeepSpeed's C++ ops (on CPU: the shared-memory all-reduce `deepspeed_shm_comm`, built by
+`deepspeed.init_distributed`) are compiled by torch on first use into TORCH_EXTENSIONS_DIR,
+whose default (~/.cache/torch_extensions/py311_cpu) every Python environment of the user shares:
+an environment with another torch or DeepSpeed rebuilds the op there, and the next run of this
+one rebuilds it back (35 s on an idle 2-core machine, ~4 min under load). `init_distributed`
+therefore points TORCH_EXTENSIONS_DIR, unless it is set, at `extension_cache_dir()`: a directory
+of this environment's own (keyed by sys.prefix, under the user's cache, which is always
+writable). Every rank of a run computes the same directory; tests/conftest.py sets it for the
+test processes that start DeepSpeed without this module.
+
 Timeouts. `init_distributed(timeout_s)` gives the world group that timeout, and also every
 group created afterwards: torch's `new_group(ranks)` without a timeout (how DeepSpeed creates
 its expert-parallel, expert-data-parallel and data-parallel groups) takes the module default of
@@ -31,8 +41,10 @@ group's ranks, this rank and our call site, read from the traceback.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -53,10 +65,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def extension_cache_dir() -> Path:
+    """This Python environment's own build directory for torch's JIT C++ extensions (DeepSpeed's
+    ops): <XDG_CACHE_HOME or ~/.cache>/meo_ds/torch_extensions/<env name>-<sha256(sys.prefix)[:12]>."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return root / "meo_ds" / "torch_extensions" / f"{Path(sys.prefix).name}-{key}"
+
+
+def use_environment_extension_cache() -> str:
+    """Set TORCH_EXTENSIONS_DIR to extension_cache_dir() unless it is set; the directory in use."""
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache_dir()))
+
+
 def init_distributed(timeout_s: Optional[float] = None) -> None:
     """deepspeed.init_distributed with the accelerator's backend (nccl on GPUs, gloo on CPU), then
     release the CPU all-reduce buffer's name (see release_cpu_allreduce_buffer). Idempotent.
-    With `timeout_s`, every process group of this process gets it (module docstring)."""
+    With `timeout_s`, every process group of this process gets it (module docstring). DeepSpeed's
+    ops build into this environment's extension cache (use_environment_extension_cache)."""
+    use_environment_extension_cache()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

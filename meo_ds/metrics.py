@@ -130,10 +130,15 @@ class RoutingAccumulator:
         self.__init__()
 
 
+# Throughput keys of the trainer's metrics (Task.token_counts names + "_per_s": the LM's tokens;
+# translation's source and target tokens, counted separately) -> (log-line label, summary word).
+THROUGHPUT = {"tokens_per_s": ("tok/s", ""), "source_tokens_per_s": ("src tok/s", " source"),
+              "target_tokens_per_s": ("tgt tok/s", " target")}
+
+
 def format_line(m: dict) -> str:
-    """One log line; `m` holds the interval's metrics."""
+    """One log line; `m` holds the interval's metrics (a throughput key present with None: warm-up)."""
     mfu_text = "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
-    tps = m.get("tokens_per_s")
     parts = [
         f"step {m['step']:>6d}",
         f"loss {m['loss']:.4f}",
@@ -141,9 +146,10 @@ def format_line(m: dict) -> str:
         f"aux {m['aux']:.4f}",
         f"lr {m['lr']:.3e}",
         f"gnorm {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "gnorm n/a",
-        f"tok/s {tps:,.0f}" if tps else "tok/s warm-up",
-        f"mfu {mfu_text}",
     ]
+    parts += [f"{label} {m[key]:,.0f}" if m[key] else f"{label} warm-up"
+              for key, (label, _) in THROUGHPUT.items() if key in m]
+    parts.append(f"mfu {mfu_text}")
     if m.get("model_flops_per_token") is not None:
         parts.append(f"flops/tok model {m['model_flops_per_token']:.4g} executed {m['executed_flops_per_token']:.4g}")
     routing = m.get("routing") or []
@@ -154,6 +160,14 @@ def format_line(m: dict) -> str:
     if m.get("skipped"):
         parts.append(f"skipped {m['skipped']}")
     return " | ".join(parts)
+
+
+def format_throughput_summary(rates: Mapping[str, Optional[float]]) -> str:
+    """The end-of-run throughput, e.g. ", 4,738 tokens/s after warm-up" or ", 1,200 source + 1,300
+    target tokens/s after warm-up"; empty when nothing was timed."""
+    if not rates or not all(rates.values()):
+        return ""
+    return ", " + " + ".join(f"{v:,.0f}{THROUGHPUT[k][1]}" for k, v in rates.items()) + " tokens/s after warm-up"
 
 
 def safe_ppl(loss: float) -> float:

@@ -5,19 +5,23 @@
     task.check_fits_model(dataset)               # the corpus fits model.max_seq_len (ConfigError)
     task.longest_sequence()                      # what `model.max_seq_len: auto` becomes (config/schema.py)
     task.batch_size_advice()                     # which setting sizes a batch (for the too-small-corpus error)
+    task.token_counts(source, target)            # a step's counted tokens by their logged names
     task.train_flops(model).per_token(routing)   # model and executed training FLOPs per counted token
     task.evaluate(engine, val_loader, device)    # validation loss/perplexity; translation adds BLEU/chrF
 
 The rest is the same for both and lives with the data: a loader names the batch keys its model
 takes (`loader.MODEL_INPUTS`, used through meo_ds.data.batch.model_inputs), and the tokens a batch
-counts are its labels that are not padding (meo_ds.data.batch.target_tokens). The trainer
+counts are its labels that are not padding (meo_ds.data.batch.target_tokens) and, for an
+encoder, its real source tokens (meo_ds.data.batch.source_tokens). The trainer
 (meo_ds/train.py) asks the task and never the task's name.
 
 Counted tokens and FLOPs: the LM counts every position of a packed sequence of data.seq_len
-tokens and its FLOPs are the model's at that length; translation counts target tokens (labels,
-eos included) and its FLOPs per target token are the model's at the training corpus's mean
-source and target lengths (+1 each: eos on the source, bos/eos on the target), the encoder's
-cost spread over the target tokens.
+tokens ("tokens", and tokens/s) and its FLOPs are the model's at that length; translation
+counts source tokens (source + eos, padding excluded: "source_tokens") and target tokens
+(labels, eos included: "target_tokens"), logged and timed separately. The loss is a mean per
+target token, and translation FLOPs are per target token, at the training corpus's mean source
+and target lengths (+1 each: eos on the source, bos/eos on the target), the encoder's cost spread
+over the target tokens; MFU uses the target tokens/s (FLOPS_TOKENS).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class Task(ABC):
 
     NAME: ClassVar[str]  # the run config's `task`
     PREPARE_NAME: ClassVar[str]  # `meo-prepare demo --task` of its corpus
+    FLOPS_TOKENS: ClassVar[str]  # the token_counts name that FLOPs per token (and so MFU) refer to
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -62,6 +67,11 @@ class Task(ABC):
         """Which setting to change when a split cannot fill one global batch."""
 
     @abstractmethod
+    def token_counts(self, source: int, target: int) -> dict[str, int]:
+        """The tokens a step counted (summed `source_tokens` and `target_tokens` of its batches) by the
+        names the log line, metrics.jsonl and the monitor give them."""
+
+    @abstractmethod
     def train_flops(self, model: torch.nn.Module) -> metrics.TrainFlops:
         """Training (forward + backward) FLOPs per counted token as the model accounts them (model
         and executed, from an interval's routing: metrics.TrainFlops)."""
@@ -79,14 +89,14 @@ class Task(ABC):
 
 
 class LMTask(Task):
-    NAME, PREPARE_NAME = "lm", "lm"
+    NAME, PREPARE_NAME, FLOPS_TOKENS = "lm", "lm", "tokens"
 
     def dataset(self, split: str = "train") -> LMDataset:
         return LMDataset(self.cfg.data.path, split)
 
     def loader(self, split: str, rank: int, world: int, shuffle: bool = True) -> LMLoader:
         cfg = self.cfg
-        return LMLoader(cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+        return LMLoader(cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.micro_batch_size,
                         dp_rank=rank, dp_world_size=world, seed=cfg.data.seed, shuffle=shuffle, split=split)
 
     def check_fits_model(self, dataset: LMDataset) -> None:
@@ -99,7 +109,11 @@ class LMTask(Task):
         return self.cfg.data.seq_len
 
     def batch_size_advice(self) -> str:
-        return f"lower train.micro_batch_size={self.cfg.train.micro_batch_size} or data.seq_len={self.cfg.data.seq_len}"
+        return f"lower train.micro_batch_size={self.cfg.micro_batch_size} or data.seq_len={self.cfg.data.seq_len}"
+
+    def token_counts(self, source: int, target: int) -> dict[str, int]:
+        """Every predicted position (no source side)."""
+        return {"tokens": target}
 
     def train_flops(self, model: torch.nn.Module) -> metrics.TrainFlops:
         """At data.seq_len."""
@@ -107,7 +121,7 @@ class LMTask(Task):
 
 
 class TranslationTask(Task):
-    NAME, PREPARE_NAME = "translation", "mt"
+    NAME, PREPARE_NAME, FLOPS_TOKENS = "translation", "mt", "target_tokens"
 
     def dataset(self, split: str = "train") -> MTDataset:
         return MTDataset(self.cfg.data.path, split)
@@ -139,6 +153,9 @@ class TranslationTask(Task):
 
     def batch_size_advice(self) -> str:
         return f"change data.max_tokens={self.cfg.data.max_tokens}"
+
+    def token_counts(self, source: int, target: int) -> dict[str, int]:
+        return {"source_tokens": source, "target_tokens": target}
 
     def train_flops(self, model: torch.nn.Module) -> metrics.TrainFlops:
         """Per target token, at the training corpus's mean sentence lengths."""

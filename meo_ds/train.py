@@ -14,8 +14,13 @@ rank). Whatever depends on the task (lm or translation: corpus, loader, fit chec
 token, evaluation) the trainer asks of `task_for(cfg)` (meo_ds/tasks.py); what a batch feeds the
 model and how many tokens it counts comes from meo_ds/data/batch.py.
 
-Per step the ranks agree on a `StepSums` (non-finite flag, stop flag, token-weighted loss sums),
-one all_reduce per micro-batch; the log line sums the steps' results in a `LogWindow`.
+Per step the ranks agree on a `StepSums` (non-finite flag, stop flag, token-weighted loss sums,
+counted tokens), one all_reduce per micro-batch; the log line sums the steps' results in a
+`LogWindow`. Throughput counts the tokens the task names (Task.token_counts: LM "tokens";
+translation "source_tokens" and "target_tokens", each timed separately) over the steps after
+logging.throughput_warmup_steps of this process: the log line shows it ("tok/s", or "src tok/s"
+and "tgt tok/s"), and every metrics.jsonl record carries the step's counts and the rate so far
+(`<name>_per_s`, null during the warm-up).
 
 Exit status: 0 done (or stopped by a signal after saving), 2 bad input (config, paths, corpus,
 a checkpoint that does not fit, a run directory in use; also a corrupt shard met mid-run),
@@ -44,7 +49,7 @@ from meo_ds import distributed
 from meo_ds import metrics
 from meo_ds.distributed import describe_collective_failure, free_port, init_distributed
 from meo_ds.config import ConfigError, RunConfig
-from meo_ds.data.batch import model_inputs, target_tokens
+from meo_ds.data.batch import model_inputs, source_tokens, target_tokens
 from meo_ds.data.readers import CorpusError
 from meo_ds.optim import SkippableAdamW, lr_at, param_groups, set_lr
 from meo_ds.parallel import parallelize
@@ -105,6 +110,7 @@ class StepSums:
     tokens: float = 0.0  # target tokens
     aux: float = 0.0  # MoE auxiliary loss
     nll_tokens: float = 0.0  # cross-entropy x target tokens
+    source_tokens: float = 0.0  # real source tokens (an encoder's inputs; 0 for the LM)
 
     @classmethod
     def stack(cls, **values: torch.Tensor) -> torch.Tensor:
@@ -125,7 +131,8 @@ class StepResult:
     loss: float  # mean task loss (the training objective) per target token over all ranks (nan when skipped)
     nll: float  # mean cross-entropy per target token (= loss unless the objective is label-smoothed)
     aux: float
-    tokens: int
+    tokens: int  # target tokens (the loss's weight)
+    source_tokens: int
     skipped: bool
     stop: bool
     grad_norm: Optional[float]
@@ -286,7 +293,9 @@ class Trainer:
         cfg = self.cfg
         self.routing = metrics.RoutingAccumulator()
         self.window = LogWindow()
-        self.timed_tokens, self.timed_since, self.steps_this_run = 0, None, 0
+        self.timed_counts: dict[str, int] = {}
+        self.timed_since: Optional[float] = None
+        self.steps_this_run = 0
         self.data_iter: Iterator[dict] = self.loader.forever()
         if cfg.checkpoint.save_initial and self.step == 0:
             self.save()
@@ -323,7 +332,8 @@ class Trainer:
             stop = loss.new_full((), float(self.stop_signal.requested), dtype=torch.float64)  # fills: no host copy
             local = StepSums.stack(nonfinite=(~torch.isfinite(loss + aux)).double(), stop=stop,
                                    loss_tokens=loss.double() * tokens, tokens=stop.new_full((), tokens),
-                                   aux=aux.double(), nll_tokens=nll.double() * tokens)
+                                   aux=aux.double(), nll_tokens=nll.double() * tokens,
+                                   source_tokens=stop.new_full((), source_tokens(batch)))
             flags = StepSums.of(distributed.all_reduce(local.detach()))
             bad = flags.nonfinite > 0
             engine.backward(self._zero_loss() if bad else loss + aux)
@@ -344,8 +354,8 @@ class Trainer:
         per_token = (lambda total: total / tokens) if tokens and not skipped else (lambda total: float("nan"))
         return StepResult(
             loss=per_token(sums.loss_tokens), nll=per_token(sums.nll_tokens),
-            aux=sums.aux / (self.world * self.cfg.train.grad_accum), tokens=tokens, skipped=skipped, stop=sums.stop > 0,
-            grad_norm=gnorm,
+            aux=sums.aux / (self.world * self.cfg.train.grad_accum), tokens=tokens,
+            source_tokens=int(sums.source_tokens), skipped=skipped, stop=sums.stop > 0, grad_norm=gnorm,
         )
 
     def _zero_loss(self) -> torch.Tensor:
@@ -415,36 +425,44 @@ class Trainer:
         self.window.add(r)
         self.steps_this_run += 1
         if self.timed_since is not None:
-            self.timed_tokens += r.tokens
+            for name, count in self.task.token_counts(r.source_tokens, r.tokens).items():
+                self.timed_counts[name] = self.timed_counts.get(name, 0) + count
         elif self.steps_this_run >= self.cfg.logging.throughput_warmup_steps:
-            self.timed_since, self.timed_tokens = time.time(), 0  # the clock starts after the warm-up steps
+            self.timed_since, self.timed_counts = time.time(), {}  # the clock starts after the warm-up steps
 
     def _record_step(self, r: StepResult) -> None:
         if self.rank != 0:
             return
         rec = {"step": self.step, "loss": r.loss if not r.skipped else None, "nll": r.nll if not r.skipped else None,
                "aux": r.aux, "lr": self.lr(),
-               "grad_norm": r.grad_norm, "tokens": r.tokens, "skipped": r.skipped, "time": time.time() - self.start_time}
+               "grad_norm": r.grad_norm, **self.task.token_counts(r.source_tokens, r.tokens), **self.throughput(),
+               "skipped": r.skipped, "time": time.time() - self.start_time}
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def tokens_per_s(self) -> Optional[float]:
-        if self.timed_since is None or self.timed_tokens == 0:
-            return None
-        return self.timed_tokens / max(1e-9, time.time() - self.timed_since)
+    def throughput(self) -> dict[str, Optional[float]]:
+        """{<counted name>_per_s: tokens per second since the warm-up, or None before any timed step}
+        for every name of Task.token_counts (LM: tokens_per_s; translation: source_ and target_)."""
+        elapsed = None if self.timed_since is None else max(1e-9, time.time() - self.timed_since)
+        rates: dict[str, Optional[float]] = {}
+        for name in self.task.token_counts(0, 0):  # the names, in the task's order
+            count = self.timed_counts.get(name, 0)
+            rates[f"{name}_per_s"] = count / elapsed if elapsed and count else None
+        return rates
 
     def _log_interval(self) -> None:
         w, cfg = self.window, self.cfg
         global_loads = self._global_routing_loads()
         loss, nll = w.per_token(w.loss_tokens), w.per_token(w.nll_tokens)
-        tps = self.tokens_per_s()
+        rates = self.throughput()
         peak = metrics.peak_flops(metrics.device_name() if cfg.logging.peak_flops_device == "auto"
                                   else cfg.logging.peak_flops_device, cfg.train.precision)
         routing = self.routing.summary(global_loads)
         flops = self.flops.per_token(routing)  # model and executed FLOPs/token of this interval; MFU from executed
         m = {"step": self.step, "loss": loss, "ppl": metrics.safe_ppl(nll), "aux": w.aux / max(1, w.steps),
-             "lr": self.lr(), "grad_norm": w.grad_norm, "tokens_per_s": tps, **flops,
-             "mfu": metrics.mfu(tps or 0.0, flops["executed_flops_per_token"], peak, self.world),
+             "lr": self.lr(), "grad_norm": w.grad_norm, **rates, **flops,
+             "mfu": metrics.mfu(rates[f"{self.task.FLOPS_TOKENS}_per_s"] or 0.0, flops["executed_flops_per_token"],
+                                peak, self.world),
              "routing": routing, "skipped": w.skipped}
         self.log(metrics.format_line(m))
         self._monitor(m)
@@ -504,9 +522,7 @@ class Trainer:
         if cfg.checkpoint.save_at_end:
             self.save()
         elapsed = time.time() - self.start_time
-        tps = self.tokens_per_s()
-        self.log(f"done: {self.step} steps in {elapsed:.1f} s"
-                 + (f", {tps:,.0f} tokens/s after warm-up" if tps else "")
+        self.log(f"done: {self.step} steps in {elapsed:.1f} s" + metrics.format_throughput_summary(self.throughput())
                  + f"; logs in {self.out_dir}, checkpoints in {cfg.checkpoint_dir}")
 
     def _debug_die(self, step: int) -> None:

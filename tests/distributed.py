@@ -3,6 +3,13 @@
 Multi-rank tests write a small worker script (or use one under tests/), launch it here, and
 assert on what the ranks wrote to `out_dir` or on the exit status: the workers themselves
 raise on any mismatch, so a failing rank fails the test with its traceback.
+
+Every CPU launch environment (`launch_env`) first makes sure DeepSpeed's CPU communication op is
+built, once per test session, in a process of its own with its own timeout
+(`build_deepspeed_cpu_ops`): the first build takes ~35 s on an idle 2-core machine and ~4 min
+under load, and would otherwise land inside whichever test launches ranks first and eat its
+timeout. The op lives in this environment's extension cache (tests/conftest.py sets
+TORCH_EXTENSIONS_DIR as meo_ds.distributed does for runs), so later sessions only load it.
 """
 from __future__ import annotations
 
@@ -15,9 +22,27 @@ from typing import Sequence
 from meo_ds.distributed import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+OPS_BUILD_TIMEOUT_S = 900  # the first build of the op: ~35 s idle, ~4 min on 2 loaded cores; margin
+_ops_build: dict[str, str] = {}  # "error": "" once built; the failure's text, so it is not retried per test
+
+
+def build_deepspeed_cpu_ops(env: dict) -> None:
+    """Build (or load from the extension cache) DeepSpeed's CPU shared-memory communication op with
+    DeepSpeed's own builder call, the one deepspeed.init_distributed makes; once per session."""
+    if "error" not in _ops_build:
+        code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+        proc = subprocess.run([sys.executable, "-c", code], env={**env, "DS_ACCELERATOR": "cpu"}, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=OPS_BUILD_TIMEOUT_S)
+        _ops_build["error"] = "" if proc.returncode == 0 else (
+            f"building DeepSpeed's CPU communication op failed (exit {proc.returncode}):\n"
+            f"{(proc.stdout + proc.stderr)[-5000:]}")
+    if _ops_build["error"]:
+        raise AssertionError(_ops_build["error"])
 
 
 def launch_env(extra: dict | None = None) -> dict:
+    """The environment of a launched test process (CPU ranks unless `extra` says otherwise); for CPU
+    ranks, DeepSpeed's CPU op is built first (module docstring)."""
     env = dict(os.environ)
     env.update(
         DS_ACCELERATOR="cpu",
@@ -26,6 +51,8 @@ def launch_env(extra: dict | None = None) -> dict:
         PYTHONUNBUFFERED="1",
     )
     env.update(extra or {})
+    if env["DS_ACCELERATOR"] == "cpu":
+        build_deepspeed_cpu_ops(env)
     return env
 
 

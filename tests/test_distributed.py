@@ -49,3 +49,21 @@ def test_seam_reduces_on_the_communication_device_and_returns_host_values(monkey
             call()
     ops = seam.dist.ReduceOp
     assert seen == [("meta", torch.float64, ops.SUM), ("meta", torch.float64, ops.MAX), ("meta", torch.int64, ops.MAX)]
+
+
+def test_extension_cache_is_the_environments_own_unless_the_user_chose_one(monkeypatch, tmp_path):
+    """DeepSpeed's ops build per Python environment (sys.prefix), not in torch's directory that every
+    environment shares; init_distributed sets it, an explicit TORCH_EXTENSIONS_DIR wins."""
+    import sys
+
+    import meo_ds.distributed as seam
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    here = seam.extension_cache_dir()
+    assert here.parent == tmp_path / "meo_ds" / "torch_extensions"
+    assert seam.use_environment_extension_cache() == str(here) and seam.os.environ["TORCH_EXTENSIONS_DIR"] == str(here)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other_env"))
+    assert seam.extension_cache_dir() != here  # another environment, another directory
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert seam.use_environment_extension_cache() == str(tmp_path / "mine")

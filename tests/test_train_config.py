@@ -108,6 +108,23 @@ def test_ds_config_batch_mismatch_is_an_error_and_missing_values_are_filled():
         reconcile_ds_config(make_cfg(micro_batch_size=4, grad_accum=2), {"train_batch_size": 32}, 2, "cpu")
 
 
+def test_micro_batch_size_is_lm_only_and_translation_counts_one_token_budget():
+    lm = make_cfg()
+    assert lm.train.micro_batch_size is None and lm.micro_batch_size == 8  # unset: the LM default
+    mt = make_cfg(micro_batch_size=1)
+    mt.task = "translation"
+    mt.validate(world_size=2)  # 1 is accepted
+    mt.train.micro_batch_size = None
+    mt.validate(world_size=2)
+    ds = reconcile_ds_config(mt, {}, world_size=2, device="cpu")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (1, 2)
+    mt.train.micro_batch_size = 8
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=8 does not apply to translation: .*data.max_tokens=2048"):
+        mt.validate(world_size=2)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=0 must be >= 1"):
+        make_cfg(micro_batch_size=0).validate(world_size=2)
+
+
 def test_ds_config_precision_clipping_optimizer_zero3_monitor():
     with pytest.raises(ConfigError, match="train.precision=fp32 but the DeepSpeed config enables bf16"):
         reconcile_ds_config(make_cfg(precision="fp32"), {"bf16": {"enabled": True}}, 2, "cuda")

@@ -7,6 +7,7 @@ training issue for the figures).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,27 @@ def test_mt_tiny_learns_the_demo_task(mt_data, tmp_path):
     # label smoothing: the objective sits above the cross-entropy the perplexity comes from
     assert all(m["loss"] > m["nll"] for m in steps[-10:])
     assert "bleu" in proc.stdout and "val_loss" in proc.stdout and "moe[L0:bal" in proc.stdout
+    assert_counts_source_and_target_tokens(mt_data, steps, proc.stdout)
     print(f"BLEU {result['bleu']:.1f} chrF {result['chrf']:.1f} val_ppl {result['val_ppl']:.2f}")
+
+
+def assert_counts_source_and_target_tokens(mt_data: Path, steps: list[dict], log: str) -> None:
+    """metrics.jsonl counts step 1's real source and target tokens of both ranks' batches (the
+    loader's first batches, data.seed 1234, max_tokens 1024), the log line and the end of the run
+    give source and target tokens/s, and the two rates stand in the ratio of the counts."""
+    from meo_ds.data import MTLoader
+
+    batches = [MTLoader(mt_data, max_tokens=1024, dp_rank=r, dp_world_size=2, seed=1234).batch(0, 0) for r in range(2)]
+    assert steps[0]["source_tokens"] == sum(int(b["src_mask"].sum()) for b in batches)
+    assert steps[0]["target_tokens"] == sum(int((b["labels"] != -100).sum()) for b in batches)
+    assert steps[0]["source_tokens"] != steps[0]["target_tokens"] and "tokens" not in steps[0]
+    assert steps[0]["source_tokens_per_s"] is None  # warm-up (logging.throughput_warmup_steps 2)
+    last = steps[-1]
+    timed = steps[2:]  # the clock starts at the end of step 2
+    ratio = sum(m["source_tokens"] for m in timed) / sum(m["target_tokens"] for m in timed)
+    assert last["source_tokens_per_s"] / last["target_tokens_per_s"] == pytest.approx(ratio, rel=1e-6)
+    assert re.search(r"src tok/s [\d,]+ \| tgt tok/s [\d,]+ \| mfu", log), log[-3000:]
+    assert re.search(r"done: 300 steps in [\d.]+ s, [\d,]+ source \+ [\d,]+ target tokens/s after warm-up", log)
 
 
 def test_sentence_longer_than_the_model_is_a_config_error(mt_data, tmp_path):

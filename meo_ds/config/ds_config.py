@@ -42,18 +42,19 @@ def reconcile_ds_config(cfg: RunConfig, ds: dict, world_size: int, device: str =
     owns ZeRO, precision (unless train.precision is set) and monitors. Values both give must agree.
     """
     ds, problems = copy.deepcopy(ds), []
-    t = cfg.train
+    t, micro = cfg.train, cfg.micro_batch_size
     want = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_batch_size": micro * t.grad_accum * world_size,
     }
     for key, value in want.items():
         have = ds.get(key, "auto")
         if have not in (None, "auto") and have != value:
             problems.append(
-                f"DeepSpeed config {key}={have} but the run config gives {value} (train.micro_batch_size="
-                f"{t.micro_batch_size} x train.grad_accum={t.grad_accum} x world size {world_size}); "
+                f"DeepSpeed config {key}={have} but the run config gives {value} (micro-batch {micro} "
+                f"[train.micro_batch_size for lm, 1 for translation] x train.grad_accum={t.grad_accum} "
+                f"x world size {world_size}); "
                 f"remove {key} from the DeepSpeed config or make the two agree"
             )
         ds[key] = value

@@ -55,6 +55,7 @@ def split_auto_sizes(model_tree: dict) -> tuple[dict, list[str]]:
         raise ConfigError(f"model.{other[0]}=auto: only {' and '.join('model.' + k for k in FROM_CORPUS)} can be "
                           f"auto (read from the corpus); give model.{other[0]} a value")
     return {k: v for k, v in model_tree.items() if k not in auto}, auto
+DEFAULT_LM_MICRO_BATCH = 8  # train.micro_batch_size when an LM run leaves it unset
 
 
 # --------------------------------------------------------------------------- sections
@@ -64,7 +65,10 @@ class DataConfig:
     path: str = ""
     # LM: tokens per training sequence. Translation: maximum source/target length in tokens.
     seq_len: int = 128
-    # Translation: tokens (source + target) per rank per micro-batch (token-based batching).
+    # Translation: the token budget of one micro-batch per rank. A batch of B pairs costs B x the
+    # longest padded side (max over its pairs of source + eos and bos + target), so the padded
+    # source [B, S] and the padded target [B, T] each hold at most max_tokens tokens (padding
+    # included; MTLoader). Ignored by the LM (its batch is train.micro_batch_size x data.seq_len).
     max_tokens: int = 2048
     # The split of `path` evaluated during and after training: `validation`, or `test` (a corpus prepared
     # with `meo-prepare ... --test FILE...` or, for translation by default, --test-fraction).
@@ -79,7 +83,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps
-    micro_batch_size: int = 8  # sequences (LM) or sentence pairs (translation) per rank per micro-step
+    # LM only: sequences of data.seq_len tokens per rank per micro-step (unset: 8). Translation
+    # sizes a micro-batch by data.max_tokens instead; leave this unset there (1 is accepted).
+    micro_batch_size: Optional[int] = None
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
@@ -177,6 +183,14 @@ class RunConfig:
         return "cosine" if self.task == "lm" else "inverse_sqrt"
 
     @property
+    def micro_batch_size(self) -> int:
+        """Per rank per micro-step what DeepSpeed counts as a batch: LM sequences (train.micro_batch_size,
+        unset: 8); translation 1 (one data.max_tokens budget)."""
+        if self.task == "translation":
+            return 1
+        return DEFAULT_LM_MICRO_BATCH if self.train.micro_batch_size is None else self.train.micro_batch_size
+
+    @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or os.path.join(self.logging.out_dir, "checkpoints"))
 
@@ -214,9 +228,15 @@ class RunConfig:
             yield f"train.dist_timeout_s={t.dist_timeout_s} must be > 0 (seconds a collective may wait)"
         if not (0 <= t.betas[0] < 1 and 0 <= t.betas[1] < 1) or not t.eps > 0:
             yield f"train.betas={list(t.betas)} must lie in [0, 1) and train.eps={t.eps} must be > 0"
-        for name in ("steps", "micro_batch_size", "grad_accum"):
+        for name in ("steps", "grad_accum"):
             if getattr(t, name) < 1:
                 yield f"train.{name}={getattr(t, name)} must be >= 1"
+        if t.micro_batch_size is not None and t.micro_batch_size < 1:
+            yield f"train.micro_batch_size={t.micro_batch_size} must be >= 1"
+        elif self.task == "translation" and t.micro_batch_size not in (None, 1):
+            yield (f"train.micro_batch_size={t.micro_batch_size} does not apply to translation: a micro-batch is "
+                   f"one data.max_tokens={self.data.max_tokens} token budget of pairs; remove "
+                   f"train.micro_batch_size and size batches with data.max_tokens")
         if not t.lr > 0:
             yield f"train.lr={t.lr} must be > 0"
         if t.warmup_steps < 0:

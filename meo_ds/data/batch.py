@@ -4,7 +4,8 @@ A batch is a dict of int64/bool tensors (see LMLoader, MTLoader). `model_inputs`
 model's forward takes (each loader lists them in its MODEL_INPUTS; bookkeeping keys such as the
 translation batch's pair `index` stay behind) and moves them to the device; `target_tokens`
 counts the predicted tokens, the labels that are not IGNORE_INDEX (padding): the weight of the
-batch's mean loss in every token-weighted sum.
+batch's mean loss in every token-weighted sum. `source_tokens` counts an encoder's real input
+tokens (the translation batch's `src_mask`; 0 for a batch without a source), for throughput.
 """
 from __future__ import annotations
 
@@ -24,3 +25,8 @@ def model_inputs(batch: dict, device: torch.device, names: Iterable[str]) -> dic
 def target_tokens(batch: dict) -> int:
     """Predicted tokens of `batch` (labels other than IGNORE_INDEX); one host read of a count."""
     return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def source_tokens(batch: dict) -> int:
+    """Real source tokens of `batch` (src_mask True: source + eos, padding excluded); 0 without a source."""
+    return int(batch["src_mask"].sum()) if "src_mask" in batch else 0
