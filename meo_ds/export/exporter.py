@@ -7,7 +7,8 @@ instance of our model (every key and shape, so a checkpoint of another architect
 before anything is written); choose the target (auto: native Mixtral for top-k MoE language
 models that Mixtral can express, native Llama/Mistral for dense ones, our remote-code classes
 otherwise); write weights + config, tokenizer, generation config and model card into a staging
-directory that is renamed onto OUTPUT_DIR only when everything succeeded.
+directory that is renamed onto OUTPUT_DIR only when everything succeeded. The tokenizer's
+decoder depends on the task (meo_ds/export/tokenizer.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from meo_ds.export import card, native, remote
 from meo_ds.export.consolidate import Consolidated, consolidate
 from meo_ds.export.errors import ExportError
+from meo_ds.export.tokenizer import write_tokenizer
 
 TARGETS = ("auto", "mixtral", "llama", "mistral", "meo")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,17 +186,18 @@ def export(
         state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
     result = ExportResult(out_dir=out_dir, target=chosen, tag=ck.tag, notes=list(ck.notes))
     with staging_dir(out_dir) as tmp:
-        hf_model = _write_model(tmp, chosen, cfg, state_dict, max_shard_size)
+        hf_model = write_model(tmp, chosen, cfg, state_dict, max_shard_size)
         if tok_path is not None:
-            _write_tokenizer(tmp, tok_path)
+            write_tokenizer(tmp, tok_path, cfg.task)
         else:
             result.notes.append("no tokenizer exported")
-        _write_card(tmp, chosen, cfg, ck, hf_model.config.to_dict(), Path(checkpoint_dir))
+        _write_card(tmp, chosen, cfg, ck, hf_model.config.to_dict(), Path(checkpoint_dir), out_dir)
         result.files = sorted(p.name for p in tmp.iterdir())
     return result
 
 
-def _write_model(tmp: Path, target: str, cfg: Any, state_dict: dict, max_shard_size: str) -> Any:
+def write_model(tmp: Path, target: str, cfg: Any, state_dict: dict, max_shard_size: str = "2GB") -> Any:
+    """Weights + config (+ the remote code) of `target` into tmp; cfg: the run config (task, model)."""
     if target == "meo":
         model = remote.build_hf_model(cfg.task, cfg.model, state_dict)
     else:
@@ -205,13 +208,8 @@ def _write_model(tmp: Path, target: str, cfg: Any, state_dict: dict, max_shard_s
     return model
 
 
-def _write_tokenizer(tmp: Path, model_path: Path) -> None:
-    from meo_ds.data.tokenizer import save_hf_tokenizer
-
-    save_hf_tokenizer(model_path, tmp)
-
-
-def _write_card(tmp: Path, target: str, cfg: Any, ck: Consolidated, hf_config: dict, checkpoint_dir: Path) -> None:
+def _write_card(tmp: Path, target: str, cfg: Any, ck: Consolidated, hf_config: dict, checkpoint_dir: Path,
+                out_dir: Path) -> None:
     run_tree = cfg.to_dict()
     logs = card.find_logs(checkpoint_dir, run_tree)
     step = ck.metadata.get("trainer_step", ck.global_steps)
@@ -228,6 +226,6 @@ def _write_card(tmp: Path, target: str, cfg: Any, ck: Consolidated, hf_config: d
         metrics=card.logged_metrics(logs, up_to_step=step),
         step=step,
         source={k: v for k, v in source.items() if v is not None},
-        usage=remote.usage(cfg.task, target),
+        usage=remote.usage(cfg.task, target, str(out_dir.resolve())),
     )
     (tmp / "README.md").write_text(text)

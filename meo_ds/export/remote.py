@@ -78,22 +78,27 @@ def moe_summary(task: str, model_cfg: Any) -> list[dict]:
     return out
 
 
-def usage(task: str, target: str) -> str:
+def usage(task: str, target: str, path: str = "path/to/export") -> str:
+    """The model card's snippet, runnable as printed (a test runs it). Remote code: the tokenizer
+    needs no code, but transformers 5's AutoTokenizer loads the model's config to pick a tokenizer
+    class, and that config is our code, so it passes trust_remote_code too (without it transformers
+    asks "Do you wish to run the custom code? [y/N]" and, declining, warns about the config type)."""
     remote = target == "meo"
     trust = ", trust_remote_code=True" if remote else ""
+    head = f"path = {path!r}\n"
     if task == "lm":
-        return (
+        return head + (
             "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
             f"model = AutoModelForCausalLM.from_pretrained(path{trust})\n"
-            "tok = AutoTokenizer.from_pretrained(path)\n"
-            "ids = tok('Hello', return_tensors='pt').input_ids\n"
-            "print(tok.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))\n"
-            f"pipeline('text-generation', model=path{trust})('Hello', max_new_tokens=32)"
+            f"tok = AutoTokenizer.from_pretrained(path{trust})\n"
+            "batch = tok('Hello', return_tensors='pt')\n"
+            "print(tok.decode(model.generate(**batch, max_new_tokens=32, do_sample=False)[0]).lstrip())\n"
+            f"print(pipeline('text-generation', model=path{trust})('Hello', max_new_tokens=32, do_sample=False))"
         )
-    return (
+    return head + (
         "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
         f"model = AutoModelForSeq2SeqLM.from_pretrained(path{trust})\n"
-        "tok = AutoTokenizer.from_pretrained(path)\n"
+        f"tok = AutoTokenizer.from_pretrained(path{trust})\n"
         "# As in training, each source ends with </s> (the tokenizer adds no special tokens);\n"
         "# the decoder starts from <s> (decoder_start_token_id).\n"
         "batch = tok([s + tok.eos_token for s in ['first sentence .', 'second one .']], return_tensors='pt', padding=True)\n"

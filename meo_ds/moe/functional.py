@@ -5,7 +5,7 @@ remote-code model, which ships this very file as `moe_functional.py` next to its
 `modeling_meo.py` (meo_ds/export/remote.py copies it; a test checks the copy byte for byte). So
 this file imports torch, math and typing only, never meo_ds or DeepSpeed; what needs the
 training machinery (noise, jitter, auxiliary losses, capacity, all-to-all, the recomputing
-autograd function, incremental-decoding state) stays in the library.
+autograd function) stays in the library.
 
 Routers (fp32 whatever the model's dtype; probs = softmax(x W_r^T) of [T, E]):
 - top-k (`topk_choices`): the k most probable experts; combine weights are their probabilities,
@@ -23,6 +23,8 @@ MEO (He et al., EMNLP 2023; the choices are documented in meo_ds/moe/meo.py):
   mode the mean of the real tokens of the *earlier* segments of the same document (an exclusive
   prefix sum, so segment s reads no bit of a later token), or a learned default when there are
   none. `source_summary`: the masked mean of the encoder output (translation decoders).
+  Incremental decoding (`continued_gate_summary`): the same prefix, continued chunk by chunk from
+  running sums (done segments, open segment) that the caller keeps between chunks.
 - Gate (`gate_logits`, `topk_softmax_gates`): logits = summary W_g^T (+ source W_src^T), softmax
   over the k largest, dense [N, E] with zeros elsewhere. Computed in fp32 (fp64 for fp64 weights).
 - Merge (`merge_weights`, `merged_forward`): W^_n = sum_e g_ne W_e, b^_n = sum_e g_ne b_e, then one
@@ -271,3 +273,33 @@ def source_summary(memory: torch.Tensor, memory_mask: Optional[torch.Tensor]) ->
         memory = torch.where(memory_mask.unsqueeze(-1), memory, torch.zeros((), dtype=memory.dtype, device=memory.device))
         count = memory_mask.sum(dim=1).to(dtype)
     return mean_summary(memory.to(dtype).sum(dim=1), count)
+
+
+def continued_gate_summary(u: torch.Tensor, layout: GroupLayout, default: torch.Tensor,
+                           prior: Optional[dict]) -> tuple[torch.Tensor, dict]:
+    """Causal gate input per group [N, d] for one chunk of sequences decoded incrementally, and the
+    running sums to pass with the next chunk: `gate_summary` over the whole sequence so far.
+
+    `layout`: the chunk's causal GroupLayout, built with start = the positions already decoded (one
+    document per row). `prior`: what the previous chunk returned (None for the first): done_sum
+    [B, d] / done_cnt [B] over the completed segments, cur_sum / cur_cnt over the open last one,
+    which the chunk's first segment continues. The prompt (prior None) gets gate_summary's values
+    bit for bit; later chunks add the same numbers in another order (equal up to fp32 rounding).
+    """
+    sums, counts = group_sums(u, layout)
+    batch, segs = layout.batch, layout.num_segments
+    sums, counts = sums.view(batch, segs, -1), counts.view(batch, segs)
+    if prior is None:
+        zeros = sums.new_zeros(batch, sums.shape[-1])
+        prior = {"done_sum": zeros, "done_cnt": counts.new_zeros(batch), "cur_sum": zeros, "cur_cnt": counts.new_zeros(batch)}
+    sums = torch.cat([sums[:, :1] + prior["cur_sum"].unsqueeze(1), sums[:, 1:]], dim=1)
+    counts = torch.cat([counts[:, :1] + prior["cur_cnt"].unsqueeze(1), counts[:, 1:]], dim=1)
+    before_sum = prior["done_sum"].unsqueeze(1) + layout.sum_before(sums)  # segments < s
+    before_cnt = prior["done_cnt"].unsqueeze(1) + layout.sum_before(counts)
+    done_sum, done_cnt = before_sum[:, -1].detach(), before_cnt[:, -1].detach()
+    cur_sum, cur_cnt = sums[:, -1].detach(), counts[:, -1].detach()
+    if layout.ends_on_boundary:  # the last segment is complete: it moves from "cur" to "done"
+        done_sum, done_cnt = done_sum + cur_sum, done_cnt + cur_cnt
+        cur_sum, cur_cnt = torch.zeros_like(cur_sum), torch.zeros_like(cur_cnt)
+    summary = prefix_summary(before_sum, before_cnt, default).reshape(batch * segs, -1)
+    return summary, {"done_sum": done_sum, "done_cnt": done_cnt, "cur_sum": cur_sum, "cur_cnt": cur_cnt}

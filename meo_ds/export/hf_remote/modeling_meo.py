@@ -7,21 +7,76 @@ own meo_ds/models/functional.py and meo_ds/moe/functional.py (so one change reac
 from meo_ds, these names load those very files, see hf_remote/__init__.py). This file holds the
 modules (with the export's parameter names) and the transformers classes. Inference only: dropless
 routing (no capacity), no noise, no jitter; the tests compare logits and greedy tokens with
-meo_ds's own model. Generation re-runs the whole prefix each step (no KV cache), which keeps
-MEO's causal segment gates exactly as in training.
+meo_ds's own model.
+
+Incremental decoding (generate() with use_cache, the default) keeps what a step needs from the
+earlier ones in transformers' cache classes: self-attention keys/values in a `MeoCache` (a
+DynamicCache that also carries the running gate sums of the causal MEO layers, continued by
+moe_functional.continued_gate_summary, so a segment's gate reads the earlier segments as the full
+forward does); translation adds an EncoderDecoderCache whose cross-attention keys/values are
+computed from the encoder output once. Positions are absolute (cache length + offset), as in the
+full forward. The model creates its cache on the first step (transformers' default DynamicCache
+has no room for the MEO sums) and returns it as `cache`; use_cache=False re-runs the whole prefix
+each step. Cached and uncached generation give the same tokens (the tests check it).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, Seq2SeqLMOutput
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast, Seq2SeqLMOutput
 
 from .configuration_meo import MeoConfig
 from .models_functional import apply_rope, attend, rms_norm, sinusoidal_positions
 from .moe_functional import (
-    GroupLayout, dense_combine, gate_logits, gate_summary, merged_forward, router_logits, source_summary,
-    threshold_choices, topk_choices, topk_softmax_gates,
+    GroupLayout, continued_gate_summary, dense_combine, gate_logits, gate_summary, merged_forward, router_logits,
+    source_summary, threshold_choices, topk_choices, topk_softmax_gates,
 )
+
+
+# ----------------------------------------------------------------------------- decoding cache
+class MeoCache(DynamicCache):
+    """Self-attention keys/values per layer (DynamicCache) and, per causal MEO layer, the running
+    gate sums of each merged linear ({layer index: {linear name: continued_gate_summary's state}}).
+    Beam search reorders both. The sums cannot be rewound, so crop() (assisted decoding) refuses
+    when there are any."""
+
+    def __init__(self):
+        super().__init__()
+        self.meo_sums = {}
+
+    def meo_state(self, layer_idx):
+        return self.meo_sums.setdefault(layer_idx, {})
+
+    def _map_sums(self, fn):
+        self.meo_sums = {i: {name: {k: fn(v) for k, v in sums.items()} for name, sums in layer.items()}
+                         for i, layer in self.meo_sums.items()}
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self._map_sums(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats):
+        super().batch_repeat_interleave(repeats)
+        self._map_sums(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self._map_sums(lambda t: t[indices])
+
+    def reset(self):
+        super().reset()
+        self.meo_sums = {}
+
+    def crop(self, *args, **kwargs):
+        if self.meo_sums:
+            raise ValueError("MeoCache: MEO's running gate sums cannot be rewound, so this cache cannot be cropped "
+                             "(assisted or contrastive decoding); generate without them, or with use_cache=False")
+        super().crop(*args, **kwargs)
+
+
+def self_attention_cache(cache):
+    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
 
 # ----------------------------------------------------------------------------- basic blocks
@@ -58,19 +113,34 @@ class Attention(nn.Module):
     def _split(self, x, heads):
         return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, key_mask, memory=None):
-        """x [B, T, d]; key_mask [B, S] bool (True = real key); memory [B, S, d] for cross-attention."""
-        src = memory if self.cross else x
+    def _keys_values(self, src):
+        return self._split(self.k_proj(src), self.kv_heads), self._split(self.v_proj(src), self.kv_heads)
+
+    def forward(self, x, key_mask, memory=None, cache=None, layer_idx=0, past=0):
+        """x [B, T, d] at positions past..past+T-1; key_mask [B, S] bool (True = real key; self-attention
+        with a cache: S = past + T); memory [B, S, d] for cross-attention. cache: None, a MeoCache
+        (self-attention) or an EncoderDecoderCache (translation decoder)."""
         q = self._split(self.q_proj(x), self.heads)
-        k = self._split(self.k_proj(src), self.kv_heads)
-        v = self._split(self.v_proj(src), self.kv_heads)
-        if self.use_rope:
-            pos = torch.arange(x.shape[1], device=x.device)[None]
-            q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)
+        if self.cross:
+            if cache is not None and cache.is_updated.get(layer_idx):
+                layer = cache.cross_attention_cache.layers[layer_idx]
+                k, v = layer.keys, layer.values
+            else:
+                k, v = self._keys_values(memory)
+                if cache is not None:
+                    cache.cross_attention_cache.update(k, v, layer_idx)
+                    cache.is_updated[layer_idx] = True
+        else:
+            k, v = self._keys_values(x)
+            if self.use_rope:
+                pos = torch.arange(past, past + x.shape[1], device=x.device)[None]
+                q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)
+            if cache is not None:
+                k, v = self_attention_cache(cache).update(k, v, layer_idx)
         mask = key_mask[:, None, None, :]
         if self.causal:
-            t = x.shape[1]
-            mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+            queries = torch.arange(past, past + x.shape[1], device=x.device)
+            mask = mask & (torch.arange(k.shape[2], device=x.device)[None, :] <= queries[:, None])[None, None]
         out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
@@ -183,18 +253,27 @@ class MEO(nn.Module):
         ratio = moe.get("token_bottleneck_ratio", 64) if moe.get("meo_level", "sequence") == "token" else 0
         self.linears = nn.ModuleDict({k: MEOLinear(i, o, n, gelu, causal, src, ratio) for k, (i, o) in shapes.items()})
 
-    def forward(self, x, mask, memory=None, memory_mask=None):
-        groups = GroupLayout(mask, self.causal, self.moe.get("segment_len", 64))
+    def forward(self, x, mask, memory=None, memory_mask=None, state=None, past=0):
+        """x [B, T, d] at positions past..past+T-1, mask [B, T]. state (causal, incremental decoding):
+        this layer's running gate sums (MeoCache.meo_state), updated in place."""
+        groups = GroupLayout(mask, self.causal, self.moe.get("segment_len", 64), start=past)
         top_k = self.moe["top_k"]
         source = None
         if memory is not None:
             source = source_summary(memory, memory_mask).repeat_interleave(groups.num_segments, dim=0)
 
+        def summary(name, inp):
+            lin = self.linears[name]
+            if state is None:
+                return gate_summary(inp, groups, lin.default_summary)
+            out, state[name] = continued_gate_summary(inp, groups, lin.default_summary, state.get(name))
+            return out
+
         def run(name, inp):
             lin = self.linears[name]
             if lin.token_block is not None:
                 inp = lin.token_block(inp)
-            return lin(inp, lin.gates(gate_summary(inp, groups, lin.default_summary), top_k, source))
+            return lin(inp, lin.gates(summary(name, inp), top_k, source))
 
         u = groups.to_groups(x)
         if "fc1" in self.linears:
@@ -226,13 +305,24 @@ class Block(nn.Module):
         self.is_moe = is_moe and bool(config.moe)
         self.mlp = make_ffn(config, is_moe, causal, cross)
 
-    def forward(self, x, mask, memory=None, memory_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), mask)
+    def forward(self, x, key_mask, memory=None, memory_mask=None, cache=None, layer_idx=0, past=0):
+        """key_mask [B, past + T] (the cached keys' and x's); the FFN sees x's part of it."""
+        x = x + self.self_attn(self.input_layernorm(x), key_mask, cache=cache, layer_idx=layer_idx, past=past)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.cross_layernorm(x), memory_mask, memory)
+            x = x + self.cross_attn(self.cross_layernorm(x), memory_mask, memory, cache=cache, layer_idx=layer_idx)
         h = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, MEO) and self.cross_attn is not None:
-            return x + self.mlp(h, mask, memory, memory_mask)
+        mask = key_mask[:, past:]
+        if isinstance(self.mlp, MEO):
+            state = None
+            if cache is not None and self.mlp.causal:
+                own = self_attention_cache(cache)
+                if not isinstance(own, MeoCache):
+                    raise TypeError(f"MEO layers decode with a MeoCache (it keeps their gate sums), got {type(own).__name__}; "
+                                    f"pass none (use_cache=True makes one) or a MeoCache")
+                state = own.meo_state(layer_idx)
+            if self.cross_attn is not None:
+                return x + self.mlp(h, mask, memory, memory_mask, state=state, past=past)
+            return x + self.mlp(h, mask, state=state, past=past)
         return x + (self.mlp(h, mask) if self.is_moe else self.mlp(h))
 
 
@@ -243,11 +333,17 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(Block(config, i in moe_layers, causal, cross) for i in range(num_layers))
         self.norm = make_norm(config, config.hidden_size)
 
-    def forward(self, x, mask, memory=None, memory_mask=None):
+    def forward(self, x, key_mask, memory=None, memory_mask=None, cache=None):
+        """x [B, T, d] follows the cache's past positions; key_mask [B, past + T]."""
+        past = cache.get_seq_length() if cache is not None else 0
+        if key_mask.shape[1] != past + x.shape[1]:
+            raise ValueError(f"attention mask covers {key_mask.shape[1]} positions, but the cache holds {past} and "
+                             f"the input adds {x.shape[1]}: pass the mask of the whole sequence so far")
         if self.config.positions == "sinusoidal":
-            x = x + sinusoidal_positions(torch.arange(x.shape[1], device=x.device), x.shape[-1]).to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, mask, memory, memory_mask)
+            positions = torch.arange(past, past + x.shape[1], device=x.device)
+            x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, key_mask, memory, memory_mask, cache=cache, layer_idx=i, past=past)
         return self.norm(x)
 
 
@@ -276,13 +372,18 @@ class MeoPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls):
-        return False
+        return False  # the model makes its own cache (MeoCache: room for MEO's gate sums)
 
 
-def _mask(ids, attention_mask):
+def _mask(ids, attention_mask, past=0):
+    """attention_mask as bool, or all True over past + ids' positions."""
     if attention_mask is None:
-        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        return torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.bool, device=ids.device)
     return attention_mask.bool()
+
+
+def _past(cache):
+    return cache.get_seq_length() if cache is not None else 0
 
 
 # ----------------------------------------------------------------------------- language model
@@ -293,8 +394,8 @@ class MeoModel(nn.Module):
         self.decoder = Stack(config, config.num_hidden_layers, set(config.moe_layers), causal=True, cross=False)
         self.embed_scale = config.embed_scale
 
-    def forward(self, input_ids, mask):
-        return self.decoder(self.embed_tokens(input_ids) * self.embed_scale, mask)
+    def forward(self, input_ids, key_mask, cache=None):
+        return self.decoder(self.embed_tokens(input_ids) * self.embed_scale, key_mask, cache=cache)
 
 
 class MeoForCausalLM(MeoPreTrainedModel, GenerationMixin):
@@ -304,16 +405,22 @@ class MeoForCausalLM(MeoPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        hidden = self.model(input_ids, _mask(input_ids, attention_mask))
+    def forward(self, input_ids=None, attention_mask=None, labels=None, cache=None, use_cache=None, **kwargs):
+        """input_ids [B, T] follow the `cache`'s positions (a MeoCache; with use_cache and none given, one is
+        made and returned); attention_mask [B, past + T] covers the cached positions too."""
+        if cache is None and use_cache:
+            cache = MeoCache()
+        hidden = self.model(input_ids, _mask(input_ids, attention_mask, _past(cache)), cache)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=None, **kwargs):
+        """With a cache only the tokens it does not hold yet are fed."""
+        return {"input_ids": input_ids[:, _past(cache):], "attention_mask": attention_mask, "cache": cache,
+                "use_cache": use_cache}
 
 
 # ----------------------------------------------------------------------------- translation model
@@ -336,8 +443,8 @@ class MeoSeq2SeqModel(nn.Module):
         table = self.embed_tokens if self.src_embed_tokens is None else self.src_embed_tokens
         return self.encoder(table(input_ids) * self.embed_scale, mask)
 
-    def decode(self, decoder_input_ids, mask, memory, memory_mask):
-        return self.decoder(self.embed_tokens(decoder_input_ids) * self.embed_scale, mask, memory, memory_mask)
+    def decode(self, decoder_input_ids, key_mask, memory, memory_mask, cache=None):
+        return self.decoder(self.embed_tokens(decoder_input_ids) * self.embed_scale, key_mask, memory, memory_mask, cache)
 
 
 class _Encoder(nn.Module):
@@ -374,7 +481,11 @@ class MeoForSeq2SeqLM(MeoPreTrainedModel, GenerationMixin):
         return self._encoder
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                encoder_outputs=None, labels=None, **kwargs):
+                encoder_outputs=None, labels=None, cache=None, use_cache=None, **kwargs):
+        """cache: an EncoderDecoderCache(MeoCache, DynamicCache) (with use_cache and none given, one is made
+        and returned); decoder_input_ids then follow its positions and decoder_attention_mask covers them."""
+        if cache is None and use_cache:
+            cache = EncoderDecoderCache(MeoCache(), DynamicCache())
         if encoder_outputs is None:
             encoder_outputs = self._encoder(input_ids, attention_mask)
         memory = encoder_outputs[0]
@@ -383,16 +494,17 @@ class MeoForSeq2SeqLM(MeoPreTrainedModel, GenerationMixin):
                 raise ValueError("pass decoder_input_ids (decoder_start_token_id + target) or labels")
             decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
         memory_mask = _mask(memory[..., 0], attention_mask)
-        hidden = self.model.decode(decoder_input_ids, _mask(decoder_input_ids, decoder_attention_mask), memory, memory_mask)
+        key_mask = _mask(decoder_input_ids, decoder_attention_mask, _past(cache))
+        hidden = self.model.decode(decoder_input_ids, key_mask, memory, memory_mask, cache)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=memory)
+        return Seq2SeqLMOutput(loss=loss, logits=logits, cache=cache, encoder_last_hidden_state=memory)
 
-    def prepare_inputs_for_generation(self, decoder_input_ids, attention_mask=None, encoder_outputs=None,
-                                      decoder_attention_mask=None, **kwargs):
-        """No KV cache: every step re-runs the whole decoder prefix (positions stay absolute and MEO's
-        causal segment gates see what training saw)."""
-        return {"decoder_input_ids": decoder_input_ids, "attention_mask": attention_mask,
-                "encoder_outputs": encoder_outputs, "decoder_attention_mask": decoder_attention_mask}
+    def prepare_inputs_for_generation(self, decoder_input_ids, cache=None, attention_mask=None, encoder_outputs=None,
+                                      decoder_attention_mask=None, use_cache=None, **kwargs):
+        """The source is encoded once (encoder_outputs); with a cache only the new decoder tokens are fed."""
+        return {"decoder_input_ids": decoder_input_ids[:, _past(cache):], "attention_mask": attention_mask,
+                "encoder_outputs": encoder_outputs, "decoder_attention_mask": decoder_attention_mask,
+                "cache": cache, "use_cache": use_cache}
