@@ -11,7 +11,7 @@ setup(
         # On CPU machines install torch==2.13.0 first (see README) so pip does not pull a CUDA build.
         "torch>=2.4",
         "deepspeed>=0.19.8,<0.20",
-        "transformers>=4.46",
+        "transformers>=5.24,<6",  # exported remote-code models use its cache API (`cache=`, MeoCache)
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "protobuf>=4.0",  # transformers converts SentencePiece models to HF tokenizers with it
