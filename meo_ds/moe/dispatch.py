@@ -1,18 +1,42 @@
 """How tokens reach their experts and come back: capacity or dropless, local or all-to-all.
 
-Both modes reduce to the same shape: rows sorted by global expert with `counts[e]` rows for
-expert e. Capacity mode gives every expert exactly C rows (a zero-padded [E, C] slot buffer);
-dropless mode gives each expert exactly its assigned tokens. With ep_size > 1 the rows travel to
-the rank holding their expert (experts are numbered rank-major: rank r holds r*El .. r*El+El-1)
-by `all_to_all_single` over the expert-parallel group, are regrouped by local expert, go through
-the experts and return the same way. Every rank runs every collective whatever it routes (zero
-rows included), so uneven routing cannot hang.
+At ep_size 1 both modes reduce to the same shape: rows sorted by expert with `counts[e]` rows
+for expert e. Capacity mode gives every expert exactly C rows (a zero-padded [E, C] slot
+buffer); dropless mode gives each expert exactly its assigned tokens. Experts are numbered
+rank-major: rank r holds r*El .. r*El+El-1. With ep_size > 1 rows travel by
+`all_to_all_single` over the expert-parallel group (only through `_all_to_all` here). Every rank
+runs every collective whatever it routes (zero rows included), so uneven routing cannot hang.
+
+Wire format, dropless at ep_size > 1: one row per (token, destination rank), not per (token,
+expert). A token goes once to every rank that holds at least one of its experts; that rank fans
+the row out to its local experts, combines their outputs with the routing weights and sends ONE
+row back, which the source adds into the token's output. Three all-to-alls in the forward:
+  1. split sizes, int64 [ep, El + 1] per rank: the assignments per local expert and the pairs
+     (the two host reads of dropless mode, as before: own sizes and received sizes);
+  2. token rows [pairs, d] in x's dtype, rank-major, token order within a rank; and metadata
+     [assignments, 2] in promote(fp32, x.dtype): per (token, expert) assignment the pair's index
+     in its source's block and the combine weight (the weight as the ep=1 combine uses it, cast
+     to x's dtype, so the float holds it and the index exactly), sorted by (local expert, token);
+  3. combined rows [pairs, d] back along the reversed splits.
+Backward runs the same all-to-alls reversed (AllToAll); the weights' gradients travel back with
+the metadata. Forward bytes this rank's tokens put on the wire (RoutingStats.a2a_bytes):
+    2 d bytes(x) * remote pairs + 2 bytes(meta) * remote assignments + (ep-1)(El+1) 8
+instead of 2 d bytes(x) * remote assignments + (ep-1) El 8 before. A token whose k experts sit
+on one other rank costs one row each way instead of k; XMoE at t=0.9 (about 8 of 64 experts,
+ep 2) fell from 8,099 to 1,967 B/token in bench_moe.py (d 256, fp32), top-2 of 8 from 2,046 to
+1,613. Local pairs travel too (the self split of all_to_all_single, a copy) and count nothing.
+
+Capacity at ep_size > 1 keeps the per-expert slot buffer: El*C rows to each rank. Its shapes may
+not depend on routing (one host sync, the group's max C). A static per-rank pair buffer needs
+min(El*C, S) rows, which is El*C whenever capacity_k * cf <= ep (XMoE's capacity_k is 1), so
+grouping by rank saves nothing there; where it would (top-2, cf 1.25, ep 2: a fifth), sizing
+the buffer by the senders' S costs another host sync.
 
 Gathers use index_select (backward: index_add) rather than advanced indexing, whose backward is
 an accumulating index_put and measurably slower.
 
 Capacity semantics: C is computed on each rank from that rank's real-token count S, and drops
-are decided on the sending rank, so an ep>1 layer computes, per rank, exactly what a
+are decided on the sending rank, per expert, so an ep>1 layer computes, per rank, exactly what a
 single-process layer computes on that rank's tokens alone. Ranks may have different S (padding):
 the exchanged slot buffer is sized by the largest C in the EP group (one all-reduce of an int),
 extra slots stay zero.
