@@ -13,7 +13,8 @@ zero real tokens must neither hang nor differ. Then shared ranks: every token's 
 on the last rank (one row per token carries several assignments there). Each case also counts
 the host syncs of one ep=N forward (tests/moe/host_syncs.py): what the all-to-all needs and
 nothing else, and checks RoutingStats.a2a_bytes against the wire format of meo_ds/moe/dispatch.py
-recomputed from the routing. Raises on any mismatch.
+recomputed from the routing and, summed over ranks, against the bytes handed to
+all_to_all_single (what bench_moe.py counts). Raises on any mismatch.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def check_case(rank: int, world: int, kind: str, mode: str, batches, force=None,
     for key, grad in expert_grads(layer, rank).items():
         check_close(f"{tag} expert {key} grad", grad, ref_experts[key])
     check_a2a_bytes(tag, mode, out.stats, rank, world, layer, batches[rank])
+    check_wire_count(tag, layer, batches[rank], rank, world)
     with count_host_syncs() as syncs:
         layer(*batches[rank][:2])
     if dict(syncs) != EP_SYNCS[mode]:
@@ -104,6 +106,29 @@ def check_a2a_bytes(tag: str, mode: str, stats, rank: int, world: int, layer: Mo
         want = dropless_bytes(*remote_pairs_and_assignments(layer, rank_batch[0], rank_batch[1], rank), world, local)
     if stats.a2a_bytes != want:
         raise AssertionError(f"{tag}: a2a_bytes {stats.a2a_bytes} != {want}")
+
+
+def check_wire_count(tag: str, layer: MoELayer, rank_batch, rank: int, world: int) -> None:
+    """RoutingStats.a2a_bytes summed over ranks equals the bytes every rank handed to
+    all_to_all_single for other ranks in one forward (bench_moe.py counts them the same way)."""
+    original, counted = dist.all_to_all_single, [0]
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        splits = input_split_sizes or [input.shape[0] // world] * world
+        row = input[0].numel() * input.element_size() if input.shape[0] else 0
+        counted[0] += row * (sum(splits) - splits[rank])
+        return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    dist.all_to_all_single = counting
+    try:
+        reported = layer(*rank_batch[:2]).stats.a2a_bytes
+    finally:
+        dist.all_to_all_single = original
+    totals = torch.tensor([reported, counted[0]], dtype=torch.int64)
+    dist.all_reduce(totals)
+    if totals[0] != totals[1]:
+        raise AssertionError(f"{tag}: a2a_bytes summed over ranks {int(totals[0])} != {int(totals[1])} bytes "
+                             f"counted at all_to_all_single")
 
 
 def force_expert0(layer: MoELayer) -> None:
