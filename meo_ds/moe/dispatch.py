@@ -14,9 +14,10 @@ row back, which the source adds into the token's output. Four all-to-alls in the
   1. split sizes, int64 [ep, El + 1] per rank: the assignments per local expert and the pairs
      (the two host reads of dropless mode, as before: own sizes and received sizes);
   2. token rows [pairs, d] in x's dtype, rank-major, token order within a rank;
-  3. metadata [assignments, 2] in promote(fp32, x.dtype): per (token, expert) assignment the pair's index
-     in its source's block and the combine weight (the weight as the ep=1 combine uses it, cast
-     to x's dtype, so the float holds it and the index exactly), sorted by (local expert, token);
+  3. metadata [assignments, 2] in promote(fp32, x.dtype): per (token, expert) assignment the
+     pair's index in its source's block and the combine weight (the weight as the ep=1 combine
+     uses it, cast to x's dtype, so the float holds it and the index exactly), sorted by
+     (local expert, token);
   4. combined rows [pairs, d] back along the reversed splits of 2.
 Backward runs the same all-to-alls reversed (AllToAll); the weights' gradients travel back with
 the metadata. Forward bytes this rank's tokens put on the wire (RoutingStats.a2a_bytes):
