@@ -22,8 +22,12 @@ Columns:
               densely; dropless layers and Mixtral equal the model count
   exp/tok     measured mean experts per token after drops (RoutingStats; DeepSpeed: its gate's
               kept routes; Mixtral never drops)
-  a2a B/tok   forward all-to-all bytes a rank sends to other ranks per token (RoutingStats.a2a_bytes;
-              DeepSpeed: counted at torch.distributed.all_to_all_single); 0 without expert parallelism
+  a2a B/tok   forward all-to-all bytes a rank's tokens put on the wire to other ranks, per token
+              (RoutingStats.a2a_bytes; DeepSpeed: counted at torch.distributed.all_to_all_single, and
+              ours are checked against that count, summed over ranks); 0 without expert parallelism.
+              Our dropless rows send a token once per other rank holding any of its experts (out and
+              back) plus 2 floats per remote assignment; capacity rows send E/ep*C slots per other rank
+              (the wire format: meo_ds/moe/dispatch.py)
 
 With --ep N (N > 1, under the deepspeed launcher) our top-k/XMoE layers (built whole, then
 `meo_ds.parallel.parallelize`d) and DeepSpeed's layer hold E/N experts per rank and exchange tokens; MEO, dense and Mixtral rows run on each rank's

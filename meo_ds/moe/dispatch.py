@@ -1,18 +1,43 @@
 """How tokens reach their experts and come back: capacity or dropless, local or all-to-all.
 
-Both modes reduce to the same shape: rows sorted by global expert with `counts[e]` rows for
-expert e. Capacity mode gives every expert exactly C rows (a zero-padded [E, C] slot buffer);
-dropless mode gives each expert exactly its assigned tokens. With ep_size > 1 the rows travel to
-the rank holding their expert (experts are numbered rank-major: rank r holds r*El .. r*El+El-1)
-by `all_to_all_single` over the expert-parallel group, are regrouped by local expert, go through
-the experts and return the same way. Every rank runs every collective whatever it routes (zero
-rows included), so uneven routing cannot hang.
+At ep_size 1 both modes reduce to the same shape: rows sorted by expert with `counts[e]` rows
+for expert e. Capacity mode gives every expert exactly C rows (a zero-padded [E, C] slot
+buffer); dropless mode gives each expert exactly its assigned tokens. Experts are numbered
+rank-major: rank r holds r*El .. r*El+El-1. With ep_size > 1 rows travel by
+`all_to_all_single` over the expert-parallel group (only through `_all_to_all` here). Every rank
+runs every collective whatever it routes (zero rows included), so uneven routing cannot hang.
+
+Wire format, dropless at ep_size > 1: one row per (token, destination rank), not per (token,
+expert). A token goes once to every rank that holds at least one of its experts; that rank fans
+the row out to its local experts, combines their outputs with the routing weights and sends ONE
+row back, which the source adds into the token's output. Four all-to-alls in the forward:
+  1. split sizes, int64 [ep, El + 1] per rank: the assignments per local expert and the pairs
+     (the two host reads of dropless mode, as before: own sizes and received sizes);
+  2. token rows [pairs, d] in x's dtype, rank-major, token order within a rank;
+  3. metadata [assignments, 2] in promote(fp32, x.dtype): per (token, expert) assignment the
+     pair's index in its source's block and the combine weight (the weight as the ep=1 combine
+     uses it, cast to x's dtype, so the float holds it and the index exactly), sorted by
+     (local expert, token);
+  4. combined rows [pairs, d] back along the reversed splits of 2.
+Backward runs the same all-to-alls reversed (AllToAll); the weights' gradients travel back with
+the metadata. Forward bytes this rank's tokens put on the wire (RoutingStats.a2a_bytes):
+    2 d bytes(x) * remote pairs + 2 bytes(meta) * remote assignments + (ep-1)(El+1) 8
+instead of 2 d bytes(x) * remote assignments + (ep-1) El 8 before. A token whose k experts sit
+on one other rank costs one row each way instead of k; XMoE at t=0.9 (about 8 of 64 experts,
+ep 2) fell from 8,099 to 1,967 B/token in bench_moe.py (d 256, fp32), top-2 of 8 from 2,046 to
+1,613. Local pairs travel too (the self split of all_to_all_single, a copy) and count nothing.
+
+Capacity at ep_size > 1 keeps the per-expert slot buffer: El*C rows to each rank. Its shapes may
+not depend on routing (one host sync, the group's max C). A static per-rank pair buffer needs
+min(El*C, S) rows, which is El*C whenever capacity_k * cf <= ep (XMoE's capacity_k is 1), so
+grouping by rank saves nothing there; where it would (top-2, cf 1.25, ep 2: a fifth), sizing
+the buffer by the senders' S costs another host sync.
 
 Gathers use index_select (backward: index_add) rather than advanced indexing, whose backward is
 an accumulating index_put and measurably slower.
 
 Capacity semantics: C is computed on each rank from that rank's real-token count S, and drops
-are decided on the sending rank, so an ep>1 layer computes, per rank, exactly what a
+are decided on the sending rank, per expert, so an ep>1 layer computes, per rank, exactly what a
 single-process layer computes on that rank's tokens alone. Ranks may have different S (padding):
 the exchanged slot buffer is sized by the largest C in the EP group (one all-reduce of an int),
 extra slots stay zero.
@@ -144,23 +169,87 @@ class TokenDispatcher:
         slot_tok = torch.full((spare + 1,), num_tokens, device=x.device).scatter(0, index, tok)[:spare]
         slot_w = route.weights.new_zeros(spare + 1).scatter(0, index, route.weights.reshape(-1) * kept)[:spare]
         padded = F.pad(x, (0, 0, 0, 1))  # row num_tokens: zeros, for the empty slots
-        y, sent = self._run_experts(padded.index_select(0, slot_tok), [buf_cap] * self.num_experts, experts,
-                                    group, static=True)
+        y, sent = self._run_experts(padded.index_select(0, slot_tok), [buf_cap] * self.num_experts, experts, group)
         out = torch.zeros_like(padded).index_add(0, slot_tok, y * slot_w.to(x.dtype).unsqueeze(1))
         return out[:num_tokens], DispatchInfo(keep, sent, cap)
 
     def _dropless(self, x, route, experts, group):
         # Invalid slots sort after every expert (id E); the per-expert counts are the one host
-        # read (the split sizes of the expert segments and of the all-to-all).
+        # read (the split sizes of the expert segments).
+        if self.ep_size > 1:
+            return self._dropless_by_rank(x, route, experts, group)
         num_tokens, k = route.valid.shape
         ids = torch.where(route.valid, route.expert_ids, self.num_experts).reshape(-1)
         order = torch.argsort(ids, stable=True)
         counts = counts_of(ids, self.num_experts + 1)[: self.num_experts].tolist()
         order = order[: sum(counts)]
         rows = torch.arange(num_tokens, device=x.device).repeat_interleave(k).index_select(0, order)
-        y, sent = self._run_experts(x.index_select(0, rows), counts, experts, group, static=False)
+        y = experts(x.index_select(0, rows), counts)
         w = route.weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1)
         out = x.new_zeros(x.shape).index_add(0, rows, y * w)
+        return out, DispatchInfo(route.valid, 0, 0)
+
+    def _dropless_by_rank(self, x, route, experts, group):
+        """Dropless at ep_size > 1: one token row per (token, destination rank) pair, fanned out
+        to the local experts and combined there (the module docstring's wire format)."""
+        ep, local, num_experts = self.ep_size, self.num_experts // self.ep_size, self.num_experts
+        num_tokens, k = route.valid.shape
+        device = x.device
+        ids = torch.where(route.valid, route.expert_ids, num_experts)  # [T, K]; invalid -> E (rank ep)
+        tok = torch.arange(num_tokens, device=device).unsqueeze(1).expand(num_tokens, k)
+        # Pair (rank r, token t) has flat key r*T + t: rank-major, token order within a rank.
+        # Invalid slots land in the spare bin ep*T.
+        pair_key = torch.where(route.valid, (ids // local) * num_tokens + tok, ep * num_tokens)
+        has = counts_of(pair_key, ep * num_tokens + 1)[: ep * num_tokens] > 0
+        pair_pos = has.cumsum(0) - 1  # position of each pair in the send buffer (where has)
+        pairs_per_rank = has.view(ep, num_tokens).sum(1)
+        expert_counts = counts_of(ids, num_experts + 1)[:num_experts].view(ep, local)
+        # One host read of this rank's split sizes, one of the received ones (the all-to-all needs both).
+        send = torch.cat([expert_counts, pairs_per_rank.unsqueeze(1)], 1)  # [ep, local + 1]
+        send_host = send.tolist()
+        recv_host = _all_to_all(send.reshape(-1), None, None, group).view(ep, local + 1).tolist()
+        send_pairs, recv_pairs = [c[local] for c in send_host], [c[local] for c in recv_host]
+        send_assign, recv_assign = [sum(c[:local]) for c in send_host], [sum(c[:local]) for c in recv_host]
+        recv_counts = [c[:local] for c in recv_host]  # [source][local expert]
+
+        # Source side: the pair rows (rank-major, token order) and the assignments' metadata,
+        # sorted by global expert (= destination rank, local expert) and token within an expert.
+        num_pairs, num_assign = sum(send_pairs), sum(send_assign)
+        meta_dtype = torch.promote_types(torch.float32, x.dtype)
+        _check_pair_index_exact(max(send_pairs + recv_pairs, default=0), meta_dtype)
+        flat_tok = torch.arange(ep * num_tokens, device=device) % max(num_tokens, 1)
+        pair_tok = torch.zeros(num_pairs + 1, dtype=torch.int64, device=device).scatter(
+            0, torch.where(has, pair_pos, num_pairs), flat_tok)[:num_pairs]
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)[:num_assign]
+        a_rank = flat_ids.index_select(0, order) // local
+        pair_start = pairs_per_rank.cumsum(0) - pairs_per_rank
+        a_pair = pair_pos.index_select(0, a_rank * num_tokens + order // k) - pair_start.index_select(0, a_rank)
+        # The weights travel as the ep=1 combine uses them (cast to x's dtype); meta_dtype holds
+        # that value and the pair index exactly.
+        a_weight = route.weights.reshape(-1).index_select(0, order).to(x.dtype).to(meta_dtype)
+        meta = torch.stack([a_pair.to(meta_dtype), a_weight], 1)  # [assignments, 2]
+
+        recv_rows = AllToAll.apply(x.index_select(0, pair_tok), recv_pairs, send_pairs, group)
+        recv_meta = AllToAll.apply(meta, recv_assign, send_assign, group)
+
+        # Destination side: pair index within its source's block -> row of recv_rows; regroup
+        # the assignments from (source, local expert) to (local expert, source) order.
+        starts = [sum(recv_pairs[:s]) for s in range(ep)]
+        index = torch.cat([part.long() + start for part, start in
+                           zip(torch.split(recv_meta[:, 0], recv_assign), starts)])
+        index = _regroup(index, recv_counts, by_source=False)
+        weight = _regroup(recv_meta[:, 1], recv_counts, by_source=False).to(x.dtype).unsqueeze(1)
+        y = experts(recv_rows.index_select(0, index), [sum(c[i] for c in recv_counts) for i in range(local)])
+        combined = recv_rows.new_zeros(recv_rows.shape).index_add(0, index, y * weight)
+        back = AllToAll.apply(combined, send_pairs, recv_pairs, group)
+        out = x.new_zeros(x.shape).index_add(0, pair_tok, back)
+
+        me = dist.get_rank(group)
+        row_bytes = x.shape[1] * x.element_size()
+        sent = (2 * row_bytes * (num_pairs - send_pairs[me])  # token rows out, combined rows back
+                + 2 * meta.element_size() * (num_assign - send_assign[me])  # (pair index, weight) per assignment
+                + (ep - 1) * (local + 1) * send.element_size())  # split sizes
         return out, DispatchInfo(route.valid, sent, 0)
 
     def _group_max(self, value: int, group) -> int:
@@ -170,31 +259,30 @@ class TokenDispatcher:
             return value
         return all_reduce_max_int(value, group)
 
-    def _run_experts(self, rows: torch.Tensor, counts: Sequence[int], experts, group, static: bool):
-        """rows sorted by global expert, counts[e] rows each -> expert outputs in the same order."""
+    def _run_experts(self, rows: torch.Tensor, counts: Sequence[int], experts, group):
+        """Capacity: rows sorted by global expert, counts[e] (= C) rows each -> expert outputs in the same order."""
         if self.ep_size == 1:
             return experts(rows, counts), 0
         ep, local = self.ep_size, self.num_experts // self.ep_size
-        recv_counts, sent = self._exchange_counts(counts, rows.device, group, static)  # [ep][local]
+        recv_counts = [list(counts[:local]) for _ in range(ep)]  # every source sends C rows to every expert
         send_splits = [sum(counts[r * local:(r + 1) * local]) for r in range(ep)]
         recv_splits = [sum(c) for c in recv_counts]
         row_bytes = rows.shape[1] * rows.element_size()
         me = dist.get_rank(group)
-        sent += 2 * row_bytes * (sum(send_splits) - send_splits[me])  # out and back
+        sent = 2 * row_bytes * (sum(send_splits) - send_splits[me])  # out and back
         recv = AllToAll.apply(rows, recv_splits, send_splits, group)
         grouped = _regroup(recv, recv_counts, by_source=False)
         out = experts(grouped, [sum(recv_counts[s][i] for s in range(ep)) for i in range(local)])
         back = _regroup(out, recv_counts, by_source=True)
         return AllToAll.apply(back, send_splits, recv_splits, group), sent
 
-    def _exchange_counts(self, counts, device, group, static: bool):
-        ep, local = self.ep_size, self.num_experts // self.ep_size
-        if static:  # capacity: every source sends exactly C rows to every expert
-            return [list(counts[:local]) for _ in range(ep)], 0
-        send = torch.tensor(counts, dtype=torch.int64, device=device)
-        recv = _all_to_all(send, None, None, group).view(ep, local)
-        sent = (ep - 1) * local * send.element_size()
-        return recv.tolist(), sent
+
+def _check_pair_index_exact(largest: int, dtype: torch.dtype) -> None:
+    """Pair indices travel as floats of the metadata dtype: exact below 2**(mantissa bits + 1)."""
+    limit = int(2 / torch.finfo(dtype).eps)
+    if largest >= limit:
+        raise ValueError(f"dispatch: {largest} token rows between two ranks exceed the {limit} a {dtype} pair "
+                         f"index holds exactly; use smaller micro-batches per rank")
 
 
 def _regroup(rows: torch.Tensor, counts: list[list[int]], by_source: bool) -> torch.Tensor:

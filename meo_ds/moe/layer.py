@@ -19,8 +19,9 @@ or buffer of the layer has "expert" in its name (the router's are `router.weight
 `router.noise_weight`).
 
 Statistics (RoutingStats, per forward, this rank): expert_load counts assignments before
-capacity drops; a2a_bytes counts the bytes this rank sent to *other* ranks (tokens out, results
-back, and the dropless per-expert counts), 0 at ep_size=1. Padding tokens are never routed:
+capacity drops; a2a_bytes counts the forward bytes this rank's tokens put on the wire to *other*
+ranks (tokens out, results back, dropless routing metadata and split sizes: dispatch.py's wire
+format), 0 at ep_size=1. Padding tokens are never routed:
 they get zero output and count in no statistic or loss. `state` and `causal` are accepted for
 the common interface; top-k/XMoE routing is per token, so both change nothing.
 

@@ -17,12 +17,14 @@ WORKERS = Path(__file__).parent / "workers"
 
 
 def test_ep2_layer_equals_single_process_layer_outputs_and_grads():
-    """top-k and XMoE, capacity and dropless, plus uneven routing (all to expert 0, a rank with no tokens)."""
+    """top-k and XMoE, capacity and dropless, plus uneven routing (all to expert 0, a rank with no tokens)
+    and shared ranks (every token's experts on one rank)."""
     proc = run_ranks(WORKERS / "ep_equivalence.py", 2, timeout=240)
     for case in ("topk/capacity", "topk/dropless", "xmoe/capacity", "xmoe/dropless"):
         for rank in (0, 1):
             assert f"rank {rank} {case} ok" in proc.stdout
             assert f"rank {rank} uneven {case} ok" in proc.stdout
+            assert f"rank {rank} shared {case} ok" in proc.stdout
 
 
 def _expert_files(ckpt: Path) -> list[str]:

@@ -9,9 +9,12 @@ reference) and checks: its output and input gradient equal the reference on its 
 local experts' gradients equal the reference experts' gradients summed over all batches (the
 all-to-all brings every rank's tokens to them); the router gradient summed over ranks equals the
 reference's summed over batches. Then uneven routing: all tokens to expert 0 and rank 1 with
-zero real tokens must neither hang nor differ. Each case also counts the host syncs of one ep=N
-forward (tests/moe/host_syncs.py): what the all-to-all needs and nothing else. Raises on any
-mismatch.
+zero real tokens must neither hang nor differ. Then shared ranks: every token's experts all sit
+on the last rank (one row per token carries several assignments there). Each case also counts
+the host syncs of one ep=N forward (tests/moe/host_syncs.py): what the all-to-all needs and
+nothing else, and checks RoutingStats.a2a_bytes against the wire format of meo_ds/moe/dispatch.py
+recomputed from the routing and, summed over ranks, against the bytes handed to
+all_to_all_single (what bench_moe.py counts). Raises on any mismatch.
 """
 from __future__ import annotations
 
@@ -62,7 +65,8 @@ def check_case(rank: int, world: int, kind: str, mode: str, batches, force=None,
     ref_experts = expert_grads(ref, 0)
     for key, grad in expert_grads(layer, rank).items():
         check_close(f"{tag} expert {key} grad", grad, ref_experts[key])
-    check_a2a_bytes(tag, mode, out.stats, rank, world, layer.num_local_experts)
+    check_a2a_bytes(tag, mode, out.stats, rank, world, layer, batches[rank])
+    check_wire_count(tag, layer, batches[rank], rank, world)
     with count_host_syncs() as syncs:
         layer(*batches[rank][:2])
     if dict(syncs) != EP_SYNCS[mode]:
@@ -70,19 +74,61 @@ def check_case(rank: int, world: int, kind: str, mode: str, batches, force=None,
     return out.stats
 
 
-def check_a2a_bytes(tag: str, mode: str, stats, rank: int, world: int, local: int) -> None:
-    """Bytes sent to other ranks, out and back: rows x d x 8 (fp64), plus the dropless count exchange."""
-    row = D * 8
+def remote_pairs_and_assignments(layer: MoELayer, x, mask, rank: int) -> tuple[int, int]:
+    """(distinct (token, other rank) pairs, assignments to experts on other ranks) of this rank's
+    tokens, from the router's own choices (deterministic: no noise, no jitter)."""
+    with torch.no_grad():
+        route = layer.router(x.reshape(-1, D)[mask.reshape(-1)])
+    local = layer.num_local_experts
+    pairs, assignments = set(), 0
+    for t, (ids, valid) in enumerate(zip(route.expert_ids.tolist(), route.valid.tolist())):
+        for e, v in zip(ids, valid):
+            if v and e // local != rank:
+                pairs.add((t, e // local))
+                assignments += 1
+    return len(pairs), assignments
+
+
+def dropless_bytes(pairs: int, assignments: int, world: int, local: int) -> int:
+    """Token rows out and combined rows back (fp64), a (pair index, weight) fp64 pair per
+    assignment, and the exchanged split sizes (local expert counts + pair count, int64)."""
+    return 2 * D * 8 * pairs + 2 * 8 * assignments + (world - 1) * (local + 1) * 8
+
+
+def check_a2a_bytes(tag: str, mode: str, stats, rank: int, world: int, layer: MoELayer, rank_batch) -> None:
+    """Bytes sent to other ranks for this rank's tokens, out and back (fp64 rows of D)."""
+    local = layer.num_local_experts
     if mode == "capacity":  # every expert elsewhere gets a full slot buffer (largest C in the group)
         caps = [torch.tensor([stats.extra["capacity"]])]
         dist.all_reduce(caps[0], op=dist.ReduceOp.MAX)
-        want = 2 * row * (world - 1) * local * int(caps[0])
+        want = 2 * D * 8 * (world - 1) * local * int(caps[0])
     else:
-        mine = slice(rank * local, (rank + 1) * local)
-        remote_rows = int(stats.expert_load.sum() - stats.expert_load[mine].sum())
-        want = 2 * row * remote_rows + (world - 1) * local * 8
+        want = dropless_bytes(*remote_pairs_and_assignments(layer, rank_batch[0], rank_batch[1], rank), world, local)
     if stats.a2a_bytes != want:
         raise AssertionError(f"{tag}: a2a_bytes {stats.a2a_bytes} != {want}")
+
+
+def check_wire_count(tag: str, layer: MoELayer, rank_batch, rank: int, world: int) -> None:
+    """RoutingStats.a2a_bytes summed over ranks equals the bytes every rank handed to
+    all_to_all_single for other ranks in one forward (bench_moe.py counts them the same way)."""
+    original, counted = dist.all_to_all_single, [0]
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        splits = input_split_sizes or [input.shape[0] // world] * world
+        row = input[0].numel() * input.element_size() if input.shape[0] else 0
+        counted[0] += row * (sum(splits) - splits[rank])
+        return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    dist.all_to_all_single = counting
+    try:
+        reported = layer(*rank_batch[:2]).stats.a2a_bytes
+    finally:
+        dist.all_to_all_single = original
+    totals = torch.tensor([reported, counted[0]], dtype=torch.int64)
+    dist.all_reduce(totals)
+    if totals[0] != totals[1]:
+        raise AssertionError(f"{tag}: a2a_bytes summed over ranks {int(totals[0])} != {int(totals[1])} bytes "
+                             f"counted at all_to_all_single")
 
 
 def force_expert0(layer: MoELayer) -> None:
@@ -91,6 +137,15 @@ def force_expert0(layer: MoELayer) -> None:
         layer.router.weight.zero_()
         layer.router.weight[0, 0] = 50.0
         layer.router.weight[1:, 1] = torch.linspace(0.1, 0.3, layer.num_experts - 1, dtype=torch.float64)
+
+
+def force_last_rank(layer: MoELayer) -> None:
+    """Router that sends every token (whose feature 0 is large) to the last two experts, both on
+    the last rank, nearly evenly (so XMoE at threshold 0.6 takes both too)."""
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[-2:, 0] = 50.0
+        layer.router.weight[-2, 1], layer.router.weight[-1, 1] = 0.1, -0.1
 
 
 def main() -> None:
@@ -116,6 +171,18 @@ def main() -> None:
         for mode in ("capacity", "dropless"):
             check_case(rank, world, kind, mode, uneven, force=force_expert0, min_capacity=0)
             print(f"rank {rank} uneven {kind}/{mode} ok", flush=True)
+    # Shared: each token's experts (two) sit on the last rank; every other rank sends each real
+    # token there exactly once, with both of its assignments.
+    shared = [(x.clone().index_fill_(-1, torch.tensor([0]), 5.0), mask, probe) for x, mask, probe in batches]
+    for kind in ("topk", "xmoe"):
+        for mode in ("capacity", "dropless"):
+            stats = check_case(rank, world, kind, mode, shared, force=force_last_rank, min_capacity=0)
+            if kind == "topk" and mode == "dropless":
+                tokens = int(shared[rank][1].sum()) if rank != world - 1 else 0
+                want = dropless_bytes(tokens, 2 * tokens, world, stats.expert_load.numel() // world)
+                if stats.a2a_bytes != want:
+                    raise AssertionError(f"shared topk/dropless: a2a_bytes {stats.a2a_bytes} != {want}")
+            print(f"rank {rank} shared {kind}/{mode} ok, a2a bytes {stats.a2a_bytes}", flush=True)
 
 
 if __name__ == "__main__":
