@@ -26,7 +26,8 @@ MEO (He et al., EMNLP 2023; the choices are documented in meo_ds/moe/meo.py):
 - Gate (`gate_logits`, `topk_softmax_gates`): logits = summary W_g^T (+ source W_src^T), softmax
   over the k largest, dense [N, E] with zeros elsewhere. Computed in fp32 (fp64 for fp64 weights).
 - Merge (`merge_weights`, `merged_forward`): W^_n = sum_e g_ne W_e, b^_n = sum_e g_ne b_e, then one
-  batched matmul per group, y_n = x_n W^_n^T + b^_n.
+  batched matmul per group, y_n = x_n W^_n^T + b^_n. Dense (a GEMM over all E) unless the caller
+  passes the selected experts' ids (`merge_rows`: then only those are read).
 """
 from __future__ import annotations
 

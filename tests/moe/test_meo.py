@@ -766,3 +766,32 @@ def test_layer_sparse_merge_equals_dense_and_naive_reference(level, causal, acti
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     with torch.no_grad():
         torch.testing.assert_close(sparse[0], naive_layer(layer, x, mask), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal,activation", [(False, "gelu"), (True, "swiglu")])
+def test_exported_meo_layer_matches_a_sparse_merging_layer_bit_for_bit(causal, activation):
+    """The export sees dense gates only and merges densely; our layer merges sparsely here (3 groups x
+    k=2 < 16 experts). fp32, k = 2: equal bits where the GEMM sums in ascending expert order."""
+    from meo_ds.export.hf_remote import modeling_meo as remote
+    from meo_ds.export.hf_remote.configuration_meo import MeoConfig
+    from meo_ds.export.layout import moe_key
+    from meo_ds.moe import build_moe_layer
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(kind="meo", num_experts=16, top_k=2, activation=activation, segment_len=8, meo_level="token")
+    ours = build_moe_layer(cfg, 16, 24, causal=causal).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.3)
+    hf_cfg = MeoConfig(hidden_size=16, intermediate_size=24, num_attention_heads=4, moe=dict(vars(cfg)))
+    theirs = remote.MEO(hf_cfg, hf_cfg.moe, causal)
+    theirs.load_state_dict({moe_key(k): v for k, v in ours.state_dict().items() if moe_key(k) is not None}, strict=True)
+    x = torch.randn(3, 8, 16)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    with torch.no_grad():
+        want = ours(x, mask).hidden
+        got = theirs(x, mask)
+    assert all(lin.merged_experts == 2 for lin in ours.linears.values())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert want.abs().max() > 0.1
