@@ -695,7 +695,8 @@ def test_sparse_merge_equals_dense_merge_and_vanilla_moe(with_bias, recompute, c
 def test_sparse_merge_of_one_expert_is_bitwise_the_dense_merge():
     """k = 1: each group's merge is one product g * W_e, exact whatever the summation order (fp32)."""
     gen = torch.Generator().manual_seed(13)
-    x, w, b = torch.randn(4, 5, 16, generator=gen), torch.randn(16, 8, 16, generator=gen), torch.randn(16, 8, generator=gen)
+    x, w = torch.randn(4, 5, 16, generator=gen), torch.randn(16, 8, 16, generator=gen)
+    b = torch.randn(16, 8, generator=gen)
     _, gates, idx = _routed_gates(4, 16, 1, seed=14, dtype=torch.float32)
     gates = gates.detach() * 0.7  # not 1.0: the product must round
     assert torch.equal(merged_linear(x, gates, w, b, top_idx=idx), merged_linear(x, gates, w, b))
@@ -740,7 +741,8 @@ def _layer_grads(layer: MEOLayer, x: torch.Tensor, mask: torch.Tensor) -> list:
     layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
     out = layer(x, mask)
-    (out.hidden * torch.randn(out.hidden.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(16))).sum().backward()
+    probe = torch.randn(out.hidden.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(16))
+    (out.hidden * probe).sum().backward()
     return [out.hidden.detach(), x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
 
 
