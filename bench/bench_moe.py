@@ -18,8 +18,9 @@ Columns:
               measured experts per token after capacity drops; MEO the paper's sparse k-expert merge.
               Our layers count themselves (`layer.flops_per_token`, meo_ds/moe/layer.py and meo.py).
   exec MF/tok executed forward matmul FLOPs per token (what ran): capacity dispatch (ours and
-              DeepSpeed's) computes E*C padded rows, so m = E*C / tokens; MEO merges all E experts
-              densely; dropless layers and Mixtral equal the model count
+              DeepSpeed's) computes E*C padded rows, so m = E*C / tokens; MEO the merge it ran
+              (k selected experts where groups * k < E, else all E densely; meo.py's Choices);
+              dropless layers and Mixtral equal the model count
   exp/tok     measured mean experts per token after drops (RoutingStats; DeepSpeed: its gate's
               kept routes; Mixtral never drops)
   a2a B/tok   forward all-to-all bytes a rank's tokens put on the wire to other ranks, per token

@@ -28,7 +28,8 @@ MEO (He et al., EMNLP 2023; the choices are documented in meo_ds/moe/meo.py):
 - Gate (`gate_logits`, `topk_softmax_gates`): logits = summary W_g^T (+ source W_src^T), softmax
   over the k largest, dense [N, E] with zeros elsewhere. Computed in fp32 (fp64 for fp64 weights).
 - Merge (`merge_weights`, `merged_forward`): W^_n = sum_e g_ne W_e, b^_n = sum_e g_ne b_e, then one
-  batched matmul per group, y_n = x_n W^_n^T + b^_n.
+  batched matmul per group, y_n = x_n W^_n^T + b^_n. Dense (a GEMM over all E) unless the caller
+  passes the selected experts' ids (`merge_rows`: then only those are read).
 """
 from __future__ import annotations
 
@@ -109,19 +110,40 @@ def topk_softmax_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 # MEO: merge
 
 
-def merge_weights(gates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """W^_n = sum_e gates[n, e] * weight[e]: [N, E] x [E, d_out, d_in] -> [N, d_out, d_in]."""
+def merge_rows(gates: torch.Tensor, table: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out_n = sum_e gates[n, e] * table[e] for table [E, m] -> [N, m].
+
+    Dense (top_idx None): one [N, E] x [E, m] GEMM over all experts. Sparse (top_idx [N, k], the
+    experts holding every non-zero gate): reads only those k rows per group and adds them in
+    ascending expert order, one multiply-add each (F.embedding_bag with per-sample weights).
+    Both sum the same non-zero terms (a zero gate adds an exact zero); they agree bit for bit
+    where the GEMM also accumulates in ascending expert order (x86 CPU BLAS at these sizes), and
+    otherwise within the rounding of a k-term sum.
+    """
+    if top_idx is None:
+        return gates.to(table.dtype) @ table
+    ids = top_idx.sort(dim=-1).values
+    weights = gates.gather(-1, ids).to(table.dtype)
+    return F.embedding_bag(ids, table, per_sample_weights=weights, mode="sum")
+
+
+def merge_weights(gates: torch.Tensor, weight: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W^_n = sum_e gates[n, e] * weight[e]: [N, E] x [E, d_out, d_in] -> [N, d_out, d_in] (see merge_rows)."""
     num_experts, d_out, d_in = weight.shape
-    return (gates.to(weight.dtype) @ weight.reshape(num_experts, -1)).view(-1, d_out, d_in)
+    return merge_rows(gates, weight.reshape(num_experts, -1), top_idx).view(-1, d_out, d_in)
 
 
 def merged_forward(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor,
-                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """y_n = x_n W^_n^T + b^_n: x [N, T, d_in], gates [N, E], weight [E, d_out, d_in], bias [E, d_out]."""
-    w_hat = merge_weights(gates, weight)
+                   bias: Optional[torch.Tensor], top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y_n = x_n W^_n^T + b^_n: x [N, T, d_in], gates [N, E], weight [E, d_out, d_in], bias [E, d_out].
+
+    top_idx [N, k] (optional): the experts holding the non-zero gates; merging reads only those.
+    The result has the same bits with or without it (merge_rows).
+    """
+    w_hat = merge_weights(gates, weight, top_idx)
     if bias is None:
         return torch.bmm(x, w_hat.transpose(1, 2))
-    b_hat = gates.to(bias.dtype) @ bias
+    b_hat = merge_rows(gates, bias, top_idx)
     return torch.baddbmm(b_hat.unsqueeze(1), x, w_hat.transpose(1, 2))
 
 

@@ -47,8 +47,19 @@ Choices (documented here once):
   "mean" averages), times cfg.aux_loss_coef (paper: 0.01).
 - Stats (device tensors, no host sync): expert_load is token-weighted (each real token counts once for each of its group's k
   experts), averaged over the linears, so it sums to k * num_tokens like the top-k layers'.
-- Merging is a dense [N, E] x [E, d_out*d_in] GEMM (2 E d_in d_out per group; the paper counts
-  2 k d_in d_out for a sparse merge). Both are small when the group is long; see `flops_per_token`.
+- Merge, sparse or dense (`uses_sparse_merge`, chosen per call from shapes, no host sync): the
+  merge is memory-bound (a [N, E] x [E, d_out*d_in] GEMM reads every expert slice once, FLOPs
+  are not the limit), so merging only each group's k selected experts (F.embedding_bag over their
+  ids, in ascending expert order) pays only when it reads fewer slices: (groups per chunk) * k < E,
+  e.g. a few long sequences. Otherwise the dense GEMM runs. The 2k < E FLOP rule measured slower
+  (bench_moe, 16 experts, 4096 tokens: at L=256, 16 groups, the sparse merge took 1.66x dense vs
+  1.41x). Exactness: both sum the same non-zero terms (a zero gate adds an exact 0); k = 1 is
+  bit for bit on any backend, k >= 2 is bit for bit where the GEMM accumulates in ascending
+  expert order (x86 CPU BLAS, checked by tests) and otherwise differs by the rounding of a k-term
+  sum. The export (dense gates only) always runs the dense GEMM. The sparse backward recomputes
+  too (scatter-adds into dW_e, k dot products per group for dg), storing only the [N, k] ids
+  beyond the dense path; dg is 0 at unselected experts (the gates are a scatter of the selected).
+  flops_per_token(executed=True) counts the merge the last forward ran (2 k or 2 E d_in d_out).
 - Causal cost: merged weights exist per (sequence, segment), N = B * ceil(L / segment_len) groups
   of W^ [d_out, d_in]; the merge adds about E / segment_len of the token matmul's FLOPs and the
   matmuls are per-segment (M = segment_len), so prefer segment_len >= 64. With recompute_merged
@@ -57,7 +68,7 @@ Choices (documented here once):
 - Padding positions get a zero output.
 - Registered as kind "meo" (registry.py; its fields, noisy gating by default, data-parallel
   experts); like every layer it answers flops_per_token (model: the paper's sparse merge;
-  executed: the dense merge), inactive_params and describe.
+  executed: the merge that ran), inactive_params and describe.
 """
 from __future__ import annotations
 
@@ -95,19 +106,23 @@ class _RecomputedMergedLinear(torch.autograd.Function):
 
     With dW^_n = dY_n^T X_n and db^_n = sum_t dY_nt:  dX_n = dY_n W^_n,
     dW_e = sum_n g_ne dW^_n,  db_e = sum_n g_ne db^_n,  dg_ne = <W_e, dW^_n> + <b_e, db^_n>.
+    Dense (top_idx None): those sums run over all E experts as GEMMs. Sparse (top_idx [N, k]):
+    only over each group's k selected experts (scatter-adds into dW_e, k dot products per group),
+    and dg is 0 at the unselected experts (the layer's gates are a scatter of the selected ones,
+    so no gradient could flow there anyway).
     """
 
     @staticmethod
-    def forward(ctx, x, gates, weight, bias):
-        ctx.save_for_backward(x, gates, weight, bias)
+    def forward(ctx, x, gates, weight, bias, top_idx):
+        ctx.save_for_backward(x, gates, weight, bias, top_idx)
         chunks = _chunks(x.shape[0], weight.shape[1], weight.shape[2], weight.element_size())
         if len(chunks) == 1:
-            return merged_forward(x, gates, weight, bias)
-        return torch.cat([merged_forward(x[c], gates[c], weight, bias) for c in chunks])
+            return merged_forward(x, gates, weight, bias, top_idx)
+        return torch.cat([merged_forward(x[c], gates[c], weight, bias, _rows(top_idx, c)) for c in chunks])
 
     @staticmethod
     def backward(ctx, dy):
-        x, gates, weight, bias = ctx.saved_tensors
+        x, gates, weight, bias, top_idx = ctx.saved_tensors
         num_experts = weight.shape[0]
         w_flat = weight.reshape(num_experts, -1)
         need_x, need_g, need_w, need_b = ctx.needs_input_grad[:4]
@@ -115,32 +130,52 @@ class _RecomputedMergedLinear(torch.autograd.Function):
         dg = torch.zeros_like(gates) if need_g else None
         acc = gate_dtype(weight.dtype)  # accumulate expert grads over chunks in >= fp32
         dw = db = None
+        if top_idx is not None:  # sparse: scatter-adds need the zero-filled totals up front
+            dw = w_flat.new_zeros(w_flat.shape, dtype=acc) if need_w else None
+            db = bias.new_zeros(bias.shape, dtype=acc) if bias is not None and need_b else None
 
         def accumulate(total, part):
             return part.to(acc) if total is None else total.add_(part)
 
         for c in _chunks(x.shape[0], weight.shape[1], weight.shape[2], weight.element_size()):
-            g = gates[c].to(weight.dtype)
+            idx = _rows(top_idx, c)
             dy_c = dy[c]
             if need_x:
-                dx[c] = torch.bmm(dy_c, merge_weights(gates[c], weight))
+                dx[c] = torch.bmm(dy_c, merge_weights(gates[c], weight, idx))
+            hats = []  # (dW^ or db^ [n, m], the experts' rows [E, m], their total grad, needed)
             if need_w or need_g:
-                dw_hat = torch.bmm(dy_c.transpose(1, 2), x[c]).flatten(1)  # [n, d_out*d_in]
-                if need_w:
-                    dw = accumulate(dw, g.t() @ dw_hat)
-                if need_g:
-                    dg[c] += (dw_hat @ w_flat.t()).to(dg.dtype)
+                hats.append(("w", torch.bmm(dy_c.transpose(1, 2), x[c]).flatten(1), w_flat, need_w))
             if bias is not None and (need_b or need_g):
-                db_hat = dy_c.sum(dim=1)  # [n, d_out]
-                if need_b:
-                    db = accumulate(db, g.t() @ db_hat)
-                if need_g:
-                    dg[c] += (db_hat @ bias.t()).to(dg.dtype)
+                hats.append(("b", dy_c.sum(dim=1), bias, need_b))
+            for which, hat, rows, need in hats:
+                if idx is None:
+                    g = gates[c].to(weight.dtype)
+                    if need:
+                        part = g.t() @ hat
+                        if which == "w":
+                            dw = accumulate(dw, part)
+                        else:
+                            db = accumulate(db, part)
+                    if need_g:
+                        dg[c] += (hat @ rows.t()).to(dg.dtype)
+                else:
+                    g = gates[c].gather(1, idx).to(weight.dtype)  # [n, k]
+                    if need:
+                        total = dw if which == "w" else db
+                        for j in range(idx.shape[1]):
+                            total.index_add_(0, idx[:, j], (hat * g[:, j, None]).to(acc))
+                    if need_g:
+                        dots = (rows[idx] * hat.unsqueeze(1)).sum(dim=-1)  # <row_e, hat_n>, [n, k]
+                        dg[c].scatter_add_(1, idx, dots.to(dg.dtype))
         dw = dw.view_as(weight).to(weight.dtype) if dw is not None else None
-        return dx, dg, dw, (db.to(bias.dtype) if db is not None else None)
+        return dx, dg, dw, (db.to(bias.dtype) if db is not None else None), None
 
 
-def _check_merged_shapes(x, gates, weight, bias) -> None:
+def _rows(top_idx: Optional[torch.Tensor], c: slice) -> Optional[torch.Tensor]:
+    return None if top_idx is None else top_idx[c]
+
+
+def _check_merged_shapes(x, gates, weight, bias, top_idx) -> None:
     if weight.dim() != 3:
         raise ValueError(f"merged_linear: weight must be [experts, d_out, d_in], got {tuple(weight.shape)}")
     num_experts, d_out, d_in = weight.shape
@@ -150,6 +185,12 @@ def _check_merged_shapes(x, gates, weight, bias) -> None:
         raise ValueError(f"merged_linear: gates must be [{x.shape[0]}, {num_experts}], got {tuple(gates.shape)}")
     if bias is not None and bias.shape != (num_experts, d_out):
         raise ValueError(f"merged_linear: bias must be [{num_experts}, {d_out}], got {tuple(bias.shape)}")
+    if top_idx is not None and (top_idx.dim() != 2 or top_idx.shape[0] != x.shape[0] or top_idx.dtype != torch.int64
+                                or not 1 <= top_idx.shape[1] <= num_experts):
+        raise ValueError(
+            f"merged_linear: top_idx must be int64 [{x.shape[0]}, k] with 1 <= k <= {num_experts} (the selected "
+            f"experts, e.g. topk_softmax_gates' ids), got {top_idx.dtype} {tuple(top_idx.shape)}"
+        )
 
 
 def merged_linear(
@@ -158,17 +199,33 @@ def merged_linear(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     recompute: bool = True,
+    top_idx: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """MEO affine layer for N groups: y_n = x_n (sum_e g_ne W_e)^T + sum_e g_ne b_e.
 
     x: [N, T, d_in]; gates: [N, E] (dense, zeros for unselected experts); weight: [E, d_out, d_in];
-    bias: [E, d_out] or None. recompute=True keeps W^ out of the autograd graph (rebuilt in
-    backward, at most MERGED_CHUNK_BYTES of it at a time); False is plain autograd.
+    bias: [E, d_out] or None. top_idx [N, k] (optional): each group's selected experts, which must
+    hold all its non-zero gates; where `uses_sparse_merge` says so the merge and its backward read
+    only those (same forward bits, see the module docstring), otherwise every expert. recompute=True
+    keeps W^ out of the autograd graph (rebuilt in backward, at most MERGED_CHUNK_BYTES of it at a
+    time); False is plain autograd.
     """
-    _check_merged_shapes(x, gates, weight, bias)
+    _check_merged_shapes(x, gates, weight, bias, top_idx)
+    if top_idx is not None and not uses_sparse_merge(x.shape[0], weight, top_idx.shape[1]):
+        top_idx = None
     if recompute:
-        return _RecomputedMergedLinear.apply(x, gates, weight, bias)
-    return merged_forward(x, gates, weight, bias)
+        return _RecomputedMergedLinear.apply(x, gates, weight, bias, top_idx)
+    return merged_forward(x, gates, weight, bias, top_idx)
+
+
+def uses_sparse_merge(num_groups: int, weight: torch.Tensor, top_k: int) -> bool:
+    """Whether merged_linear merges only the k selected experts of each of num_groups groups.
+
+    The merge is memory-bound: the dense GEMM reads every expert slice once per chunk of groups,
+    the sparse merge k per group. So sparse iff (groups per chunk) * k < E (see the Choices).
+    """
+    per_chunk = _chunks(num_groups, weight.shape[1], weight.shape[2], weight.element_size())[0]
+    return (per_chunk.stop - per_chunk.start) * top_k < weight.shape[0]
 
 
 def vanilla_moe_linear(
@@ -277,6 +334,7 @@ class MEOLinear(nn.Module):
         # Decoder layers with cross-attention: a gate term from the source sentence's summary.
         self.source_gate = nn.Parameter(torch.zeros(num_experts, source_dim)) if source_dim else None
         self.token_block = TokenBlock(d_in, token_width) if token_width else None
+        self.merged_experts: Optional[int] = None  # experts the last forward merged (k or E)
 
     def route(
         self, summary: torch.Tensor, source: Optional[torch.Tensor] = None
@@ -300,16 +358,19 @@ class MEOLinear(nn.Module):
             load = torch.zeros_like(logits).scatter(-1, top_idx, 1.0)
         return gates, top_idx, load
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """x [N, T, d_in] with per-group gates [N, E] -> [N, T, d_out]."""
+    def forward(self, x: torch.Tensor, gates: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [N, T, d_in] with per-group gates [N, E] (and their selected experts top_idx [N, k]) -> [N, T, d_out]."""
+        sparse = top_idx is not None and uses_sparse_merge(x.shape[0], self.weight, top_idx.shape[1])
+        self.merged_experts = top_idx.shape[1] if sparse else self.num_experts  # for flops_per_token
         device = x.device.type
         if not torch.is_autocast_enabled(device):
-            return merged_linear(x, gates, self.weight, self.bias, recompute=self.recompute)
+            return merged_linear(x, gates, self.weight, self.bias, recompute=self.recompute, top_idx=top_idx)
         # Under autocast run the matmuls in its dtype (as nn.Linear would); grads reach fp32 params.
         dtype = torch.get_autocast_dtype(device)
         bias = self.bias.to(dtype) if self.bias is not None else None
         with torch.autocast(device, enabled=False):
-            return merged_linear(x.to(dtype), gates, self.weight.to(dtype), bias, recompute=self.recompute)
+            return merged_linear(x.to(dtype), gates, self.weight.to(dtype), bias, recompute=self.recompute,
+                                 top_idx=top_idx)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, experts={self.num_experts}, top_k={self.top_k}"
@@ -481,7 +542,7 @@ class MEOLayer(nn.Module):
                 inp = self.linears[name].token_block(inp)
             gates, top_idx, load = self.linears[name].route(self._summaries(name, inp, groups, state), source)
             gate_log.append((gates, top_idx, load))
-            return self.linears[name](inp, gates)
+            return self.linears[name](inp, gates, top_idx)
 
         if self.cfg.activation == "gelu":
             h = F.gelu(run("fc1", u))
@@ -536,17 +597,23 @@ class MEOLayer(nn.Module):
         """Forward FLOPs per token of this layer on sequences of seq_len tokens (matmuls and gates).
 
         Each group (the sequence, or a causal segment) merges every linear once. executed=False
-        counts the paper's sparse merge (2 k d_in d_out); executed=True counts what this code runs
-        (dense merge over all E experts, 2 E d_in d_out). The measured experts_per_token and
-        rows_per_token (the routed layers' arguments) change nothing: every token runs one merged
-        matmul per linear whatever the gates chose.
+        counts the paper's sparse merge (2 k d_in d_out); executed=True counts the merge this code
+        ran in the last forward (sparse, 2 k d_in d_out, or dense over all E, 2 E d_in d_out; see
+        `uses_sparse_merge`; before any forward, the choice for a batch of one sequence). The
+        measured experts_per_token and rows_per_token (the routed layers' arguments) change
+        nothing: every token runs one merged matmul per linear whatever the gates chose.
         """
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len} must be >= 1")
         groups = -(-seq_len // self.cfg.segment_len) if self.causal else 1
-        merged = self.cfg.num_experts if executed else self.cfg.top_k
         total = 0.0
         for lin in self.linears.values():
+            merged = self.cfg.top_k
+            if executed:  # what the last forward ran; before any, one sequence's groups
+                merged = lin.merged_experts
+                if merged is None:
+                    sparse = uses_sparse_merge(groups, lin.weight, self.cfg.top_k)
+                    merged = self.cfg.top_k if sparse else self.cfg.num_experts
             total += 2 * seq_len * lin.d_in * lin.d_out  # one merged matmul per token
             total += groups * (2 * merged * lin.d_in * lin.d_out + 2 * lin.d_in * lin.num_experts)  # merge + gate
             if lin.token_block is not None:

@@ -304,7 +304,14 @@ def test_layer_flops_per_token_matches_formula():
     causal = MEOLayer(cfg, 32, 64, causal=True)  # two segments: two merges per linear
     merge = 2 * 4 * 32 * 64 * 2
     assert causal.flops_per_token(128) == pytest.approx(seq.flops_per_token(128) + (merge + gate) / 128)
-    assert seq.flops_per_token(128, executed=True) > seq.flops_per_token(128)
+    # Executed: the merge the last forward ran. Before any forward, one sequence (1 group x k=4 < 16
+    # experts) merges sparsely, as the model count does; a batch of 8 sequences merges densely.
+    assert seq.flops_per_token(128, executed=True) == pytest.approx(seq.flops_per_token(128))
+    seq(torch.randn(8, 128, 32))
+    dense_extra = 2 * (16 - 4) * 32 * 64 * 2 / 128  # two linears of 32 x 64
+    assert seq.flops_per_token(128, executed=True) - seq.flops_per_token(128) == pytest.approx(dense_extra)
+    seq(torch.randn(2, 128, 32))
+    assert seq.flops_per_token(128, executed=True) == pytest.approx(seq.flops_per_token(128))
 
 
 def test_bert_base_flops_against_the_paper():
@@ -644,3 +651,149 @@ def test_aux_loss_sum_and_mean_options():
     layer = make_layer("swiglu", experts=4, k=2)
     layer.cfg.meo_aux_reduce = "mean"
     assert layer(x).aux_loss.item() == pytest.approx(summed.item() / 3, rel=1e-6)  # three linears (fp32 CV^2)
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse merge (only the selected experts) == dense merge == vanilla MoE
+
+
+def _routed_gates(n: int, experts: int, k: int, seed: int, dtype=torch.float64):
+    """Leaf logits and the dense top-k softmax gates built from them (as MEOLinear.route does)."""
+    logits = torch.randn(n, experts, dtype=dtype, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    top, idx = logits.topk(k, dim=-1)
+    return logits, torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1)), idx
+
+
+def _merged_grads(path: str, with_bias: bool, recompute: bool, n=3, t=5, d_in=6, d_out=4, experts=8, k=2):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(n, t, d_in, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(experts, d_out, d_in, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(experts, d_out, dtype=torch.float64, generator=gen, requires_grad=True) if with_bias else None
+    logits, gates, idx = _routed_gates(n, experts, k, seed=12)
+    if path == "vanilla":
+        y = vanilla_moe_linear(x, gates, w, b)
+    else:
+        y = merged_linear(x, gates, w, b, recompute=recompute, top_idx=idx if path == "sparse" else None)
+    (y * torch.randn(y.shape, dtype=y.dtype, generator=gen)).sum().backward()
+    return [y.detach(), x.grad, w.grad, logits.grad] + ([b.grad] if with_bias else [])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_sparse_merge_equals_dense_merge_and_vanilla_moe(with_bias, recompute, chunked, monkeypatch):
+    assert meo.uses_sparse_merge(3, torch.empty(8, 4, 6), 2)  # 3 groups x k=2 < 8 experts
+    if chunked:  # two groups of W^ per chunk: the chunked forward and backward
+        monkeypatch.setattr(meo, "MERGED_CHUNK_BYTES", 2 * 4 * 6 * 8)
+    sparse = _merged_grads("sparse", with_bias, recompute)
+    for reference in ("dense", "vanilla"):
+        for got, want in zip(sparse, _merged_grads(reference, with_bias, recompute)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(g.abs().max() > 0 for g in sparse)
+
+
+def test_sparse_merge_of_one_expert_is_bitwise_the_dense_merge():
+    """k = 1: each group's merge is one product g * W_e, exact whatever the summation order (fp32)."""
+    gen = torch.Generator().manual_seed(13)
+    x, w = torch.randn(4, 5, 16, generator=gen), torch.randn(16, 8, 16, generator=gen)
+    b = torch.randn(16, 8, generator=gen)
+    _, gates, idx = _routed_gates(4, 16, 1, seed=14, dtype=torch.float32)
+    gates = gates.detach() * 0.7  # not 1.0: the product must round
+    assert torch.equal(merged_linear(x, gates, w, b, top_idx=idx), merged_linear(x, gates, w, b))
+
+
+def test_sparse_merge_rule():
+    w = torch.empty(16, 4, 4)
+    assert meo.uses_sparse_merge(3, w, 5) and not meo.uses_sparse_merge(4, w, 4)  # groups * k < E
+    assert not meo.uses_sparse_merge(16, w, 1)
+
+
+def test_sparse_recompute_does_not_keep_merged_weights():
+    """The sparse path saves what the dense one saves (x, gates) plus the [N, k] expert ids."""
+    n, t, d, experts, k = 8, 2, 16, 32, 2
+    w = torch.randn(experts, d, d, requires_grad=True)
+    b = torch.randn(experts, d, requires_grad=True)
+    x = torch.randn(n, t, d, requires_grad=True)
+    _, gates, idx = _routed_gates(n, experts, k, seed=15, dtype=torch.float32)
+    assert meo.uses_sparse_merge(n, w, k)
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in (w.data_ptr(), b.data_ptr()):
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = merged_linear(x, gates.detach(), w, b, recompute=True, top_idx=idx)
+    y.sum().backward()
+    assert sum(saved) <= n * t * d + n * experts + n * k
+
+
+def test_merged_linear_rejects_bad_top_idx():
+    w = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="top_idx must be int64"):
+        merged_linear(torch.randn(2, 3, 5), torch.rand(2, 4), w, top_idx=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="top_idx must be int64"):
+        merged_linear(torch.randn(2, 3, 5), torch.rand(2, 4), w, top_idx=torch.zeros(2, 1, dtype=torch.int32))
+
+
+def _layer_grads(layer: MEOLayer, x: torch.Tensor, mask: torch.Tensor) -> list:
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = layer(x, mask)
+    probe = torch.randn(out.hidden.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(16))
+    (out.hidden * probe).sum().backward()
+    return [out.hidden.detach(), x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_layer_sparse_merge_equals_dense_and_naive_reference(level, causal, activation, monkeypatch):
+    layer = make_layer(activation, causal=causal, level=level, experts=8, k=2)
+    if level == "token":
+        randomise_token_blocks(layer)
+    x = torch.randn(3, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, 6:] = False  # right padding
+    mask[2, :2] = False  # left padding
+    taken = []
+    monkeypatch.setattr(meo, "uses_sparse_merge", lambda *a: taken.append("sparse") or True)
+    sparse = _layer_grads(layer, x, mask)
+    assert taken and all(lin.merged_experts == 2 for lin in layer.linears.values())
+    monkeypatch.setattr(meo, "uses_sparse_merge", lambda *a: False)
+    dense = _layer_grads(layer, x, mask)
+    assert len(sparse) == len(dense) == 2 + len([p for p in layer.parameters() if p.requires_grad])
+    for got, want in zip(sparse, dense):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse[0], naive_layer(layer, x, mask), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal,activation", [(False, "gelu"), (True, "swiglu")])
+def test_exported_meo_layer_matches_a_sparse_merging_layer_bit_for_bit(causal, activation):
+    """The export sees dense gates only and merges densely; our layer merges sparsely here (3 groups x
+    k=2 < 16 experts). fp32, k = 2: equal bits where the GEMM sums in ascending expert order."""
+    from meo_ds.export.hf_remote import modeling_meo as remote
+    from meo_ds.export.hf_remote.configuration_meo import MeoConfig
+    from meo_ds.export.layout import moe_key
+    from meo_ds.moe import build_moe_layer
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(kind="meo", num_experts=16, top_k=2, activation=activation, segment_len=8, meo_level="token")
+    ours = build_moe_layer(cfg, 16, 24, causal=causal).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.3)
+    hf_cfg = MeoConfig(hidden_size=16, intermediate_size=24, num_attention_heads=4, moe=dict(vars(cfg)))
+    theirs = remote.MEO(hf_cfg, hf_cfg.moe, causal)
+    theirs.load_state_dict({moe_key(k): v for k, v in ours.state_dict().items() if moe_key(k) is not None}, strict=True)
+    x = torch.randn(3, 8, 16)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    with torch.no_grad():
+        want = ours(x, mask).hidden
+        got = theirs(x, mask)
+    assert all(lin.merged_experts == 2 for lin in ours.linears.values())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert want.abs().max() > 0.1
