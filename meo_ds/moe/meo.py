@@ -82,8 +82,8 @@ import torch.nn.functional as F
 from . import registry
 from .config import MoEConfig, MoEConfigError
 from .functional import (
-    GroupLayout, gate_dtype, gate_logits, gate_summary, group_sums, merge_weights, merged_forward,
-    prefix_summary, source_summary, topk_softmax_gates,
+    GroupLayout, continued_gate_summary, gate_dtype, gate_logits, gate_summary, merge_weights, merged_forward,
+    source_summary, topk_softmax_gates,
 )
 from .routing import cv_squared
 from .types import MoEOutput, RoutingStats
@@ -472,44 +472,21 @@ class MEOLayer(nn.Module):
         if state is None:
             return gate_summary(u, groups, self.linears[name].default_summary)
         # Incremental decoding (causal): gate_summary's prefix, continued from the state's sums.
-        dtype = gate_dtype(u.dtype)
-        sums, counts = group_sums(u, groups)
-        batch, segs = groups.batch, groups.num_segments
-        sums, counts = sums.view(batch, segs, -1), counts.view(batch, segs)
-        prior = self._prior(name, state, batch, u.shape[-1], u.device, dtype)
-        # The chunk's first segment continues the partial segment left by the previous call.
-        sums = torch.cat([sums[:, :1] + prior["cur_sum"].unsqueeze(1), sums[:, 1:]], dim=1)
-        counts = torch.cat([counts[:, :1] + prior["cur_cnt"].unsqueeze(1), counts[:, 1:]], dim=1)
-        before_sum = prior["done_sum"].unsqueeze(1) + groups.sum_before(sums)  # segments < s
-        before_cnt = prior["done_cnt"].unsqueeze(1) + groups.sum_before(counts)
-        self._update_state(state, name, sums, before_sum, before_cnt, counts, groups.ends_on_boundary)
-        summary = prefix_summary(before_sum, before_cnt, self.linears[name].default_summary)
-        return summary.reshape(batch * segs, -1)
+        prior = self._prior(name, state, groups.batch)
+        summary, sums = continued_gate_summary(u, groups, self.linears[name].default_summary, prior)
+        state.setdefault("sums", {})[name] = sums
+        return summary
 
     @staticmethod
-    def _prior(name: str, state: Optional[dict], batch: int, dim: int, device, dtype) -> dict:
-        if state is not None and name in state.get("sums", {}):
-            prior = state["sums"][name]
-            if prior["done_sum"].shape != (batch, dim):
-                raise ValueError(
-                    f"MEOLayer: state holds a batch of {prior['done_sum'].shape[0]} sequences but x has "
-                    f"{batch}; pass a fresh state dict for a new batch"
-                )
-            return prior
-        zeros = torch.zeros(batch, dim, device=device, dtype=dtype)
-        return {"done_sum": zeros, "done_cnt": zeros.new_zeros(batch), "cur_sum": zeros, "cur_cnt": zeros.new_zeros(batch)}
-
-    @staticmethod
-    def _update_state(state: dict, name: str, sums, before_sum, before_cnt, counts, ends_on_boundary: bool) -> None:
-        """After a chunk: "done" = the completed segments, "cur" = the open last segment."""
-        done_sum, done_cnt = before_sum[:, -1].detach(), before_cnt[:, -1].detach()
-        cur_sum, cur_cnt = sums[:, -1].detach(), counts[:, -1].detach()
-        if ends_on_boundary:
-            done_sum, done_cnt = done_sum + cur_sum, done_cnt + cur_cnt
-            cur_sum, cur_cnt = torch.zeros_like(cur_sum), torch.zeros_like(cur_cnt)
-        state.setdefault("sums", {})[name] = {
-            "done_sum": done_sum, "done_cnt": done_cnt, "cur_sum": cur_sum, "cur_cnt": cur_cnt,
-        }
+    def _prior(name: str, state: dict, batch: int) -> Optional[dict]:
+        """The running sums the previous chunk left for linear `name` (None before the first chunk)."""
+        prior = state.get("sums", {}).get(name)
+        if prior is not None and prior["done_sum"].shape[0] != batch:
+            raise ValueError(
+                f"MEOLayer: state holds a batch of {prior['done_sum'].shape[0]} sequences but x has "
+                f"{batch}; pass a fresh state dict for a new batch"
+            )
+        return prior
 
     # --- forward ------------------------------------------------------------------------------
 
