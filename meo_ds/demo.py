@@ -12,7 +12,7 @@
    validation pairs), and prints the loss curve, throughput, and where the run directory,
    checkpoint and logs are and how to export the checkpoint.
 
-    meo-demo                       # 267-322 s on 2 CPU cores (idle / shared with a test run; README)
+    meo-demo                       # 2-5.5 min on 2 CPU cores (128-322 s measured; README)
     meo-demo --task mt             # translation: 43 s on 2 idle CPU cores; BLEU 59 -> 89, chrF 81 -> 95
     meo-demo --kind xmoe --steps 100 --out /tmp/demo
 
