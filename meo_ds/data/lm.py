@@ -15,13 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meo_ds.data.io import (TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype, corpus_key,
-                            describe_inputs, open_tokens, read_manifest, staging_dir, token_dtype, write_manifest)
+from meo_ds.data.io import TokenFileWriter, check_token_ids, corpus_dtype, open_tokens, staging_dir, write_manifest
 from meo_ds.data.loader import CorpusSplit, ResumableLoader
-from meo_ds.data.prepare import (SPLITS, HeldOutSplitter, TextOverlap, check_held_out_not_training, describe_origin,
-                                  plan_held_out, select, ship_tokenizer, split_origins, tokenize_chunks)
+from meo_ds.data.prepare import (SPLITS, HeldOutSplitter, TextOverlap, describe_origin, plan_corpus, plan_held_out,
+                                  select, ship_tokenizer, split_origins, tokenize_chunks)
 from meo_ds.data.readers import read_documents
-from meo_ds.data.tokenizer import Tokenizer
 
 LM_FORMAT = "meo_ds.lm/1"
 
@@ -45,19 +43,13 @@ def prepare_lm(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
     given, fractions = plan_held_out({"validation": valid, "test": test},
                                      {"validation": valid_fraction, "test": test_fraction},
                                      {"validation": 0.01, "test": 0.0})
-    described = describe_inputs(inputs)
-    split_inputs = {name: describe_inputs(paths, f"{name} file") for name, paths in given.items()}
-    check_held_out_not_training(described, split_inputs)
-    tok = Tokenizer(tokenizer)
-    np_dtype = token_dtype(tok.vocab_size, dtype)
     names = [n for n in SPLITS if n != "test" or "test" in given or fractions["test"] > 0]
-    options = {"format": fmt, "field": field, "doc_sep": doc_sep, "valid_fraction": fractions["validation"],
-               "test_fraction": fractions["test"], "dtype": np_dtype.name}
-    key = corpus_key(described, tok.checksum(), options, split_inputs)
-    out = Path(out)
-    if check_output_dir(out, key, overwrite):
-        print(f"{out}: already holds this corpus (same inputs, tokenizer and options); nothing to do")
-        return read_manifest(out)
+    plan, existing = plan_corpus(inputs, given, tokenizer, dtype, {
+        "format": fmt, "field": field, "doc_sep": doc_sep, "valid_fraction": fractions["validation"],
+        "test_fraction": fractions["test"]}, out, overwrite)
+    if existing is not None:
+        return existing
+    described, split_inputs, tok, np_dtype, options, key, out = plan
     splitter, overlap = HeldOutSplitter(fractions["validation"], fractions["test"]), TextOverlap()
     with staging_dir(out) as tmp, tqdm(desc="tokenize", unit="doc", disable=not progress) as bar:
         writers = {name: TokenFileWriter(tmp, name, np_dtype) for name in names}

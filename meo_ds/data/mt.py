@@ -19,14 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from meo_ds.data.batch import IGNORE_INDEX
-from meo_ds.data.io import (TokenFileWriter, check_output_dir, check_token_ids, corpus_dtype, corpus_key,
-                            describe_inputs, manifest_field, open_tokens, read_manifest, staging_dir, token_dtype,
+from meo_ds.data.io import (TokenFileWriter, check_token_ids, corpus_dtype, manifest_field, open_tokens, staging_dir,
                             write_manifest)
 from meo_ds.data.loader import CorpusSplit, ResumableLoader
-from meo_ds.data.prepare import (SPLITS, HeldOutSplitter, TextOverlap, check_held_out_not_training, describe_origin,
-                                  plan_held_out, select, ship_tokenizer, split_origins, text_digest, tokenize_chunks)
+from meo_ds.data.prepare import (SPLITS, HeldOutSplitter, TextOverlap, describe_origin, plan_corpus, plan_held_out,
+                                  select, ship_tokenizer, split_origins, text_digest, tokenize_chunks)
 from meo_ds.data.readers import CorpusError, pair_format, read_pairs
-from meo_ds.data.tokenizer import Tokenizer
 
 MT_FORMAT = "meo_ds.mt/1"
 FILTERS = ("empty", "duplicate", "max_length", "length_ratio")
@@ -88,19 +86,13 @@ def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
             pair_format(paths, fmt)
         except ValueError as err:
             raise ValueError(f"{'training inputs' if name == 'train' else name + ' files'}: {err}") from None
-    described = describe_inputs(inputs)
-    split_inputs = {name: describe_inputs(paths, f"{name} file") for name, paths in given.items()}
-    check_held_out_not_training(described, split_inputs)
-    tok = Tokenizer(tokenizer)
-    np_dtype = token_dtype(tok.vocab_size, dtype)
-    options = {"format": fmt, "source_field": source_field, "target_field": target_field, "max_len": max_len,
-               "max_ratio": max_ratio, "dedup": dedup, "valid_fraction": fractions["validation"],
-               "test_fraction": fractions["test"], "dtype": np_dtype.name}
-    key = corpus_key(described, tok.checksum(), options, split_inputs)
-    out = Path(out)
-    if check_output_dir(out, key, overwrite):
-        print(f"{out}: already holds this corpus (same inputs, tokenizer and options); nothing to do")
-        return read_manifest(out)
+    plan, existing = plan_corpus(inputs, given, tokenizer, dtype, {
+        "format": fmt, "source_field": source_field, "target_field": target_field, "max_len": max_len,
+        "max_ratio": max_ratio, "dedup": dedup, "valid_fraction": fractions["validation"],
+        "test_fraction": fractions["test"]}, out, overwrite)
+    if existing is not None:
+        return existing
+    described, split_inputs, tok, np_dtype, options, key, out = plan
     removed = dict.fromkeys(("read",) + FILTERS, 0)
     splitter, overlap = HeldOutSplitter(fractions["validation"], fractions["test"]), TextOverlap()
     with staging_dir(out) as tmp, tqdm(desc="tokenize", unit="pair", disable=not progress) as bar:

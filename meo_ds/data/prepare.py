@@ -28,10 +28,11 @@ from collections import Counter, deque
 from fractions import Fraction
 from itertools import chain, islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import numpy as np
 
+from meo_ds.data.io import check_output_dir, corpus_key, describe_inputs, read_manifest, token_dtype
 from meo_ds.data.tokenizer import Tokenizer
 
 _WORKER_TOKENIZER: Tokenizer | None = None
@@ -246,3 +247,35 @@ class TextOverlap:
                 print(f"warning: {n:,} of {sum(counts.values()):,} {split} {unit} also occur verbatim in the training "
                       f"inputs (kept in both; recorded as splits.{split}.origin.overlap_with_train in the manifest)",
                       file=sys.stderr)
+
+
+class CorpusPlan(NamedTuple):
+    """What `meo-prepare lm|mt` settles before reading a token: the described inputs (training and
+    given splits), the tokenizer, the token dtype, the options as recorded, and the corpus key."""
+
+    inputs: list[dict]
+    split_inputs: dict[str, list[dict]]
+    tok: Tokenizer
+    np_dtype: np.dtype
+    options: dict
+    key: str
+    out: Path
+
+
+def plan_corpus(inputs: Sequence, given: dict, tokenizer: str, dtype: Optional[str], options: dict,
+                out: str | os.PathLike, overwrite: bool) -> tuple[CorpusPlan, Optional[dict]]:
+    """Describe and check the inputs (a given split identical to a training input is an error),
+    load the tokenizer, fix the token dtype and the corpus key. The second value is the existing
+    manifest when `out` already holds this very corpus (nothing to do), else None."""
+    described = describe_inputs(inputs)
+    split_inputs = {name: describe_inputs(paths, f"{name} file") for name, paths in given.items()}
+    check_held_out_not_training(described, split_inputs)
+    tok = Tokenizer(tokenizer)
+    np_dtype = token_dtype(tok.vocab_size, dtype)
+    options = {**options, "dtype": np_dtype.name}
+    key = corpus_key(described, tok.checksum(), options, split_inputs)
+    plan = CorpusPlan(described, split_inputs, tok, np_dtype, options, key, Path(out))
+    if check_output_dir(plan.out, key, overwrite):
+        print(f"{out}: already holds this corpus (same inputs, tokenizer and options); nothing to do")
+        return plan, read_manifest(plan.out)
+    return plan, None
