@@ -94,15 +94,21 @@ def _saved_activation_numel(recompute: bool, n=8, t=2, d=16, experts=4) -> int:
     b = torch.randn(experts, d, requires_grad=True)
     x = torch.randn(n, t, d, requires_grad=True)
     g = random_topk_gates(n, experts, 2, dtype=torch.float32).requires_grad_()
+    return saved_numel(lambda: merged_linear(x, g, w, b, recompute=recompute), w, b)
+
+
+def saved_numel(forward, *params: torch.Tensor) -> int:
+    """Elements autograd saves for the backward of forward() (then run), `params` not counted."""
     saved = []
 
     def pack(tensor):
-        if tensor.data_ptr() not in (w.data_ptr(), b.data_ptr()):
+        if tensor.data_ptr() not in [p.data_ptr() for p in params]:
             saved.append(tensor.numel())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        merged_linear(x, g, w, b, recompute=recompute).sum().backward()
+        out = forward()
+    out.sum().backward()
     return sum(saved)
 
 
@@ -716,17 +722,8 @@ def test_sparse_recompute_does_not_keep_merged_weights():
     x = torch.randn(n, t, d, requires_grad=True)
     _, gates, idx = _routed_gates(n, experts, k, seed=15, dtype=torch.float32)
     assert meo.uses_sparse_merge(n, w, k)
-    saved = []
-
-    def pack(tensor):
-        if tensor.data_ptr() not in (w.data_ptr(), b.data_ptr()):
-            saved.append(tensor.numel())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        y = merged_linear(x, gates.detach(), w, b, recompute=True, top_idx=idx)
-    y.sum().backward()
-    assert sum(saved) <= n * t * d + n * experts + n * k
+    saved = saved_numel(lambda: merged_linear(x, gates.detach(), w, b, recompute=True, top_idx=idx), w, b)
+    assert saved <= n * t * d + n * experts + n * k
 
 
 def test_merged_linear_rejects_bad_top_idx():
