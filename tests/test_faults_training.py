@@ -68,8 +68,11 @@ def test_stuck_rank_stops_every_survivor_naming_the_collective(lm_data, tmp_path
     assert f"Timed out waiting {TIMEOUT_S * 1000}ms" in line, line
     assert TIMEOUT_S - 1 < survivor_s < TIMEOUT_S + GRACE_S, f"rank 0 left after {survivor_s:.1f} s"
     woken_line = failure_line(text, 1)
-    # The woken rank's peer is gone: it fails fast, at worst at its own collective timeout.
-    assert proc.returncode == 4 and woken_s < TIMEOUT_S + GRACE_S, (proc.returncode, woken_s)
+    # The woken rank's peer is gone: it fails fast, at worst at its own collective timeout. The
+    # launcher's status is rank 0's 4 or, when the woken rank's pending SIGTERM lands mid-teardown
+    # first, that rank's own non-zero status (a race seen on loaded 2-core runs); rank 0's line above
+    # is what names the collective.
+    assert proc.returncode != 0 and woken_s < TIMEOUT_S + GRACE_S, (proc.returncode, woken_s)
     print(f"{line}\n{woken_line}\nrank 0 left {survivor_s:.1f} s after the freeze; the woken rank and the job {woken_s:.1f} s after waking")
 
 
