@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Optional, Sequence
 
 import yaml
 
+from meo_ds import launcher
 from meo_ds.moe import registry
 
 # What differs between the two demos: preset, corpus directory, steps, and run-config sections.
@@ -54,12 +53,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def use_gpus(ranks: int) -> bool:
-    import torch
-
-    return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() >= ranks
-
-
 def steps(args: argparse.Namespace) -> int:
     return args.steps if args.steps is not None else TASKS[args.task]["steps"]
 
@@ -71,7 +64,6 @@ def label(args: argparse.Namespace) -> str:
 def run_config(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
     spec = TASKS[args.task]
     ep = args.ranks if registry.get(args.kind).expert_parallel else 1  # MEO's experts are data-parallel
-    n = steps(args)
     common = {
         "task": spec["task"],
         "name": f"demo-{label(args)}",
@@ -79,52 +71,26 @@ def run_config(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
         "parallel": {"ep_size": ep},
         "logging": {"out_dir": str(run_dir), "interval": 50 if args.task == "lm" else 25},
     }
-    if args.task == "lm":
-        return {**common,
-                "data": {"path": str(data_dir), "seq_len": 128},
+    return {**common, **recipe(args.task, steps(args), data_dir)}
+
+
+def recipe(task: str, n: int, data_dir: Path) -> dict:
+    """The demo's data, train, checkpoint and eval sections for `task` (lm or mt) and n steps
+    (meo-study trains every variant with them)."""
+    if task == "lm":
+        return {"data": {"path": str(data_dir), "seq_len": 128},
                 "train": {"steps": n, "micro_batch_size": 8, "grad_accum": 1, "lr": 2e-3, "warmup_steps": 20,
                           "weight_decay": 0.1, "grad_clip": 1.0, "seed": 1234},
                 "checkpoint": {"interval": 200, "keep_last": 2},
                 "eval": {"interval": 200, "max_batches": 10}}
     # Translation: the Transformer recipe (betas 0.98, inverse square root after warmup, label
     # smoothing from the preset), batches of 1024 padded tokens per rank; BLEU/chrF halfway and at the end.
-    return {**common,
-            "data": {"path": str(data_dir), "max_tokens": 1024},
+    return {"data": {"path": str(data_dir), "max_tokens": 1024},
             "train": {"steps": n, "grad_accum": 1, "lr": 3e-3, "warmup_steps": max(1, n // 10),
                       "betas": [0.9, 0.98], "weight_decay": 0.0, "grad_clip": 1.0, "seed": 3},
             "checkpoint": {"interval": max(1, n // 2), "keep_last": 2},
             "eval": {"interval": max(1, n // 2), "max_batches": 4, "bleu_sentences": 200, "beam_size": 4,
                      "max_new_tokens": 48}}
-
-
-def ds_config(gpu: bool) -> dict:
-    cfg = {"zero_optimization": {"stage": 2, "overlap_comm": gpu, "contiguous_gradients": True},
-           "csv_monitor": {"enabled": True, "output_path": "auto", "job_name": "auto"}}
-    if gpu:
-        cfg["bf16"] = {"enabled": True}
-    return cfg
-
-
-def launch(args: argparse.Namespace, config_path: Path, ds_path: Path, gpu: bool) -> int:
-    from meo_ds.distributed import free_port
-
-    env = dict(os.environ)
-    if not gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.ranks)))
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-           "--master_port", str(free_port()), "--module", "meo_ds.train",
-           "--config", str(config_path), "--deepspeed_config", str(ds_path)]
-    for item in args.set:
-        cmd += ["--set", item]
-    print("[meo-demo] $ " + ("DS_ACCELERATOR=cpu " if not gpu else "") + " ".join(cmd[2:]), flush=True)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "[meo-train]" in line or "Error" in line or "error" in line:
-            print(line, end="", flush=True)
-    return proc.wait()
 
 
 def describe_eval(result: dict) -> str:
@@ -171,11 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print(f"[meo-demo] preparing the {args.task} demo corpus in {out / spec['data']}", flush=True)
     data_dir = build_demo(args.task, out / spec["data"])
-    gpu = use_gpus(args.ranks)
+    gpu = launcher.use_gpus(args.ranks)
     config_path, ds_path = out / f"{run_dir.name}.yaml", out / "ds_config.json"
     config_path.write_text(yaml.safe_dump(run_config(args, Path(data_dir), run_dir), sort_keys=False))
-    ds_path.write_text(json.dumps(ds_config(gpu), indent=2))
-    code = launch(args, config_path, ds_path, gpu)
+    ds_path.write_text(json.dumps(launcher.ds_config(gpu), indent=2))
+    code = launcher.launch(config_path, ds_path, args.ranks, gpu, args.set)
     if code != 0:
         print(f"[meo-demo] training failed (exit {code}); see {run_dir / 'train.log'}", file=sys.stderr)
         return code

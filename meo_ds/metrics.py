@@ -84,6 +84,8 @@ class RoutingAccumulator:
 
     def __init__(self) -> None:
         self.loads: list[torch.Tensor] = []  # per layer: [num_experts] float64 load, summed
+        self.hists: list[torch.Tensor] = []  # per layer: [num_experts + 1] tokens that got j experts, summed
+        self.a2a: list[int] = []  # per layer: all-to-all bytes this rank sent (host ints, known without a sync)
         # [layers, 4] float64, summed: dropped fraction, experts/token, expert rows computed, tokens
         self.scalars: Optional[torch.Tensor] = None
         self.count = 0
@@ -96,10 +98,14 @@ class RoutingAccumulator:
         stats = [s for s in stats if s is not None]
         if not self.loads:
             self.loads = [torch.zeros_like(s.expert_load, dtype=torch.float64) for s in stats]
+            self.hists = [torch.zeros_like(s.experts_per_token_hist, dtype=torch.float64) for s in stats]
+            self.a2a = [0] * len(stats)
             self.scalars = torch.zeros(len(stats), 4, dtype=torch.float64, device=stats[0].expert_load.device)
         stats = stats[: len(self.loads)]
         for i, s in enumerate(stats):
             self.loads[i] += s.expert_load.detach()
+            self.hists[i] += s.experts_per_token_hist.detach()
+            self.a2a[i] += int(s.a2a_bytes)
         self.scalars += torch.stack([torch.stack(self._scalars(s)) for s in stats])
         self.count += 1
 
@@ -125,6 +131,24 @@ class RoutingAccumulator:
         return [{"balance": top / mean if mean > 0 else float("nan"), "drop": drop / n, "experts_per_token": ept / n,
                  "rows_per_token": expert_rows / tokens if tokens > 0 else ept / n}
                 for top, mean, drop, ept, expert_rows, tokens in rows]
+
+    def reduction_parts(self) -> list[torch.Tensor]:
+        """What the trainer sums over the ranks once per interval (one all-reduce, one host read):
+        per layer the expert loads, then per layer the experts-per-token histograms, then the
+        per-layer token counts and all-to-all bytes. Empty when no MoE layer ran."""
+        if not self.loads:
+            return []
+        device = self.scalars.device
+        return [*self.loads, *self.hists, self.scalars[:, 3], torch.tensor(self.a2a, dtype=torch.float64, device=device)]
+
+    def split_reduced(self, parts: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
+        """`reduction_parts` summed over the ranks (host tensors) -> (global loads per layer, per layer
+        {load, experts_hist, a2a_bytes_per_token}: the interval record's routing details)."""
+        n = len(self.loads)
+        loads, hists, tokens, a2a = list(parts[:n]), parts[n:2 * n], parts[2 * n].tolist(), parts[2 * n + 1].tolist()
+        details = [{"load": l.tolist(), "experts_hist": h.tolist(), "a2a_bytes_per_token": b / t if t > 0 else 0.0}
+                   for l, h, t, b in zip(loads, hists, tokens, a2a)]
+        return loads, details
 
     def reset(self) -> None:
         self.__init__()

@@ -265,7 +265,7 @@ class Trainer:
         state = ckpt.load_rank_state(point, self.rank) if same_layout else None
         self.step = int(info["step"])
         if self.rank == 0:  # the steps after the checkpoint are trained (and logged) again
-            for name in ("metrics.jsonl", "eval.jsonl"):
+            for name in ("metrics.jsonl", "eval.jsonl", "intervals.jsonl"):
                 ckpt.truncate_log(self.out_dir / name, self.step)
         if state is not None:
             self.loader.load_state_dict(state["data"])
@@ -452,7 +452,7 @@ class Trainer:
 
     def _log_interval(self) -> None:
         w, cfg = self.window, self.cfg
-        global_loads = self._global_routing_loads()
+        global_loads, details = self._global_routing_loads()
         loss, nll = w.per_token(w.loss_tokens), w.per_token(w.nll_tokens)
         rates = self.throughput()
         peak = metrics.peak_flops(metrics.device_name() if cfg.logging.peak_flops_device == "auto"
@@ -466,15 +466,45 @@ class Trainer:
              "routing": routing, "skipped": w.skipped}
         self.log(metrics.format_line(m))
         self._monitor(m)
+        self._record_interval(m, details)
         self.routing.reset()
         self.window = LogWindow()
 
-    def _global_routing_loads(self) -> Optional[list[torch.Tensor]]:
-        loads = self.routing.loads
-        if not loads:
-            return None
-        flat = distributed.all_reduce(torch.cat([l.flatten() for l in loads]))
-        return list(flat.split([l.numel() for l in loads]))
+    def _global_routing_loads(self) -> tuple[Optional[list[torch.Tensor]], list[dict]]:
+        """The interval's expert loads summed over the ranks, and the per-layer details of
+        RoutingAccumulator.split_reduced (loads, experts-per-token histogram, a2a bytes/token)."""
+        parts = self.routing.reduction_parts()
+        if not parts:
+            return None, []
+        flat = distributed.all_reduce(torch.cat([p.flatten() for p in parts]))
+        return self.routing.split_reduced(list(flat.split([p.numel() for p in parts])))
+
+    def _record_interval(self, m: dict, details: list[dict]) -> None:
+        """intervals.jsonl (rank 0): the log line's figures plus per-layer routing details, for meo-study."""
+        if self.rank != 0:
+            return
+        rec = {**m, "flops_tokens": self.task.FLOPS_TOKENS, "time": time.time() - self.start_time,
+               "routing": [{**r, **d} for r, d in zip(m["routing"], details)] if details else m["routing"]}
+        with open(self.out_dir / "intervals.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _write_summary(self, elapsed: float) -> None:
+        """summary.json (rank 0) at the end of a run: steps, this process's wall time, and the peak
+        memory of the busiest rank (accelerator: max allocated; CPU: the process's max RSS)."""
+        from deepspeed.accelerator import get_accelerator
+
+        if self.device.type == "cpu":
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        else:
+            peak = get_accelerator().max_memory_allocated()
+        peak = distributed.all_reduce_max_int(int(peak))
+        if self.rank == 0:
+            summary = {"steps": self.step, "wall_s": elapsed, "world_size": self.world, "peak_memory_bytes": peak,
+                       "peak_memory_kind": "max RSS" if self.device.type == "cpu" else "max allocated",
+                       **self.throughput()}
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def _monitor(self, m: dict, prefix: str = "Train") -> None:
         monitor = getattr(self.engine, "monitor", None)
@@ -522,6 +552,7 @@ class Trainer:
         if cfg.checkpoint.save_at_end:
             self.save()
         elapsed = time.time() - self.start_time
+        self._write_summary(elapsed)
         self.log(f"done: {self.step} steps in {elapsed:.1f} s" + metrics.format_throughput_summary(self.throughput())
                  + f"; logs in {self.out_dir}, checkpoints in {cfg.checkpoint_dir}")
 
