@@ -20,6 +20,7 @@ setup(
         "pyyaml>=6.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "matplotlib>=3.7",  # meo-study plots
     ],
     extras_require={"test": ["pytest>=8.0"]},
     entry_points={
@@ -28,6 +29,7 @@ setup(
             "meo-train=meo_ds.train:main",
             "meo-export=meo_ds.export.cli:main",
             "meo-demo=meo_ds.demo:main",
+            "meo-study=meo_ds.study:main",
         ]
     },
 )

@@ -1,0 +1,5 @@
+import sys
+
+from meo_ds.study import main
+
+sys.exit(main())
