@@ -7,7 +7,7 @@ re-trained after a resume replace the lost ones). Cumulative executed FLOPs sum,
 steps, the step's counted tokens (metrics.jsonl, all ranks) times the executed FLOPs per token
 of the log interval holding the step (intervals.jsonl).
 
-Figures averaged over training (experts/token, drop rate, load balance = max/mean expert
+Tokens/s is the last launch's rate after its warm-up (metrics.jsonl). Figures averaged over training (experts/token, drop rate, load balance = max/mean expert
 load, all-to-all bytes per token) are the mean over log intervals of the mean over MoE layers
 (a2a bytes: summed over layers); FLOPs per token are token-weighted over the run.
 """
@@ -74,7 +74,9 @@ def routing_means(intervals: list[dict]) -> dict:
 
 def collect(run_dir: Path, wall_s: Optional[float], moe: bool) -> dict:
     """The variant's record: final evaluation, curves, sizes, costs, routing (None for dense baselines)."""
-    metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    # A run resumed from its final checkpoint evaluates that step again: one record per step, the latest.
+    evals = sorted({e["step"]: e for e in read_jsonl(run_dir / "eval.jsonl")}.values(), key=lambda e: e["step"])
     intervals = read_jsonl(run_dir / "intervals.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -90,7 +92,7 @@ def collect(run_dir: Path, wall_s: Optional[float], moe: bool) -> dict:
         "params": param_counts(config, routing["experts_per_token"] if routing else None),
         "model_flops_per_token": _weighted(intervals, metrics, "model_flops_per_token"),
         "executed_flops_per_token": flops[max(flops)] / tokens if tokens else None,
-        "tokens_per_s": summary.get(f"{key}_per_s"),
+        "tokens_per_s": next((m[f"{key}_per_s"] for m in reversed(metrics) if m.get(f"{key}_per_s")), None),
         "train_time_s": times[max(times)], "wall_s": wall_s if wall_s is not None else summary["wall_s"],
         "peak_memory_bytes": summary["peak_memory_bytes"], "peak_memory_kind": summary["peak_memory_kind"],
         "routing": routing,
