@@ -158,3 +158,11 @@ def test_variants_split_and_keep_the_base_settings():
     assert ep == 1
     dense, ep = variant_model("dense-2x", base, 2)
     assert dense["moe"]["num_experts"] == 1 and dense["moe"]["expert_hidden"] == 256 and ep == 1
+
+
+def test_token_budget_becomes_steps_of_the_recipe(tmp_path):
+    from meo_ds.study import runner
+
+    study = runner.Study(out=tmp_path, task="lm", preset="tiny", variants=["topk"], tokens=1_000_000,
+                         overrides=["train.micro_batch_size=4"], ranks=2)
+    assert runner.resolve_steps(study, tmp_path) == math.ceil(1_000_000 / (2 * 4 * 128))  # ranks x batch x seq_len

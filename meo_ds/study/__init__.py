@@ -13,7 +13,7 @@ split during and at the end of training, and the study directory gets:
                    experts-per-token histogram (meo_ds/study/plots.py)
     configs/, runs/, wall.json   the runs themselves (meo_ds/study/runner.py)
 
-    meo-study                                   # demo corpus, 6 variants, ~14 min on 2 CPU cores
+    meo-study                                   # demo corpus, 6 variants x 300 steps: 12 min on 2 busy CPU cores
     meo-study --variants topk,meo-seq --steps 2000 --out studies/a
     meo-study --task mt --data data/wmt/shards --preset mt_tiny --tokens 50000000 --ranks 8
     meo-study --report-only --out studies/a     # rebuild report, results and plots from the runs
