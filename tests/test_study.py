@@ -113,6 +113,18 @@ def test_other_settings_in_the_same_directory_are_refused(study, capsys):
     assert "steps: 4 -> 8" in capsys.readouterr().err
 
 
+def test_report_only_rebuilds_from_the_runs_with_the_recorded_settings(study):
+    out = study["out"]
+    before = json.loads((out / "results.json").read_text())
+    (out / "results.json").unlink()
+    (out / "loss_vs_flops.png").unlink()
+    assert main(["--report-only", "--out", str(out)]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["settings"] == before["settings"] and sorted(after["variants"]) == sorted(VARIANTS)
+    assert after["variants"]["xmoe"]["val_ppl"] == before["variants"]["xmoe"]["val_ppl"]
+    assert (out / "loss_vs_flops.png").is_file()
+
+
 def test_unknown_variant_is_refused_before_any_work(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "s"), "--variants", "topk,moe9"]) == 2
     assert "unknown moe9" in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -114,6 +114,18 @@ def build_report(study: runner.Study, current: dict, say=print) -> int:
     return 0
 
 
+def report_only(args: argparse.Namespace, out: Path, say=print) -> int:
+    """Rebuild report, results and plots from the runs, with the settings the study recorded."""
+    path = out / "study.json"
+    if not path.is_file():
+        print(f"[meo-study] error: {out} holds no study (no study.json); run meo-study --out {out} first", file=sys.stderr)
+        return 2
+    current = json.loads(path.read_text())
+    names = [v for v in args.variants.split(",") if (out / "runs" / v).is_dir()]
+    study = runner.Study(out=out, task=current["task"], preset=current["preset"], variants=names, steps=current["steps"])
+    return build_report(study, current, say)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     say = lambda text: print(f"[meo-study] {text}", flush=True)  # noqa: E731
@@ -122,6 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[meo-study] error: {problem}", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
+    if args.report_only:
+        return report_only(args, out, say)
     task, default_preset, demo_dir = runner.TASKS[args.task]
     study = runner.Study(out=out, task=args.task, preset=args.preset or default_preset, variants=args.variants.split(","),
                          steps=args.steps if args.steps or args.tokens else DEFAULT_STEPS, tokens=args.tokens,
@@ -152,11 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(f"[meo-study] error: {problem}", file=sys.stderr)
         return 2
-    if not args.report_only:
-        code = runner.run_all(study, data_dir, steps, say)
-        if code != 0:
-            return code
-    return build_report(study, current, say)
+    code = runner.run_all(study, data_dir, steps, say)
+    return code if code != 0 else build_report(study, current, say)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,9 @@ def write(results: dict, out: Path, plots: list[str]) -> None:
     lines = [f"# meo-study: {s['task']} on {s['data']}", "",
              f"Preset {s['preset']}, {s['steps']} steps per variant on {s['world']} rank(s), same data order, seed, "
              f"tokens and schedule; validation every {s['eval_interval']} steps. Peak memory: {', '.join(sorted(kinds))} "
-             f"of the busiest rank. Routing columns are means over training (balance = max/mean expert load).", "",
+             f"of the busiest rank. Routing columns are means over training (balance = max/mean expert load). "
+             f"tok/s: {'target tokens' if s['task'] == 'mt' else 'tokens'} per second of the last launch, after warm-up; "
+             f"wall s: all of the variant's launches, start-up included.", "",
              *table(results), "", *[f"- {line}" for line in results["reading"]], "",
              *[f"![{p}]({p})" for p in plots], ""]
     (out / "report.md").write_text("\n".join(lines))
