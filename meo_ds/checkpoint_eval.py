@@ -279,18 +279,43 @@ def check_options(task: str, args: argparse.Namespace) -> None:
         raise EvalError(f"{names} do(es) not apply to a {task} checkpoint; drop {'it' if len(given) == 1 else 'them'}")
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Everything meo-eval does after the arguments; returns the figures (all ranks). Collective."""
+@dataclass
+class Job:
+    """A checked evaluation: the model, its run config and task, the data and its loader."""
+
+    ck: Checkpoint
+    task: Any
+    data: EvalData
+    loader: Any
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Every check of the input (an error here is the user's, named before any work): checkpoint,
+    options, outputs, data, loader."""
     from meo_ds.tasks import task_for
 
     ck = load_checkpoint(args.checkpoint, args.tag)
-    cfg, task = ck.cfg, task_for(ck.cfg)
+    task = task_for(ck.cfg)
     check_options(task.NAME, args)
-    data = resolve_data(task, args.data, args.split, reference_tokenizer(cfg, args.tokenizer), args)
+    for out in (args.json, args.out_translations):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise EvalError(f"{out}: its directory does not exist")
+    data = resolve_data(task, args.data, args.split, reference_tokenizer(ck.cfg, args.tokenizer), args)
     try:
-        loader = eval_loader(task, cfg, data, args)
-        if args.beam:
-            cfg.eval.beam_size = args.beam
+        loader = eval_loader(task, ck.cfg, data, args)
+    except BaseException:
+        if data.temp is not None:
+            data.temp.cleanup()
+        raise
+    if args.beam:
+        ck.cfg.eval.beam_size = args.beam
+    return Job(ck, task, data, loader)
+
+
+def run(job: Job, args: argparse.Namespace) -> dict:
+    """The evaluation of a prepared job; returns the figures (all ranks). Collective."""
+    ck, task, data, loader = job.ck, job.task, job.data, job.loader
+    try:
         device = device_of_rank()
         model = ck.model.to(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
         with torch.no_grad():
@@ -302,7 +327,7 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 result["max_tokens"] = loader.max_tokens
                 if args.max_sentences != 0:
-                    scores, hyps = evaluate_bleu(model, cfg, loader.dataset, args.max_sentences, device)
+                    scores, hyps = evaluate_bleu(model, ck.cfg, loader.dataset, args.max_sentences, device)
                     result.update(scores)
                     if args.out_translations and rank_world()[0] == 0:
                         Path(args.out_translations).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
@@ -353,18 +378,19 @@ def stop_ranks() -> None:
 
 
 def evaluate_and_report(args: argparse.Namespace, rank: int) -> int:
-    """`run`, then rank 0 reports; bad input is one line on rank 0 and exit status 2 on every rank."""
+    """`prepare`, `run`, then rank 0 reports; bad input is one line on rank 0 and exit status 2 on every rank."""
     from meo_ds.checkpoint import CheckpointError
     from meo_ds.config import ConfigError
     from meo_ds.data.readers import CorpusError
     from meo_ds.export.errors import ExportError
 
     try:
-        result = run(args)
+        job = prepare(args)
     except (ValueError, CheckpointError, ExportError, ConfigError, CorpusError, OSError, KeyError) as err:
         if rank == 0:  # every rank meets the same input, before any collective
             print(f"meo-eval: error: {err}", file=sys.stderr, flush=True)
         return EXIT_INPUT
+    result = run(job, args)  # past the checks an exception is a bug: its traceback, not a one-liner
     if rank == 0:
         report(result, args.json)
     return 0

@@ -69,25 +69,25 @@ def test_lm_perplexity_equals_the_trainers_eval(runs, tmp_path, capsys) -> None:
     assert line.startswith("meo-eval | ") and f"loss {trainer['val_loss']:.4f}" in line and "| validation |" in line
     tag = Path(got["checkpoint"])
     assert tag.name == tag_for(6)
-    whole, _ = _eval(capsys, tmp_path, tag, "--data", runs["lm_data"], "--batch-size", 2)  # a tag dir; every batch
+    whole, _ = _eval(capsys, tmp_path, tag, "--data", runs["lm_data"], "--batch-size", 8)  # a tag dir; every batch
     from meo_ds.data.lm import LMDataset
 
     samples = (LMDataset(runs["lm_data"], "validation").num_tokens - 1) // 32
-    assert whole["tokens"] == samples // 2 * 2 * 32 and whole["batches"] == samples // 2
+    assert whole["tokens"] == samples // 8 * 8 * 32 and whole["batches"] == samples // 8
 
 
 def test_lm_raw_files_are_tokenized_as_meo_prepare_does(runs, tmp_path, capsys) -> None:
     from meo_ds.data.lm import prepare_lm
 
-    docs = [f"def f{i}(x):\n    return the {i}th value of x, unchanged when x is empty" for i in range(60)]
+    docs = [f"def f{i}(x):\n    return the {i}th value of x, unchanged when x is empty" for i in range(24)]
     raw = tmp_path / "held_out.txt"
     raw.write_text("\n".join(docs) + "\n")
     train = tmp_path / "train.txt"
     train.write_text("some other training text\n")
     prepared = tmp_path / "prepared"
     prepare_lm([train], runs["lm_data"], prepared, valid=[raw], progress=False)
-    from_raw, line = _eval(capsys, tmp_path, runs["lm"] / "checkpoints", "--data", raw, "--batch-size", 2)
-    from_dir, _ = _eval(capsys, tmp_path, runs["lm"] / "checkpoints", "--data", prepared, "--batch-size", 2)
+    from_raw, line = _eval(capsys, tmp_path, runs["lm"] / "checkpoints", "--data", raw, "--batch-size", 3)
+    from_dir, _ = _eval(capsys, tmp_path, runs["lm"] / "checkpoints", "--data", prepared, "--batch-size", 3)
     assert from_raw["tokens"] == from_dir["tokens"] > 0
     assert from_raw["loss"] == from_dir["loss"]
     assert from_raw["split"] is None and from_raw["data"] == [str(raw)] and str(raw) in line
