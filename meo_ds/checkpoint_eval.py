@@ -32,9 +32,10 @@ tensors): the figure is the one-process figure, whatever the number of ranks.
 
 BLEU/chrF: sacrebleu corpus scores of beam-search translations (meo_ds.evaluate.translate_pairs,
 the run's eval settings with `--beam`) of the first `--max-sentences` pairs (default all; 0 =
-none), references decoded from their tokens as the trainer does. Under the launcher the sentences
-are divided over the ranks and their texts gathered on rank 0, which prints one line and writes
-`--json` / `--out-translations`.
+none), references decoded from their tokens as the trainer does, in beam-search batches of 64
+pairs. Under the launcher those batches are divided over the ranks (the same batches, so the same
+hypotheses as one process) and their texts gathered on rank 0 (all_gather_objects), which prints
+one line and writes `--json` / `--out-translations`.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="checkpoint directory (newest complete tag) or one tag directory")
     p.add_argument("--tag", help="tag inside the checkpoint directory (default: the newest complete one)")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="a prepared corpus directory, or raw files (LM: text/jsonl; translation: SRC TGT, TSV or jsonl)")
+                   help="a prepared corpus directory, or raw files (LM: text/jsonl; translation: SRC TGT, TSV "
+                   "or jsonl)")
     p.add_argument("--split", default="validation", help="split of a prepared corpus (default validation)")
     p.add_argument("--format", default="auto", help="raw files' format as meo-prepare takes it (default auto)")
     p.add_argument("--field", default="text", help="JSON lines field of raw LM documents (default text)")
@@ -251,20 +253,26 @@ def evaluate_loss(model: torch.nn.Module, loader: Any, max_batches: Optional[int
     return {"loss": figures["val_loss"], "ppl": figures["val_ppl"], "tokens": figures["val_tokens"], "batches": n}
 
 
+BLEU_BATCH = 64  # sentences per beam search, as the trainer's bleu_chrf
+
+
 def evaluate_bleu(model: torch.nn.Module, cfg: Any, dataset: Any, max_sentences: Optional[int],
                   device: torch.device) -> tuple[dict, list[str]]:
-    """BLEU/chrF of the first max_sentences pairs, divided over the ranks; (scores, hypotheses in
-    pair order) on rank 0, (scores, []) elsewhere. Collective."""
+    """BLEU/chrF of the first max_sentences pairs; (scores, hypotheses in pair order) on rank 0,
+    (scores, []) elsewhere. Collective. Rank r translates the blocks r, r+W, ... of BLEU_BATCH
+    pairs, the batches one process would form, so every hypothesis is the one-process one (with
+    capacity dispatch what an expert drops depends on the batch)."""
     from meo_ds import distributed
 
     rank, world = rank_world()
     n = len(dataset) if max_sentences is None else min(len(dataset), max_sentences)
-    mine = range(rank, n, world)
-    hyps, refs = ev.translate_pairs(model, dataset, mine, cfg, device)
-    parts = distributed.all_gather_objects((hyps, refs))
+    starts = range(rank * BLEU_BATCH, n, world * BLEU_BATCH)
+    mine = [i for start in starts for i in range(start, min(n, start + BLEU_BATCH))]
+    hyps, refs = ev.translate_pairs(model, dataset, mine, cfg, device, BLEU_BATCH)
     all_hyps, all_refs = [""] * n, [""] * n
-    for r, (h, t) in enumerate(parts):
-        all_hyps[r:n:world], all_refs[r:n:world] = h, t
+    for indices, h, t in distributed.all_gather_objects((mine, hyps, refs)):
+        for i, hyp, ref in zip(indices, h, t):
+            all_hyps[i], all_refs[i] = hyp, ref
     scores = ev.corpus_scores(all_hyps, all_refs) if n else {"bleu": float("nan"), "chrf": float("nan")}
     return {**scores, "sentences": n, "beam": cfg.eval.beam_size}, all_hyps if rank == 0 else []
 

@@ -123,7 +123,7 @@ def test_translation_raw_parallel_files(runs, tmp_path, capsys) -> None:
 
 def test_two_launched_ranks_give_the_one_process_figures(runs, tmp_path, capsys) -> None:
     lm = [runs["lm"] / "checkpoints", "--data", runs["lm_data"], "--batch-size", 3]
-    mt = [runs["mt"] / "checkpoints", "--data", runs["mt_data"], "--split", "test", "--max-sentences", 5,
+    mt = [runs["mt"] / "checkpoints", "--data", runs["mt_data"], "--split", "test", "--max-sentences", 70,
           "--beam", 2]
     one_lm, _ = _eval(capsys, tmp_path, *lm)
     one_mt, _ = _eval(capsys, tmp_path, *mt, "--out-translations", tmp_path / "one.txt")
@@ -138,7 +138,7 @@ def test_two_launched_ranks_give_the_one_process_figures(runs, tmp_path, capsys)
     assert two_mt["batches"] == one_mt["batches"] > 2 and two_mt["tokens"] == one_mt["tokens"]
     assert two_mt["loss"] == pytest.approx(one_mt["loss"], abs=1e-9)
     assert (tmp_path / "two.txt").read_text() == (tmp_path / "one.txt").read_text()
-    assert two_mt["bleu"] == one_mt["bleu"] and two_mt["sentences"] == 5
+    assert two_mt["bleu"] == one_mt["bleu"] and two_mt["sentences"] == 70  # rank 1 translated pairs 64..69
 
 
 def _error(capsys, *argv) -> str:
