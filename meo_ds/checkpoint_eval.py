@@ -2,14 +2,14 @@
 search) and loss of a translation checkpoint, on a prepared split or on raw files.
 
     meo-eval runs/x/checkpoints --data data/lm --split test --json lm_test.json
-    meo-eval runs/mt/checkpoints/global_step600 --data test.de test.en --beam 4 --out-translations hyp.txt
+    meo-eval runs/mt/checkpoints/step_00000600 --data test.de test.en --beam 4 --out-translations hyp.txt
     deepspeed --num_gpus 4 --module meo_ds.checkpoint_eval runs/x/checkpoints --data data/lm   # batches over ranks
 
 Checkpoint: a meo-train checkpoint directory (its newest complete tag, as meo-export takes it) or
 one tag directory; any ep size, ZeRO 0-2. meo_ds.export.consolidate reads it on the CPU (checksums
-against COMPLETE, no unpickling) and export.model_of rebuilds the parallelism-free model from the
-run config in the checkpoint. Every rank holds the whole model (no expert sharding): a model must
-fit one device.
+against COMPLETE, no unpickling), its run config and weights are checked, and only once the data
+is checked too does export.model_of build the parallelism-free model. Every rank holds the whole
+model (no expert sharding): a model must fit one device.
 
 Data: a prepared corpus directory of the checkpoint's task (`--split`, default validation), or raw
 files tokenized with the checkpoint's tokenizer (LM: text/JSON lines documents as meo-prepare lm
@@ -26,7 +26,7 @@ back to back from the split's token stream (documents joined with eos; the last 
 tokens that do not fill a batch are not scored); translation batches of data.max_tokens padded
 tokens (`--max-tokens`). `--max-batches N` scores the first N. The trainer at world size W scores
 batches 0..W*eval.max_batches-1 of this very sequence (rank r takes batch g*W + r), so
-`--max-batches W*eval.max_batches` reproduces its eval.jsonl val_loss. Under the launcher rank r
+`--max-batches W*eval.max_batches` reproduces its eval.jsonl val_loss (to float rounding). Under the launcher rank r
 scores batches r, r+W', ... and the sums are reduced once (meo_ds.distributed.all_reduce, device
 tensors): the figure is the one-process figure, whatever the number of ranks.
 
@@ -95,16 +95,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- checkpoint
 @dataclass
 class Checkpoint:
-    model: torch.nn.Module
+    consolidated: Any  # export.Consolidated: the weights, memory-mapped until the model is built
     cfg: Any  # the run config saved with it (data.path, batch sizes, eval settings)
     path: Path  # the tag directory read
     step: Optional[int]
 
 
 def load_checkpoint(path: str, tag: Optional[str]) -> Checkpoint:
-    """The consolidated model of a checkpoint directory (+ --tag) or of one tag directory."""
+    """A checkpoint directory (+ --tag) or one tag directory, checked (checksums, run config, every
+    weight's name and shape) but not yet loaded into a model."""
     from meo_ds.export.consolidate import MAIN_FILE, consolidate
-    from meo_ds.export.exporter import model_of
+    from meo_ds.export.exporter import check_weights, run_config_of
 
     root = Path(path)
     if not root.exists():
@@ -112,8 +113,9 @@ def load_checkpoint(path: str, tag: Optional[str]) -> Checkpoint:
     if tag is None and (root / MAIN_FILE).is_file():  # a tag directory
         root, tag = root.parent, root.name
     ck = consolidate(root, tag)
-    model, cfg = model_of(ck)
-    return Checkpoint(model, cfg, ck.path, ck.metadata.get("trainer_step", ck.global_steps))
+    cfg = run_config_of(ck)
+    check_weights(cfg.model, ck.state_dict)
+    return Checkpoint(ck, cfg, ck.path, ck.metadata.get("trainer_step", ck.global_steps))
 
 
 def reference_tokenizer(cfg: Any, explicit: Optional[str]) -> Path:
@@ -324,8 +326,10 @@ def run(job: Job, args: argparse.Namespace) -> dict:
     """The evaluation of a prepared job; returns the figures (all ranks). Collective."""
     ck, task, data, loader = job.ck, job.task, job.data, job.loader
     try:
+        from meo_ds.export.exporter import model_of
+
         device = device_of_rank()
-        model = ck.model.to(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        model = model_of(ck.consolidated)[0].to(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
         with torch.no_grad():
             result = {"task": task.NAME, "checkpoint": str(ck.path), "step": ck.step, "data": data.source,
                       "split": None if data.raw else data.split, "precision": args.precision,
