@@ -249,9 +249,12 @@ def rank_world() -> tuple[int, int]:
 
 def evaluate_loss(model: torch.nn.Module, loader: Any, max_batches: Optional[int], device: torch.device) -> dict:
     """Loss over the first max_batches batches, rank r scoring r, r+W, ...; reduced. Collective."""
+    from meo_ds import distributed
+
     rank, world = rank_world()
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
-    figures = ev.loss_figures(ev.loss_sums(model, loader, range(rank, n, world), device))
+    sums = ev.loss_sums(model, loader, range(rank, n, world), device)
+    figures = ev.loss_figures(*distributed.all_reduce(sums).tolist())
     return {"loss": figures["val_loss"], "ppl": figures["val_ppl"], "tokens": figures["val_tokens"], "batches": n}
 
 

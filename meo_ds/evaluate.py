@@ -39,7 +39,8 @@ def evaluation_mode(engine: Any) -> Iterator[None]:
 def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.device) -> dict:
     """Token-weighted mean cross-entropy (not label-smoothed) over the first `max_batches`
     validation batches of every rank, and its perplexity."""
-    return loss_figures(loss_sums(engine, loader, range(min(len(loader), max_batches)), device))
+    sums = loss_sums(engine, loader, range(min(len(loader), max_batches)), device)
+    return loss_figures(*distributed.all_reduce(sums).tolist())
 
 
 def loss_sums(model: Any, loader: Any, steps: Iterable[int], device: torch.device) -> torch.Tensor:
@@ -56,9 +57,8 @@ def loss_sums(model: Any, loader: Any, steps: Iterable[int], device: torch.devic
     return torch.stack([nll_sum, nll_sum.new_full((), token_sum)])
 
 
-def loss_figures(sums: torch.Tensor) -> dict:
-    """The ranks' `loss_sums` reduced once: mean loss, its perplexity and the tokens. Collective."""
-    total_nll, total_tokens = distributed.all_reduce(sums).tolist()
+def loss_figures(total_nll: float, total_tokens: float) -> dict:
+    """Mean loss, its perplexity and the tokens of the ranks' reduced `loss_sums`."""
     loss = total_nll / total_tokens if total_tokens > 0 else float("nan")
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total_tokens)}
 
