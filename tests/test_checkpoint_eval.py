@@ -1,6 +1,6 @@
 """meo-eval (meo_ds/checkpoint_eval.py) on checkpoints of two short meo-train runs (a top-k MoE LM
-and the mt_tiny translation preset, one rank each, trained in one launch): its figures equal the
-trainer's own eval.jsonl, raw files are tokenized as meo-prepare does, two launched ranks give the
+and the mt_tiny translation preset, both ep=2 on two ranks, trained in one launch): its figures
+equal the trainer's own eval.jsonl (whose two ranks scored batches 0..3 of meo-eval's sequence), raw files are tokenized as meo-prepare does, two launched ranks give the
 one-process figures, and bad input is one line before any work."""
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ def runs(tmp_path_factory) -> dict:
     lm_data = build_demo("lm", root / "lm_demo", max_chars=300_000, vocab_size=1000)
     mt_data = build_demo("mt", root / "mt_demo", pairs=2000)
     lm = _run_config(root / "lm", {
-        "task": "lm", "model": LM_MODEL, "data": {"path": str(lm_data), "seq_len": 32},
+        "task": "lm", "model": LM_MODEL, "parallel": {"ep_size": 2}, "data": {"path": str(lm_data), "seq_len": 32},
         "train": {"steps": 6, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "seed": 3},
         "eval": {"max_batches": 2}})
     mt = _run_config(root / "mt", {
-        "task": "translation", "model": {"preset": "mt_tiny"}, "data": {"path": str(mt_data), "max_tokens": 256},
+        "task": "translation", "model": {"preset": "mt_tiny"}, "parallel": {"ep_size": 2}, "data": {"path": str(mt_data), "max_tokens": 256},
         "train": {"steps": 6, "micro_batch_size": 1, "lr": 3e-3, "warmup_steps": 1, "seed": 3},
         "eval": {"max_batches": 2, "bleu_sentences": 4, "beam_size": 2, "max_new_tokens": 8}})
-    run_ranks(TRAIN_WORKER, 1, ["--deepspeed_config", DS, lm, mt], timeout=300)
+    run_ranks(TRAIN_WORKER, 2, ["--deepspeed_config", DS, lm, mt], timeout=300)
     return {"root": root, "lm_data": lm_data, "mt_data": mt_data, "lm": root / "lm", "mt": root / "mt"}
 
 
@@ -61,10 +61,10 @@ def _trainer_eval(run: Path) -> dict:
 
 def test_lm_perplexity_equals_the_trainers_eval(runs, tmp_path, capsys) -> None:
     trainer = _trainer_eval(runs["lm"])
-    got, line = _eval(capsys, tmp_path, runs["lm"] / "checkpoints", "--data", runs["lm_data"], "--max-batches", 2)
+    got, line = _eval(capsys, tmp_path, runs["lm"] / "checkpoints", "--data", runs["lm_data"], "--max-batches", 4)
     assert got["loss"] == pytest.approx(trainer["val_loss"], abs=1e-6)
     assert got["ppl"] == pytest.approx(trainer["val_ppl"], rel=1e-6)
-    assert got["tokens"] == trainer["val_tokens"] == 2 * 4 * 32
+    assert got["tokens"] == trainer["val_tokens"] == 2 * 2 * 4 * 32  # 2 ranks x eval.max_batches x batch x seq_len
     assert got["step"] == trainer["step"] == 6 and got["split"] == "validation" and got["batch_size"] == 4
     assert line.startswith("meo-eval | ") and f"loss {trainer['val_loss']:.4f}" in line and "| validation |" in line
     tag = Path(got["checkpoint"])
@@ -96,7 +96,7 @@ def test_lm_raw_files_are_tokenized_as_meo_prepare_does(runs, tmp_path, capsys) 
 def test_translation_bleu_and_loss_equal_the_trainers_eval(runs, tmp_path, capsys) -> None:
     trainer = _trainer_eval(runs["mt"])
     hyp = tmp_path / "hyp.txt"
-    got, line = _eval(capsys, tmp_path, runs["mt"] / "checkpoints", "--data", runs["mt_data"], "--max-batches", 2,
+    got, line = _eval(capsys, tmp_path, runs["mt"] / "checkpoints", "--data", runs["mt_data"], "--max-batches", 4,
                       "--max-sentences", 4, "--beam", 2, "--out-translations", hyp)
     assert got["loss"] == pytest.approx(trainer["val_loss"], abs=1e-6)
     assert got["tokens"] == trainer["val_tokens"]
@@ -179,7 +179,7 @@ def test_moved_corpus_needs_tokenizer(runs, tmp_path, capsys) -> None:
     try:
         assert "pass --tokenizer" in _error(capsys, runs["lm"] / "checkpoints", "--data", moved)
         got, _ = _eval(capsys, tmp_path, runs["lm"] / "checkpoints", "--data", moved, "--tokenizer", moved,
-                       "--max-batches", 2)
+                       "--max-batches", 4)
         assert got["loss"] == pytest.approx(_trainer_eval(runs["lm"])["val_loss"], abs=1e-6)
     finally:
         moved.rename(data)
