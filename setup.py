@@ -30,6 +30,7 @@ setup(
             "meo-export=meo_ds.export.cli:main",
             "meo-demo=meo_ds.demo:main",
             "meo-study=meo_ds.study:main",
+            "meo-eval=meo_ds.checkpoint_eval:main",
         ]
     },
 )

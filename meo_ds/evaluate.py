@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -39,37 +39,61 @@ def evaluation_mode(engine: Any) -> Iterator[None]:
 def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.device) -> dict:
     """Token-weighted mean cross-entropy (not label-smoothed) over the first `max_batches`
     validation batches of every rank, and its perplexity."""
+    sums = loss_sums(engine, loader, range(min(len(loader), max_batches)), device)
+    return loss_figures(*distributed.all_reduce(sums).tolist())
+
+
+def loss_sums(model: Any, loader: Any, steps: Iterable[int], device: torch.device) -> torch.Tensor:
+    """[sum over `steps` (batches of the loader's first epoch) of batch mean NLL x its target tokens,
+    target tokens] as one float64 tensor on `device`: this rank's part of a token-weighted mean."""
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     token_sum = 0
-    for step in range(min(len(loader), max_batches)):
+    for step in steps:
         batch = loader.batch(0, step)
-        out = engine(**model_inputs(batch, device, loader.MODEL_INPUTS))
+        out = model(**model_inputs(batch, device, loader.MODEL_INPUTS))
         tokens = target_tokens(batch)
         nll_sum += out.nll_loss.detach().double() * tokens
         token_sum += tokens
-    total_nll, total_tokens = distributed.all_reduce(torch.stack([nll_sum, nll_sum.new_full((), token_sum)])).tolist()
+    return torch.stack([nll_sum, nll_sum.new_full((), token_sum)])
+
+
+def loss_figures(total_nll: float, total_tokens: float) -> dict:
+    """Mean loss, its perplexity and the tokens of the ranks' reduced `loss_sums`."""
     loss = total_nll / total_tokens if total_tokens > 0 else float("nan")
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(total_tokens)}
 
 
 def bleu_chrf(model: torch.nn.Module, cfg: RunConfig, device: torch.device, batch_size: int = 64) -> dict:
     """sacrebleu BLEU and chrF of beam-search translations of the first N validation pairs."""
-    import sacrebleu
-
     dataset = MTDataset(cfg.data.path, cfg.data.val_split)
-    tok = dataset.tokenizer()
     n = min(len(dataset), cfg.eval.bleu_sentences)
+    hyps, refs = translate_pairs(model, dataset, range(n), cfg, device, batch_size)
+    samples = [{"hyp": h, "ref": r} for h, r in list(zip(hyps, refs))[:3]]
+    return {**corpus_scores(hyps, refs), "bleu_sentences": n, "samples": samples}
+
+
+def translate_pairs(model: torch.nn.Module, dataset: MTDataset, indices: Iterable[int], cfg: RunConfig,
+                    device: torch.device, batch_size: int = 64) -> tuple[list[str], list[str]]:
+    """Beam-search translations of the pairs `indices` of `dataset` (cfg.eval's beam settings) and
+    their references, both decoded to text with the corpus's tokenizer."""
+    tok = dataset.tokenizer()
+    indices = list(indices)
     hyps, refs = [], []
-    for start in range(0, n, batch_size):
-        pairs = [dataset.pair(i) for i in range(start, min(n, start + batch_size))]
+    for start in range(0, len(indices), batch_size):
+        pairs = [dataset.pair(i) for i in indices[start:start + batch_size]]
         src_ids, src_mask = source_batch([s for s, _ in pairs], tok.eos_id, tok.pad_id)
         out = translate(model, src_ids.to(device), src_mask.to(device), cfg, tok)
         hyps += [tok.decode(strip_special(ids, tok)) for ids in out]
         refs += [tok.decode([int(t) for t in tgt]) for _, tgt in pairs]
-    bleu = sacrebleu.corpus_bleu(hyps, [refs])
-    chrf = sacrebleu.corpus_chrf(hyps, [refs])
-    samples = [{"hyp": h, "ref": r} for h, r in list(zip(hyps, refs))[:3]]
-    return {"bleu": float(bleu.score), "chrf": float(chrf.score), "bleu_sentences": n, "samples": samples}
+    return hyps, refs
+
+
+def corpus_scores(hyps: list[str], refs: list[str]) -> dict:
+    """sacrebleu corpus BLEU and chrF of hypotheses against one reference each."""
+    import sacrebleu
+
+    return {"bleu": float(sacrebleu.corpus_bleu(hyps, [refs]).score),
+            "chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score)}
 
 
 def source_batch(sources: list, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

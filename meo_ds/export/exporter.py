@@ -61,9 +61,13 @@ def run_config_of(ck: Consolidated) -> Any:
 def load_model(checkpoint_dir: str | Path, tag: Optional[str] = None) -> tuple[torch.nn.Module, Any]:
     """Our own model (meo_ds.models) holding a trainer checkpoint's weights, on CPU in eval mode,
     and the run config it was trained with: for evaluation or generation without ranks."""
+    return model_of(consolidate(checkpoint_dir, tag))
+
+
+def model_of(ck: Consolidated) -> tuple[torch.nn.Module, Any]:
+    """Our model holding the consolidated weights `ck` (CPU, eval mode) and its run config."""
     from meo_ds import models
 
-    ck = consolidate(checkpoint_dir, tag)
     cfg = run_config_of(ck)
     check_weights(cfg.model, ck.state_dict)
     model = models.build_model(cfg.model)

@@ -1,0 +1,424 @@
+"""`meo-eval CHECKPOINT --data DIR|FILE...`: perplexity of an LM checkpoint, or BLEU/chrF (beam
+search) and loss of a translation checkpoint, on a prepared split or on raw files.
+
+    meo-eval runs/x/checkpoints --data data/lm --split test --json lm_test.json
+    meo-eval runs/mt/checkpoints/step_00000600 --data test.de test.en --beam 4 --out-translations hyp.txt
+    deepspeed --num_gpus 4 --module meo_ds.checkpoint_eval runs/x/checkpoints --data data/lm   # batches over ranks
+
+Checkpoint: a meo-train checkpoint directory (its newest complete tag, as meo-export takes it) or
+one tag directory; any ep size, ZeRO 0-2. meo_ds.export.consolidate reads it on the CPU (checksums
+against COMPLETE, no unpickling), its run config and weights are checked, and only once the data
+is checked too does export.model_of build the parallelism-free model. Every rank holds the whole
+model (no expert sharding): a model must fit one device.
+
+Data: a prepared corpus directory of the checkpoint's task (`--split`, default validation), or raw
+files tokenized with the checkpoint's tokenizer (LM: text/JSON lines documents as meo-prepare lm
+reads them; translation: SRC TGT aligned files, one TSV or one JSON lines file, every pair kept,
+an empty side is an error). Raw files become a one-split corpus in a temporary directory, so both
+are read by the trainer's own loaders. The checkpoint's tokenizer is `tokenizer.model` of its run
+config's data.path (or `--tokenizer` when that corpus moved); a prepared corpus must carry the
+same tokenizer (sha256 in its manifest), else it is an error, as is a corpus of the other task.
+
+Loss (both tasks): token-weighted mean NLL (not label-smoothed), meo_ds.evaluate.loss_sums over
+the batches of the trainer's validation loader for one rank, in order, unshuffled: LM batches of
+`--batch-size` (default train.micro_batch_size) packed sequences of data.seq_len + 1 tokens cut
+back to back from the split's token stream (documents joined with eos; the last < batch x seq_len
+tokens that do not fill a batch are not scored); translation batches of data.max_tokens padded
+tokens (`--max-tokens`). `--max-batches N` scores the first N. The trainer at world size W scores
+batches 0..W*eval.max_batches-1 of this very sequence (rank r takes batch g*W + r), so
+`--max-batches W*eval.max_batches` reproduces its eval.jsonl val_loss (to float rounding). Under the launcher rank r
+scores batches r, r+W', ... and the sums are reduced once (meo_ds.distributed.all_reduce, device
+tensors): the figure is the one-process figure, whatever the number of ranks.
+
+BLEU/chrF: sacrebleu corpus scores of beam-search translations (meo_ds.evaluate.translate_pairs,
+the run's eval settings with `--beam`) of the first `--max-sentences` pairs (default all; 0 =
+none), references decoded from their tokens as the trainer does, in beam-search batches of 64
+pairs. Under the launcher those batches are divided over the ranks (the same batches, so the same
+hypotheses as one process) and their texts gathered on rank 0 (all_gather_objects), which prints
+one line and writes `--json` / `--out-translations`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from meo_ds import evaluate as ev
+
+EXIT_INPUT = 2
+
+
+class EvalError(ValueError):
+    """Input meo-eval cannot evaluate; the message names the problem and the fix."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="meo-eval", description="Perplexity (LM) or BLEU/chrF + loss (translation) "
+                                "of a meo-train checkpoint on a prepared split or raw files.")
+    p.add_argument("checkpoint", help="checkpoint directory (newest complete tag) or one tag directory")
+    p.add_argument("--tag", help="tag inside the checkpoint directory (default: the newest complete one)")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="a prepared corpus directory, or raw files (LM: text/jsonl; translation: SRC TGT, TSV "
+                   "or jsonl)")
+    p.add_argument("--split", default="validation", help="split of a prepared corpus (default validation)")
+    p.add_argument("--format", default="auto", help="raw files' format as meo-prepare takes it (default auto)")
+    p.add_argument("--field", default="text", help="JSON lines field of raw LM documents (default text)")
+    p.add_argument("--tokenizer", help="the checkpoint's tokenizer (its corpus directory or tokenizer.model) "
+                   "when the run config's data.path moved")
+    p.add_argument("--batch-size", type=int, help="LM sequences per batch (default train.micro_batch_size)")
+    p.add_argument("--max-tokens", type=int, help="translation padded tokens per batch (default data.max_tokens)")
+    p.add_argument("--max-batches", type=int, help="score the first N batches only (default all)")
+    p.add_argument("--beam", type=int, help="beam size (default the run's eval.beam_size)")
+    p.add_argument("--max-sentences", type=int, help="translate the first N pairs (default all; 0: no BLEU)")
+    p.add_argument("--out-translations", help="write the hypotheses, one per line, in pair order")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="weights and compute dtype")
+    p.add_argument("--json", help="write every figure and where it comes from to this file")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "max_tokens", "max_batches", "beam"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+    if args.max_sentences is not None and args.max_sentences < 0:
+        p.error(f"--max-sentences must be >= 0, not {args.max_sentences}")
+    return args
+
+
+# --------------------------------------------------------------------------- checkpoint
+@dataclass
+class Checkpoint:
+    consolidated: Any  # export.Consolidated: the weights, memory-mapped until the model is built
+    cfg: Any  # the run config saved with it (data.path, batch sizes, eval settings)
+    path: Path  # the tag directory read
+    step: Optional[int]
+
+
+def load_checkpoint(path: str, tag: Optional[str]) -> Checkpoint:
+    """A checkpoint directory (+ --tag) or one tag directory, checked (checksums, run config, every
+    weight's name and shape) but not yet loaded into a model."""
+    from meo_ds.export.consolidate import MAIN_FILE, consolidate
+    from meo_ds.export.exporter import check_weights, run_config_of
+
+    root = Path(path)
+    if not root.exists():
+        raise EvalError(f"checkpoint {root} does not exist; pass a run's checkpoints/ directory or one of its tags")
+    if tag is None and (root / MAIN_FILE).is_file():  # a tag directory
+        root, tag = root.parent, root.name
+    ck = consolidate(root, tag)
+    cfg = run_config_of(ck)
+    check_weights(cfg.model, ck.state_dict)
+    return Checkpoint(ck, cfg, ck.path, ck.metadata.get("trainer_step", ck.global_steps))
+
+
+def reference_tokenizer(cfg: Any, explicit: Optional[str]) -> Path:
+    """The checkpoint's tokenizer.model: --tokenizer, else the one of its run config's data.path."""
+    if explicit:
+        path = Path(explicit)
+        path = path / "tokenizer.model" if path.is_dir() else path
+        if not path.is_file():
+            raise EvalError(f"--tokenizer {explicit}: no tokenizer.model there; pass the checkpoint's corpus "
+                            f"directory or its tokenizer.model")
+        return path
+    path = Path(cfg.data.path or "") / "tokenizer.model"
+    if not path.is_file():
+        raise EvalError(f"the checkpoint's tokenizer {path} (its run config's data.path) is missing: the corpus "
+                        f"moved or was deleted; pass --tokenizer DIR (that corpus directory or its tokenizer.model)")
+    return path
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class EvalData:
+    directory: Path  # a prepared corpus (the user's, or raw files tokenized into a temporary one)
+    split: str
+    source: list[str]  # what the user gave
+    raw: bool
+    temp: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False)
+
+
+def resolve_data(task: Any, inputs: Sequence[str], split: str, tokenizer: Path, args: argparse.Namespace) -> EvalData:
+    """A prepared directory (checked: task, split, tokenizer) or raw files tokenized into a temporary one."""
+    from meo_ds.data.io import MANIFEST, read_manifest
+    from meo_ds.data.tokenizer import Tokenizer
+
+    missing = [p for p in inputs if not Path(p).exists()]
+    if missing:
+        raise EvalError(f"--data {' '.join(missing)}: no such file or directory")
+    first = Path(inputs[0])
+    if len(inputs) == 1 and (first / MANIFEST).is_file():
+        manifest = read_manifest(first)
+        kind = manifest.get("task")
+        if kind != task.PREPARE_NAME:
+            raise EvalError(f"{first} is a {kind!r} corpus but the checkpoint is a {task.NAME} model; pass a corpus "
+                            f"prepared with `meo-prepare {task.PREPARE_NAME}` or raw files")
+        splits = list(manifest.get("splits") or {})
+        if split not in splits:
+            raise EvalError(f"{first} has no split {split!r}; --split one of: {', '.join(splits)}")
+        shipped = (manifest.get("tokenizer") or {}).get("sha256")
+        if shipped != Tokenizer(tokenizer).checksum():
+            raise EvalError(f"{first} was tokenized with another tokenizer than the checkpoint's ({tokenizer}); "
+                            f"prepare it again with that tokenizer, or pass the raw files")
+        return EvalData(first, split, [str(first)], raw=False)
+    if first.is_dir() and not any(first.iterdir()):
+        raise EvalError(f"--data {first} is an empty directory")
+    temp = tempfile.TemporaryDirectory(prefix="meo-eval-")
+    try:
+        tokenize_files(task.PREPARE_NAME, inputs, tokenizer, Path(temp.name), args.format, args.field)
+    except BaseException:
+        temp.cleanup()
+        raise
+    return EvalData(Path(temp.name), RAW_SPLIT, [str(p) for p in inputs], raw=True, temp=temp)
+
+
+RAW_SPLIT = "raw"
+
+
+def tokenize_files(kind: str, inputs: Sequence[str], tokenizer: Path, out: Path, fmt: str, text_field: str) -> None:
+    """Raw files -> a one-split (RAW_SPLIT) corpus in `out` that LMDataset/MTDataset read: the
+    readers and tokenization of meo-prepare, every document/pair kept (as a given --valid split)."""
+    from meo_ds.data.io import TokenFileWriter, token_dtype, write_manifest
+    from meo_ds.data.lm import LM_FORMAT
+    from meo_ds.data.mt import MT_FORMAT, _given_pairs
+    from meo_ds.data.prepare import ship_tokenizer, tokenize_chunks
+    from meo_ds.data.readers import read_documents, read_pairs
+    from meo_ds.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    paths = [Path(p) for p in inputs]
+    if kind == "lm":
+        writer = TokenFileWriter(out, RAW_SPLIT, dtype)
+        for [(flat, lengths)] in tokenize_chunks(read_documents(paths, fmt, text_field), tok.path):
+            writer.add_many(flat, lengths, suffix=tok.eos_id)
+        entry, fmt_name = writer.close(), LM_FORMAT
+    else:
+        src_w, tgt_w = TokenFileWriter(out, f"{RAW_SPLIT}.src", dtype), TokenFileWriter(out, f"{RAW_SPLIT}.tgt", dtype)
+        pairs = _given_pairs(read_pairs(paths, fmt), "evaluation", paths)
+        for (src, src_lens), (tgt, tgt_lens) in tokenize_chunks(pairs, tok.path):
+            src_w.add_many(src, src_lens)
+            tgt_w.add_many(tgt, tgt_lens)
+        source, target = src_w.close(), tgt_w.close()
+        if source["sequences"] == 0:
+            raise EvalError(f"--data {' '.join(inputs)}: no sentence pairs")
+        entry, fmt_name = {"pairs": source["sequences"], "source": source, "target": target}, MT_FORMAT
+    write_manifest(out, {"format": fmt_name, "task": kind, "tokenizer": ship_tokenizer(tok, out),
+                         "dtype": dtype.name, "splits": {RAW_SPLIT: entry}})
+
+
+def eval_loader(task: Any, cfg: Any, data: EvalData, args: argparse.Namespace) -> Any:
+    """The trainer's validation loader for one rank of one (module docstring), on `data`."""
+    cfg.data.path = str(data.directory)
+    if args.batch_size:
+        cfg.train.micro_batch_size = args.batch_size
+    if args.max_tokens:
+        cfg.data.max_tokens = args.max_tokens
+    try:
+        return task.loader(data.split, 0, 1, shuffle=False)
+    except ValueError as err:
+        hint = "--batch-size" if task.NAME == "lm" else "--max-tokens"
+        raise EvalError(f"{err}; lower or raise {hint}, or give more data") from err
+
+
+# --------------------------------------------------------------------------- evaluation
+def device_of_rank() -> torch.device:
+    """This rank's accelerator device (DeepSpeed's accelerator; cpu on CPU machines)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(acc.device_name(), acc.current_device())
+
+
+def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate_loss(model: torch.nn.Module, loader: Any, max_batches: Optional[int], device: torch.device) -> dict:
+    """Loss over the first max_batches batches, rank r scoring r, r+W, ...; reduced. Collective."""
+    from meo_ds import distributed
+
+    rank, world = rank_world()
+    n = len(loader) if max_batches is None else min(len(loader), max_batches)
+    sums = ev.loss_sums(model, loader, range(rank, n, world), device)
+    figures = ev.loss_figures(*distributed.all_reduce(sums).tolist())
+    return {"loss": figures["val_loss"], "ppl": figures["val_ppl"], "tokens": figures["val_tokens"], "batches": n}
+
+
+BLEU_BATCH = 64  # sentences per beam search, as the trainer's bleu_chrf
+
+
+def evaluate_bleu(model: torch.nn.Module, cfg: Any, dataset: Any, max_sentences: Optional[int],
+                  device: torch.device) -> tuple[dict, list[str]]:
+    """BLEU/chrF of the first max_sentences pairs; (scores, hypotheses in pair order) on rank 0,
+    (scores, []) elsewhere. Collective. Rank r translates the blocks r, r+W, ... of BLEU_BATCH
+    pairs, the batches one process would form, so every hypothesis is the one-process one (with
+    capacity dispatch what an expert drops depends on the batch)."""
+    from meo_ds import distributed
+
+    rank, world = rank_world()
+    n = len(dataset) if max_sentences is None else min(len(dataset), max_sentences)
+    starts = range(rank * BLEU_BATCH, n, world * BLEU_BATCH)
+    mine = [i for start in starts for i in range(start, min(n, start + BLEU_BATCH))]
+    hyps, refs = ev.translate_pairs(model, dataset, mine, cfg, device, BLEU_BATCH)
+    all_hyps, all_refs = [""] * n, [""] * n
+    for indices, h, t in distributed.all_gather_objects((mine, hyps, refs)):
+        for i, hyp, ref in zip(indices, h, t):
+            all_hyps[i], all_refs[i] = hyp, ref
+    scores = ev.corpus_scores(all_hyps, all_refs) if n else {"bleu": float("nan"), "chrf": float("nan")}
+    return {**scores, "sentences": n, "beam": cfg.eval.beam_size}, all_hyps if rank == 0 else []
+
+
+def check_options(task: str, args: argparse.Namespace) -> None:
+    """Options of the other task are an error, not silently ignored."""
+    other = {"lm": ("max_tokens", "beam", "max_sentences", "out_translations"),
+             "translation": ("batch_size", "field")}[task]
+    given = [n for n in other if getattr(args, n) not in (None, "text")]
+    if given:
+        names = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise EvalError(f"{names} do(es) not apply to a {task} checkpoint; drop {'it' if len(given) == 1 else 'them'}")
+
+
+@dataclass
+class Job:
+    """A checked evaluation: the model, its run config and task, the data and its loader."""
+
+    ck: Checkpoint
+    task: Any
+    data: EvalData
+    loader: Any
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Every check of the input (an error here is the user's, named before any work): checkpoint,
+    options, outputs, data, loader."""
+    from meo_ds.tasks import task_for
+
+    ck = load_checkpoint(args.checkpoint, args.tag)
+    task = task_for(ck.cfg)
+    check_options(task.NAME, args)
+    for out in (args.json, args.out_translations):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise EvalError(f"{out}: its directory does not exist")
+    data = resolve_data(task, args.data, args.split, reference_tokenizer(ck.cfg, args.tokenizer), args)
+    try:
+        loader = eval_loader(task, ck.cfg, data, args)
+    except BaseException:
+        if data.temp is not None:
+            data.temp.cleanup()
+        raise
+    if args.beam:
+        ck.cfg.eval.beam_size = args.beam
+    return Job(ck, task, data, loader)
+
+
+def run(job: Job, args: argparse.Namespace) -> dict:
+    """The evaluation of a prepared job; returns the figures (all ranks). Collective."""
+    ck, task, data, loader = job.ck, job.task, job.data, job.loader
+    try:
+        from meo_ds.export.exporter import model_of
+
+        device = device_of_rank()
+        model = model_of(ck.consolidated)[0].to(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        with torch.no_grad():
+            result = {"task": task.NAME, "checkpoint": str(ck.path), "step": ck.step, "data": data.source,
+                      "split": None if data.raw else data.split, "precision": args.precision,
+                      "world_size": rank_world()[1], **evaluate_loss(model, loader, args.max_batches, device)}
+            if task.NAME == "lm":
+                result["batch_size"] = loader.micro_batch_size
+            else:
+                result["max_tokens"] = loader.max_tokens
+                if args.max_sentences != 0:
+                    scores, hyps = evaluate_bleu(model, ck.cfg, loader.dataset, args.max_sentences, device)
+                    result.update(scores)
+                    if args.out_translations and rank_world()[0] == 0:
+                        Path(args.out_translations).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    finally:
+        if data.temp is not None:
+            data.temp.cleanup()
+    return result
+
+
+def summary_line(result: dict) -> str:
+    where = result["split"] or " ".join(result["data"])
+    parts = ["meo-eval", result["checkpoint"], f"step {result['step']}", where]
+    if "bleu" in result:
+        parts += [f"bleu {result['bleu']:.2f}", f"chrf {result['chrf']:.2f}", f"sentences {result['sentences']}"]
+    parts += [f"loss {result['loss']:.4f}", f"ppl {result['ppl']:.2f}", f"tokens {result['tokens']}",
+              f"batches {result['batches']}"]
+    return " | ".join(parts)
+
+
+def report(result: dict, json_path: Optional[str]) -> None:
+    """Rank 0: the one line, and the JSON file."""
+    print(summary_line(result), flush=True)
+    if json_path:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+        Path(json_path).write_text(json.dumps(clean, indent=2) + "\n")
+
+
+def launched() -> bool:
+    """Started by the deepspeed launcher (or torchrun): the environment names this rank."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def start_ranks() -> int:
+    """Join the launcher's ranks (a no-op in one process); this rank's number."""
+    if launched():
+        from meo_ds.distributed import init_distributed
+
+        init_distributed()
+    return int(os.environ.get("RANK", "0"))
+
+
+def stop_ranks() -> None:
+    if launched():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def evaluate_and_report(args: argparse.Namespace, rank: int) -> int:
+    """`prepare`, `run`, then rank 0 reports; bad input is one line on rank 0 and exit status 2 on every rank."""
+    from meo_ds.checkpoint import CheckpointError
+    from meo_ds.config import ConfigError
+    from meo_ds.data.readers import CorpusError
+    from meo_ds.export.errors import ExportError
+
+    try:
+        job = prepare(args)
+    except (ValueError, CheckpointError, ExportError, ConfigError, CorpusError, OSError, KeyError) as err:
+        if rank == 0:  # every rank meets the same input, before any collective
+            print(f"meo-eval: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_INPUT
+    result = run(job, args)  # past the checks an exception is a bug: its traceback, not a one-liner
+    if rank == 0:
+        report(result, args.json)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    rank = start_ranks()
+    code = evaluate_and_report(args, rank)
+    if code == 0:
+        stop_ranks()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
