@@ -28,6 +28,7 @@ setup(
             "meo-train=meo_ds.train:main",
             "meo-export=meo_ds.export.cli:main",
             "meo-demo=meo_ds.demo:main",
+            "meo-upcycle=meo_ds.upcycle:main",
         ]
     },
 )

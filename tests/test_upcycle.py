@@ -188,7 +188,9 @@ def trained(tmp_path_factory) -> dict:
 def test_training_at_ep2_starts_from_the_upcycled_weights_and_learns(trained):
     start = consolidate(trained["up"] / "checkpoints").state_dict
     loaded = consolidate(trained["run"] / "checkpoints", tag="step_00000000").state_dict
-    assert start.keys() == loaded.keys() and all(torch.equal(start[k], loaded[k]) for k in start)
+    assert start.keys() == loaded.keys()
+    changed = [k for k in start if not torch.equal(start[k], loaded[k])]
+    assert not changed, f"the ep-2 run did not start from the upcycled weights: {changed[:4]}"
     loss = trained["loss"]
     steps = sorted(loss)
     first, last = sum(loss[s] for s in steps[:3]) / 3, sum(loss[s] for s in steps[-3:]) / 3
