@@ -311,43 +311,52 @@ def upcycled_layer(moe: Any, d_model: int, ffn: dict[str, torch.Tensor], granula
 
 
 # --------------------------------------------------------------------------- writing
-def split_experts(state: dict[str, torch.Tensor]) -> tuple[dict, dict[tuple[int, int], dict], list[int]]:
-    """(main module dict, {(moe layer id, global expert): that expert's tensors}, experts per MoE
-    layer): the DeepSpeed engine's file split (meo_ds/export/consolidate.py). MoE layer ids count
-    the layers holding expert-parallel experts, in module order."""
-    main, experts, layer_ids = {}, {}, {}
-    for key, value in state.items():
-        if _DS_EXPERTS not in key:
-            main[key] = value
-            continue
-        layer, _, rest = key.partition("." + _DS_EXPERTS)
-        e = int(rest.split(".")[0])
-        lid = layer_ids.setdefault(layer, len(layer_ids))
-        experts.setdefault((lid, e), {})[key] = value
-    counts = [1 + max(e for (lid, e) in experts if lid == i) for i in range(len(layer_ids))]
-    return main, experts, counts
+class CheckpointWriter:
+    """A meo-train checkpoint at step 0 (tag step_00000000, COMPLETE with checksums, `latest`) in the
+    DeepSpeed engine's file split (meo_ds/export/consolidate.py): each expert-parallel expert in its
+    own file, written as soon as its layer is added (so only one MoE layer's experts are in memory);
+    everything else in the main file. MoE layer ids count the layers holding such experts, in order."""
 
+    def __init__(self, ckpt_dir: Path):
+        from meo_ds import checkpoint as ckpt
 
-def write_checkpoint(ckpt_dir: Path, state: dict[str, torch.Tensor], run_tree: dict, source: str) -> Path:
-    """A meo-train checkpoint at step 0 (tag step_00000000, COMPLETE with checksums, `latest`)."""
-    import deepspeed
+        self.ckpt_dir, self.tag_dir = ckpt_dir, ckpt_dir / ckpt.tag_for(0)
+        self.tag_dir.mkdir(parents=True)
+        self.main: dict[str, torch.Tensor] = {}
+        self.num_experts: list[int] = []
 
-    from meo_ds import checkpoint as ckpt
-    from meo_ds.export.consolidate import EXPERT_FILE, MAIN_FILE
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        """Weights of whole layers, added in module order."""
+        from meo_ds.export.consolidate import EXPERT_FILE
 
-    tag_dir = ckpt_dir / ckpt.tag_for(0)
-    tag_dir.mkdir(parents=True)
-    main, experts, counts = split_experts(state)
-    for (lid, e), tensors in experts.items():
-        torch.save(tensors, tag_dir / EXPERT_FILE.format(layer=lid, expert=e))
-    torch.save({"module": main, "num_experts": counts, "dp_world_size": 1, "mp_world_size": 1, "global_steps": 0,
-                "global_samples": 0, "skipped_steps": 0, "ds_version": deepspeed.__version__, "trainer_step": 0,
-                "world_size": 1, "config": run_tree, "upcycled_from": source}, tag_dir / MAIN_FILE)
-    files = {name: ckpt.file_digest(tag_dir / name) for name in ckpt.tag_files(tag_dir)}
-    marker = {"step": 0, "world_size": 1, "ep_size": 1, "time": time.time(), "files": files, "upcycled_from": source}
-    (tag_dir / ckpt.COMPLETE).write_text(json.dumps(marker))
-    (ckpt_dir / ckpt.LATEST).write_text(tag_dir.name)
-    return tag_dir
+        experts: dict[int, dict] = {}
+        for key, value in state.items():
+            if _DS_EXPERTS in key:
+                experts.setdefault(int(key.partition(_DS_EXPERTS)[2].split(".")[0]), {})[key] = value
+            else:
+                self.main[key] = value
+        if experts:
+            lid = len(self.num_experts)
+            for e, tensors in experts.items():
+                torch.save(tensors, self.tag_dir / EXPERT_FILE.format(layer=lid, expert=e))
+            self.num_experts.append(len(experts))
+
+    def finish(self, run_tree: dict, source: str) -> Path:
+        import deepspeed
+
+        from meo_ds import checkpoint as ckpt
+        from meo_ds.export.consolidate import MAIN_FILE
+
+        torch.save({"module": self.main, "num_experts": self.num_experts, "dp_world_size": 1, "mp_world_size": 1,
+                    "global_steps": 0, "global_samples": 0, "skipped_steps": 0, "ds_version": deepspeed.__version__,
+                    "trainer_step": 0, "world_size": 1, "config": run_tree, "upcycled_from": source},
+                   self.tag_dir / MAIN_FILE)
+        files = {name: ckpt.file_digest(self.tag_dir / name) for name in ckpt.tag_files(self.tag_dir)}
+        marker = {"step": 0, "world_size": 1, "ep_size": 1, "time": time.time(), "files": files,
+                  "upcycled_from": source}
+        (self.tag_dir / ckpt.COMPLETE).write_text(json.dumps(marker))
+        (self.ckpt_dir / ckpt.LATEST).write_text(self.tag_dir.name)
+        return self.tag_dir
 
 
 def copy_tokenizer(hf_dir: Path, out_dir: Path, vocab_size: int) -> Optional[str]:
@@ -415,14 +424,16 @@ def upcycle(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, kind: str, ex
     tmp.mkdir(parents=True)
     try:
         gen = torch.Generator().manual_seed(seed)
-        state = {k: v for k, v in weights.items() if not any(k.startswith(f"layers.{i}.ffn.") for i in layers)}
+        writer = CheckpointWriter(tmp / "checkpoints")
+        writer.add({k: v for k, v in weights.items() if not any(k.startswith(f"layers.{i}.ffn.") for i in layers)})
         for i in layers:
             ffn = {w: weights[f"layers.{i}.ffn.{w}.weight"] for w in ("w1", "w2", "w3")}
-            torch.manual_seed(seed * 1_000_003 + i)  # the library's own init of what upcycling leaves alone
-            layer = upcycled_layer(moe, dense.d_model, ffn, g, noise, gen)
-            state.update({f"layers.{i}.moe.{k}": v for k, v in layer.items()})
+            with torch.random.fork_rng(devices=[]):  # the library's own init of what upcycling leaves alone
+                torch.manual_seed(seed * 1_000_003 + i)
+                layer = upcycled_layer(moe, dense.d_model, ffn, g, noise, gen)
+            writer.add({f"layers.{i}.moe.{k}": v for k, v in layer.items()})
         tree = run_tree(out_dir, model_cfg)
-        write_checkpoint(tmp / "checkpoints", state, tree, str(hf_dir.resolve()))
+        writer.finish(tree, str(hf_dir.resolve()))
         tokenizer = copy_tokenizer(hf_dir, tmp, dense.vocab_size)
         header = CONFIG_HEADER.format(source=hf_dir.resolve(), out=out_dir)
         (tmp / "config.yaml").write_text(header + yaml.safe_dump(tree, sort_keys=False))
