@@ -98,8 +98,9 @@ class SafetensorsReader:
                 self.files = {name: hf_dir / "model.safetensors" for name in f.keys()}
         else:
             bins = sorted(p.name for p in hf_dir.glob("*.bin"))
-            hint = (f" (it holds {', '.join(bins[:3])}: pickled weights, which meo_ds never loads; convert them "
-                    f"with transformers: from_pretrained(...).save_pretrained(dir, safe_serialization=True))") if bins else ""
+            hint = "" if not bins else (
+                f" (it holds {', '.join(bins[:3])}: pickled weights, which meo_ds never loads; convert them with "
+                f"transformers: from_pretrained(...).save_pretrained(dir, safe_serialization=True))")
             raise UpcycleError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json{hint}")
         missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
         if missing:

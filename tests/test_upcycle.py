@@ -33,8 +33,10 @@ def hf_classes(family: str) -> tuple[type, type]:
     return getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
 
 
-def make_hf(path: Path, family: str, seed: int = 0, tokenizer: Path | None = None, **over) -> torch.nn.Module:
-    """A random dense model of `family` saved at `path` (Qwen2: random q/k/v biases, tied embeddings)."""
+def make_hf(path: Path, family: str, seed: int = 0, tokenizer: Path | None = None, shard: str = "5GB",
+            dtype: torch.dtype = torch.float32, **over) -> torch.nn.Module:
+    """A random dense model of `family` saved at `path` in `dtype` and shards of at most `shard`
+    (Qwen2: random q/k/v biases, tied embeddings)."""
     config_cls, model_cls = hf_classes(family)
     extra = {"mistral": {"sliding_window": None}, "qwen2": {"tie_word_embeddings": True}}.get(family, {})
     torch.manual_seed(seed)
@@ -42,7 +44,7 @@ def make_hf(path: Path, family: str, seed: int = 0, tokenizer: Path | None = Non
     for name, p in model.named_parameters():
         if name.endswith(".bias"):
             torch.nn.init.normal_(p, std=0.5)
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path, max_shard_size=shard)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, path / "tokenizer.model")
     return model
@@ -55,7 +57,7 @@ def dense(tmp_path_factory) -> dict:
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(1))
     out = {}
     for family in FAMILIES:
-        model = make_hf(root / family, family)
+        model = make_hf(root / family, family, shard="40KB" if family == "mistral" else "5GB")
         with torch.no_grad():
             out[family] = (root / family, ids, model(ids).logits)
     return out
@@ -80,6 +82,17 @@ def test_upcycled_model_starts_with_the_dense_logits(dense, family, kind, tmp_pa
     print(f"{family} {kind}: max |logit diff| {diff:.2e} (logits up to {ref.abs().max():.2f})")
     assert diff < START_TOL
     assert ref.abs().max() > 1.0  # the comparison is not between near-zero logits
+
+
+def test_reads_shards_and_keeps_the_dtype(dense, tmp_path):
+    assert (dense["mistral"][0] / "model.safetensors.index.json").is_file()  # the starts above read shards
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.bfloat16)
+    record = upcycle(tmp_path / "hf", tmp_path / "out", "xmoe", experts=4, granularity=2)
+    state = consolidate(tmp_path / "out" / "checkpoints").state_dict
+    assert record["dtype"] == "bfloat16" and {v.dtype for v in state.values()} == {torch.bfloat16}
+    dense_w2 = hf.model.layers[1].mlp.down_proj.weight
+    piece = state["layers.1.moe.deepspeed_moe.experts.deepspeed_experts.3.w2.weight"]  # copy 1, piece 1
+    assert torch.equal(piece, dense_w2[:, 64:] * 2)  # x G, exact in bf16
 
 
 def test_xmoe_start_is_exact_only_when_every_piece_is_selected(dense, tmp_path):
