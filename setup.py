@@ -31,6 +31,7 @@ setup(
             "meo-demo=meo_ds.demo:main",
             "meo-study=meo_ds.study:main",
             "meo-eval=meo_ds.checkpoint_eval:main",
+            "meo-upcycle=meo_ds.upcycle:main",
         ]
     },
 )

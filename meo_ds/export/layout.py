@@ -108,7 +108,8 @@ def remote_config(task: str, model_cfg: Any) -> dict:
         moe = lm_moe(c)
         return dict(
             common, num_hidden_layers=c.n_layers, norm="rmsnorm", positions="rope", ffn_activation="swiglu",
-            ffn_bias=False, attention_bias=False, embed_scale=1.0, tie_word_embeddings=c.tie_embeddings,
+            ffn_bias=False, attention_bias=False, qkv_bias=bool(getattr(c, "attention_bias", False)),
+            embed_scale=1.0, tie_word_embeddings=c.tie_embeddings,
             moe=dataclasses.asdict(moe) if moe is not None else None, moe_layers=moe_layer_ids(c),
         )
     layers = mt_moe_layer_ids(c)
@@ -123,7 +124,9 @@ def remote_config(task: str, model_cfg: Any) -> dict:
 
 # --------------------------------------------------------------------------- native (LM only)
 def native_problems(model_cfg: Any) -> list[str]:
-    """Architecture features native Llama/Mixtral lack (our LM has none today: same blocks)."""
+    """Architecture features native Llama/Mixtral lack: q/k/v-only biases (Qwen2's attention)."""
+    if getattr(model_cfg, "attention_bias", False):
+        return ["its attention has q/k/v biases (attention_bias: Qwen2's layout; Llama/Mixtral have none)"]
     return []
 
 

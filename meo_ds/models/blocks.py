@@ -46,6 +46,7 @@ class BlockSpec:
     norm_eps: float = 1e-5
     activation: Activation = "swiglu"  # dense FFN: swiglu (w1, w3, w2) or gelu (w1, w2)
     bias: bool = False  # biases in attention projections and the dense FFN
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2), whatever `bias` says
     rope_theta: Optional[float] = 10000.0  # None: no rotary embedding (positions added to the input)
     dropout: float = 0.0
 
@@ -81,9 +82,10 @@ class Attention(nn.Module):
         self.cross = cross
         self.theta = None if cross else spec.rope_theta
         d = spec.d_model
-        self.q_proj = nn.Linear(d, self.h * self.hd, bias=spec.bias)
-        self.k_proj = nn.Linear(d, self.kvh * self.hd, bias=spec.bias)
-        self.v_proj = nn.Linear(d, self.kvh * self.hd, bias=spec.bias)
+        qkv_bias = spec.bias or spec.qkv_bias
+        self.q_proj = nn.Linear(d, self.h * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.kvh * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.kvh * self.hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.h * self.hd, d, bias=spec.bias)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:

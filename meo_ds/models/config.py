@@ -42,6 +42,7 @@ class LMConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    attention_bias: bool = False  # biases on the q, k, v projections (Qwen2's attention; o_proj has none)
     dropout: float = 0.0
     moe: Optional[MoEConfig] = None  # None: every FFN dense
     moe_every: int = 2  # MoE at layers i with i % moe_every == moe_offset

@@ -34,9 +34,10 @@ def run_blocks(layers: nn.ModuleList, x: torch.Tensor, name: str, cache: Optiona
 
 
 def block_spec(cfg: LMConfig) -> BlockSpec:
-    """Llama/Mixtral blocks: RMSNorm, RoPE, SwiGLU, no biases."""
+    """Llama/Mixtral blocks: RMSNorm, RoPE, SwiGLU, no biases (q/k/v biases with attention_bias: Qwen2)."""
     return BlockSpec(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.kv_heads(), d_ff=cfg.d_ff,
                      norm="rmsnorm", norm_eps=cfg.norm_eps, activation="swiglu", bias=False,
+                     qkv_bias=cfg.attention_bias,
                      rope_theta=cfg.rope_theta, dropout=cfg.dropout)
 
 

@@ -11,6 +11,7 @@ Translation: `vocab_size` is the target vocabulary; the source shares its embedd
 output projection to the target embedding. `num_hidden_layers` counts encoder layers,
 `num_decoder_layers` decoder layers. `positions`: "rope" (self-attention only) or "sinusoidal"
 (added to the scaled embeddings); `embed_scale` multiplies the embeddings (sqrt(d) or 1).
+`attention_bias`: biases on all four attention projections; `qkv_bias`: on q, k, v only (Qwen2).
 """
 from transformers import PretrainedConfig
 
@@ -20,7 +21,7 @@ FIELDS = {
     "vocab_size": 32000, "share_embeddings": True, "hidden_size": 512, "intermediate_size": 2048,
     "num_hidden_layers": 8, "num_attention_heads": 8, "norm": "rmsnorm", "norm_eps": 1e-5, "positions": "rope",
     "rope_theta": 10000.0, "max_position_embeddings": 2048, "ffn_activation": "swiglu", "ffn_bias": False,
-    "attention_bias": False, "embed_scale": 1.0, "moe": None,
+    "attention_bias": False, "qkv_bias": False, "embed_scale": 1.0, "moe": None,
 }
 # PretrainedConfig's own fields, with our defaults.
 BASE_DEFAULTS = {"tie_word_embeddings": True, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3,

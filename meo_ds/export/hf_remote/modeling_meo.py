@@ -105,9 +105,10 @@ class Attention(nn.Module):
         self.use_rope = config.positions == "rope" and not cross
         self.theta = config.rope_theta
         bias = config.attention_bias
-        self.q_proj = nn.Linear(d, self.heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=bias)
+        qkv_bias = bias or getattr(config, "qkv_bias", False)
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=bias)
 
     def _split(self, x, heads):
