@@ -35,5 +35,8 @@ def test_remote_layer_equals_meo_ds_layer(kind: str, causal: bool, activation: s
     with torch.no_grad():
         want = ours(x, mask).hidden
         got = theirs(x, mask)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Same math, but the routed layer runs each expert on a token block of another shape than
+    # training's dispatch does, and some CPUs' GEMM kernels sum such blocks in another order
+    # (bit-equal on one 2-core Intel machine, 3.6e-7 apart on an AMD EPYC one): fp32 rounding only.
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert want.abs().max() > 0.1  # the comparison is not between two zero tensors
