@@ -37,10 +37,10 @@ Choices (documented here once):
   any gate, so a MEO layer starts as one dense FFN, and the experts diverge as the noisy gates
   send different sequences to different experts. With independently drawn experts every
   sequence's W^ was a different random FFN, and at small scale MEO trailed top-k far: tiny
-  preset, demo corpus, 300 steps, val ppl 497 (independent) vs 290 (equal; token level 276), top-k 279. Only with
-  a noisy gate: without noise equal experts are a fixed point (every group takes the same
-  experts, which get the same updates, and the gates no gradient), so then they are drawn
-  independently.
+  preset, demo corpus, 300 steps, val ppl 497 (independent) vs 290 (equal; token level 276),
+  top-k 279. Only with a noisy gate: without noise equal experts are a fixed point (every group
+  takes the same experts, which get the same updates, and the gates no gradient), so then they
+  are drawn independently.
 - Gate (default = the paper's reference code): noisy top-k in training, logits + N(0, 1) * std
   with std = softplus(s W_noise) + cfg.meo_noise_floor (0.01), s the gate input; softmax over the
   k chosen logits. Gate and noise weights are zero-initialised (paper), so all clean logits tie
