@@ -22,9 +22,13 @@ def make_layer(activation="gelu", causal=False, segment_len=3, level="sequence",
                     segment_len=segment_len, recompute_merged=recompute, noisy_gating=noisy,
                     token_bottleneck_ratio=2)
     layer = MEOLayer(cfg, d, hidden, causal=causal).to(dtype)
-    # Random gates (zero-initialised by default) so that routing depends on the input.
+    # Random gates (zero-initialised by default) so that routing depends on the input, and
+    # distinct experts (they start equal by default) so that routing changes the output.
     for lin in layer.linears.values():
         torch.nn.init.normal_(lin.gate_weight, std=1.0)
+        for p in (lin.weight, lin.bias):
+            if p is not None:
+                torch.nn.init.uniform_(p, -lin.d_in**-0.5, lin.d_in**-0.5)
         if lin.default_summary is not None:
             torch.nn.init.normal_(lin.default_summary)
     return layer.eval()
@@ -360,6 +364,26 @@ def test_a_few_optimizer_steps_reduce_the_loss(noisy):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert any(lin.gate_weight.abs().sum() > 0 for lin in layer.linears.values())
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_experts_start_equal_so_meo_starts_as_one_dense_ffn(activation):
+    """At initialisation every expert of a linear is the same draw, so W^ is that draw for any
+    gate: the layer is one dense FFN (independent experts made each sequence a different random FFN)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(kind="meo", num_experts=4, top_k=2, activation=activation)
+    layer = MEOLayer(cfg, 8, 16, causal=True).double().train()  # noisy gates: random experts per group
+    for lin in layer.linears.values():
+        assert torch.equal(lin.weight, lin.weight[:1].expand_as(lin.weight)), "experts must start equal"
+        assert lin.weight[0].abs().max() <= lin.d_in**-0.5  # nn.Linear's default bound
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    w = {name: lin.weight[0] for name, lin in layer.linears.items()}
+    if activation == "gelu":
+        b = {name: layer.linears[name].bias[0] for name in w}
+        want = F.linear(F.gelu(F.linear(x, w["fc1"], b["fc1"])), w["fc2"], b["fc2"])
+    else:
+        want = F.linear(F.silu(F.linear(x, w["w1"])) * F.linear(x, w["w3"]), w["w2"])
+    torch.testing.assert_close(layer(x).hidden, want)
 
 
 def test_noise_breaks_the_zero_init_tie():
