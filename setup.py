@@ -26,11 +26,11 @@ setup(
     entry_points={
         "console_scripts": [
             "meo-prepare=meo_ds.data.cli:main",
-            "meo-train=meo_ds.train:main",
+            "meo-train=meo_ds.train:cli",
             "meo-export=meo_ds.export.cli:main",
             "meo-demo=meo_ds.demo:main",
             "meo-study=meo_ds.study:main",
-            "meo-eval=meo_ds.checkpoint_eval:main",
+            "meo-eval=meo_ds.checkpoint_eval:cli",
             "meo-upcycle=meo_ds.upcycle:main",
         ]
     },

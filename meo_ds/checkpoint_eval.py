@@ -47,7 +47,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import torch
 
@@ -420,5 +420,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return code
 
 
+def cli() -> NoReturn:
+    """`meo-eval` and `python -m meo_ds.checkpoint_eval` (every launched rank): main(), then end the
+    process through distributed.exit_process (why not plain sys.exit: its docstring)."""
+    from meo_ds.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -48,13 +48,35 @@ import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import NoReturn, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank process with `code` now: flush stdout, stderr and logging, then os._exit.
+
+    The entry points of launched ranks (`meo-train`, `meo-eval`) end through this, after their own
+    barrier and destroy_process_group on success (or none, when a peer is gone). Ordinary
+    interpreter teardown is where it can go wrong: C++ objects of gloo and DeepSpeed's comm ops
+    still alive then can abort the process ("terminate called without an active exception",
+    SIGABRT: the launcher reports 250 and kills the peers), so a run that finished and saved looked
+    failed, and a rank stopping on a failed collective lost its own status (4). Nothing is left
+    for teardown to do: files are written and closed, run-directory locks are released by main,
+    and the shared-memory buffers were unlinked after start-up."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken pipe: nothing more can be said on it
+    logging.shutdown()
+    os._exit(code)
 
 
 def free_port() -> int:

@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -629,5 +629,11 @@ def run(cfg: RunConfig, ds: dict) -> int:
     return code
 
 
+def cli() -> NoReturn:
+    """`meo-train` and `python -m meo_ds.train` (every launched rank): main(), then end the process
+    through distributed.exit_process (why not plain sys.exit: its docstring)."""
+    distributed.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -3,6 +3,7 @@ runs, for several argument sets separated by `--next` in one launch (saves a lau
 import sys
 
 from meo_ds import checkpoint_eval as ce
+from meo_ds.distributed import exit_process
 
 if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -17,5 +18,6 @@ if __name__ == "__main__":
     for args in sets:
         code = ce.evaluate_and_report(ce.parse_args(args), rank)
         if code:
-            sys.exit(code)
+            exit_process(code)
     ce.stop_ranks()
+    exit_process(0)
