@@ -11,10 +11,8 @@ standard library: OUT/tokenizer and OUT/shards. Same package version, same corpu
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +20,7 @@ from typing import Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meo_ds.data.cli import main as prepare  # noqa: E402
+from meo_ds.data.demo import python_sources, source_docstrings  # noqa: E402
 
 SKIP_DIRS = {"test", "tests", "testing", "__pycache__"}
 
@@ -34,24 +33,8 @@ def package_root(name: str) -> Path:
 
 
 def docstrings(root: Path, max_chars: int) -> Iterator[str]:
-    total = 0
-    for directory, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        for name in sorted(files):
-            if not name.endswith(".py"):
-                continue
-            try:
-                tree = ast.parse((Path(directory) / name).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc.split()) >= 5:
-                        yield doc
-                        total += len(doc)
-                        if total >= max_chars:
-                            return
+    """The package's docstrings, read as the demo reads the standard library's."""
+    return source_docstrings(python_sources(root, SKIP_DIRS), max_chars)
 
 
 def main() -> int:

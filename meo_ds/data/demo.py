@@ -14,24 +14,25 @@ import os
 import random
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
 
 
-def _stdlib_sources(root: Path) -> Iterator[Path]:
-    """Standard-library .py files in sorted order, without tests and installed packages."""
+def python_sources(root: Path, skip_dirs: set[str] = SKIP_DIRS) -> Iterator[Path]:
+    """The .py files under `root` in sorted order, without the directories named in `skip_dirs`."""
     for directory, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        dirs[:] = sorted(d for d in dirs if d not in skip_dirs)
         for name in sorted(files):
             if name.endswith(".py"):
                 yield Path(directory) / name
 
 
-def stdlib_docstrings(max_chars: int = 3_000_000) -> Iterator[str]:
-    """Docstrings (module, class, function) of the standard library, at most `max_chars` in all."""
+def source_docstrings(paths: Iterable[Path], max_chars: int) -> Iterator[str]:
+    """Docstrings (module, class, function) of at least 5 words of the Python files `paths`, read
+    with `ast` (nothing is imported), at most `max_chars` characters in all."""
     total = 0
-    for path in _stdlib_sources(Path(sysconfig.get_paths()["stdlib"])):
+    for path in paths:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -44,6 +45,11 @@ def stdlib_docstrings(max_chars: int = 3_000_000) -> Iterator[str]:
                     total += len(doc)
                     if total >= max_chars:
                         return
+
+
+def stdlib_docstrings(max_chars: int = 3_000_000) -> Iterator[str]:
+    """Docstrings of the standard library (without tests and installed packages)."""
+    return source_docstrings(python_sources(Path(sysconfig.get_paths()["stdlib"])), max_chars)
 
 
 DETERMINERS = ["the", "a", "every", "this", "no"]
