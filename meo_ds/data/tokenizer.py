@@ -30,7 +30,11 @@ SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the ids the loaders and models need."""
+    """A loaded SentencePiece model with the ids the loaders and models need (the interface of
+    meo_ds/data/hf_tokenizer.py, whose `load_tokenizer` also reads HuggingFace tokenizer.json)."""
+
+    kind = "sentencepiece"
+    files = ["tokenizer.model"]  # what a corpus ships
 
     def __init__(self, model_path: str | os.PathLike):
         """`model_path`: a SentencePiece .model file, or a directory holding tokenizer.model."""
