@@ -224,7 +224,7 @@ def test_trained_upcycled_model_exports_as_native_mixtral(trained, tmp_path):
 
 
 # --------------------------------------------------------------------------- tokenizer.json sources
-def test_tokenizer_json_source_prepares_a_corpus_and_exports_its_tokenizer(tmp_path):
+def test_tokenizer_json_source_prepares_a_corpus_and_exports_its_tokenizer(tmp_path, capsys):
     """A Qwen2 source with only tokenizer.json (eos, no bos, no pad): OUT/tokenizer feeds meo-prepare lm,
     the manifest records the kind and ids, and meo-export ships a tokenizer AutoTokenizer loads and
     that encodes as the source's, with the ids in the model's config."""
@@ -254,6 +254,10 @@ def test_tokenizer_json_source_prepares_a_corpus_and_exports_its_tokenizer(tmp_p
     config = json.loads((out / "config.json").read_text())
     assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (eos, eos, None)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{}")
+    assert export_main([str(up / "checkpoints"), str(tmp_path / "x"), "--tokenizer", str(tmp_path / "bad")]) == 2
+    assert "not a HuggingFace tokenizer.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_upcycle_without_a_tokenizer_says_so(dense, tmp_path, capsys):

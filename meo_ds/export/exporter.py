@@ -174,6 +174,7 @@ def export(
     overwrite: bool = False,
 ) -> ExportResult:
     """Export a meo_ds DeepSpeed checkpoint as a HuggingFace model directory."""
+    from meo_ds.data.hf_tokenizer import load_tokenizer
     from meo_ds.data.io import staging_dir
 
     out_dir = Path(out_dir)
@@ -192,11 +193,12 @@ def export(
     state_dict = ck.state_dict
     if dtype is not None:
         state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+    try:
+        special = load_tokenizer(tok_path).special_ids() if tok_path is not None else None
+    except ValueError as err:  # not a tokenizer, or a special token its vocabulary lacks
+        raise ExportError(str(err)) from None
     result = ExportResult(out_dir=out_dir, target=chosen, tag=ck.tag, notes=list(ck.notes))
     with staging_dir(out_dir) as tmp:
-        from meo_ds.data.hf_tokenizer import load_tokenizer
-
-        special = load_tokenizer(tok_path).special_ids() if tok_path is not None else None
         hf_model = write_model(tmp, chosen, cfg, state_dict, max_shard_size, special)
         if tok_path is not None:
             write_tokenizer(tmp, tok_path, cfg.task)
@@ -217,7 +219,9 @@ def write_model(tmp: Path, target: str, cfg: Any, state_dict: dict, max_shard_si
     else:
         model = native.build_hf_model(target, cfg.model, state_dict)
     if special_ids is not None:
-        configs = [model.config] + [model.generation_config] * (getattr(model, "generation_config", None) is not None)
+        configs = [model.config]
+        if getattr(model, "generation_config", None) is not None:
+            configs.append(model.generation_config)
         for config in configs:
             for name in ("pad", "bos", "eos"):
                 setattr(config, f"{name}_token_id", special_ids[name])
