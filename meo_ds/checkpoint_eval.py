@@ -15,8 +15,8 @@ Data: a prepared corpus directory of the checkpoint's task (`--split`, default v
 files tokenized with the checkpoint's tokenizer (LM: text/JSON lines documents as meo-prepare lm
 reads them; translation: SRC TGT aligned files, one TSV or one JSON lines file, every pair kept,
 an empty side is an error). Raw files become a one-split corpus in a temporary directory, so both
-are read by the trainer's own loaders. The checkpoint's tokenizer is `tokenizer.model` of its run
-config's data.path (or `--tokenizer` when that corpus moved); a prepared corpus must carry the
+are read by the trainer's own loaders. The checkpoint's tokenizer is `tokenizer.model` (or a HuggingFace
+`tokenizer.json`) of its run config's data.path (or `--tokenizer` when that corpus moved); a prepared corpus must carry the
 same tokenizer (sha256 in its manifest), else it is an error, as is a corpus of the other task.
 
 Loss (both tasks): token-weighted mean NLL (not label-smoothed), meo_ds.evaluate.loss_sums over
@@ -119,18 +119,20 @@ def load_checkpoint(path: str, tag: Optional[str]) -> Checkpoint:
 
 
 def reference_tokenizer(cfg: Any, explicit: Optional[str]) -> Path:
-    """The checkpoint's tokenizer.model: --tokenizer, else the one of its run config's data.path."""
+    """The checkpoint's tokenizer file (tokenizer.model, else tokenizer.json): --tokenizer, else the one
+    of its run config's data.path."""
+    from meo_ds.data.hf_tokenizer import tokenizer_file
+
     if explicit:
-        path = Path(explicit)
-        path = path / "tokenizer.model" if path.is_dir() else path
+        path = tokenizer_file(Path(explicit))
         if not path.is_file():
-            raise EvalError(f"--tokenizer {explicit}: no tokenizer.model there; pass the checkpoint's corpus "
-                            f"directory or its tokenizer.model")
+            raise EvalError(f"--tokenizer {explicit}: no tokenizer.model or tokenizer.json there; pass the "
+                            f"checkpoint's corpus directory or its tokenizer file")
         return path
-    path = Path(cfg.data.path or "") / "tokenizer.model"
+    path = tokenizer_file(Path(cfg.data.path or ""))
     if not path.is_file():
         raise EvalError(f"the checkpoint's tokenizer {path} (its run config's data.path) is missing: the corpus "
-                        f"moved or was deleted; pass --tokenizer DIR (that corpus directory or its tokenizer.model)")
+                        f"moved or was deleted; pass --tokenizer DIR (that corpus directory or its tokenizer file)")
     return path
 
 
@@ -146,8 +148,8 @@ class EvalData:
 
 def resolve_data(task: Any, inputs: Sequence[str], split: str, tokenizer: Path, args: argparse.Namespace) -> EvalData:
     """A prepared directory (checked: task, split, tokenizer) or raw files tokenized into a temporary one."""
+    from meo_ds.data.hf_tokenizer import load_tokenizer
     from meo_ds.data.io import MANIFEST, read_manifest
-    from meo_ds.data.tokenizer import Tokenizer
 
     missing = [p for p in inputs if not Path(p).exists()]
     if missing:
@@ -163,7 +165,7 @@ def resolve_data(task: Any, inputs: Sequence[str], split: str, tokenizer: Path, 
         if split not in splits:
             raise EvalError(f"{first} has no split {split!r}; --split one of: {', '.join(splits)}")
         shipped = (manifest.get("tokenizer") or {}).get("sha256")
-        if shipped != Tokenizer(tokenizer).checksum():
+        if shipped != load_tokenizer(tokenizer).checksum():
             raise EvalError(f"{first} was tokenized with another tokenizer than the checkpoint's ({tokenizer}); "
                             f"prepare it again with that tokenizer, or pass the raw files")
         return EvalData(first, split, [str(first)], raw=False)
@@ -187,11 +189,12 @@ def tokenize_files(kind: str, inputs: Sequence[str], tokenizer: Path, out: Path,
     from meo_ds.data.io import TokenFileWriter, token_dtype, write_manifest
     from meo_ds.data.lm import LM_FORMAT
     from meo_ds.data.mt import MT_FORMAT, _given_pairs
-    from meo_ds.data.prepare import ship_tokenizer, tokenize_chunks
+    from meo_ds.data.hf_tokenizer import load_tokenizer
+    from meo_ds.data.prepare import check_tokenizer_for, ship_tokenizer, tokenize_chunks
     from meo_ds.data.readers import read_documents, read_pairs
-    from meo_ds.data.tokenizer import Tokenizer
 
-    tok = Tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
+    check_tokenizer_for(tok, kind)
     dtype = token_dtype(tok.vocab_size)
     paths = [Path(p) for p in inputs]
     if kind == "lm":

@@ -17,7 +17,9 @@ Output, OUT_DIR (written to a temporary directory first, renamed when complete):
                                     weights, routers and MEO layers in mp_rank_00_model_states.pt, one
                                     file per (MoE layer, global expert), COMPLETE with checksums)
     checkpoints/latest
-    tokenizer/tokenizer.model       when HF_DIR holds a SentencePiece tokenizer.model (meo-prepare's format)
+    tokenizer/tokenizer.model       when HF_DIR holds a SentencePiece tokenizer.model, else
+    tokenizer/tokenizer.json        HF_DIR's HuggingFace tokenizer.json (+ tokenizer_config.json,
+                                    special_tokens_map.json): meo-prepare lm --tokenizer OUT_DIR/tokenizer
     upcycle.json                    source, settings, dtype
 
 Why the trainer's own checkpoint format (not a new init path): `checkpoint.init_from` already loads
@@ -361,21 +363,23 @@ class CheckpointWriter:
 
 
 def copy_tokenizer(hf_dir: Path, out_dir: Path, vocab_size: int) -> Optional[str]:
-    """HF_DIR/tokenizer.model -> OUT_DIR/tokenizer/ (meo-prepare --tokenizer reads it); None when absent."""
-    from meo_ds.data.tokenizer import Tokenizer
+    """HF_DIR's tokenizer.model (SentencePiece), else its tokenizer.json with tokenizer_config.json and
+    special_tokens_map.json (HuggingFace) -> OUT_DIR/tokenizer/, which meo-prepare --tokenizer reads;
+    returns the main file's path in OUT_DIR, None when HF_DIR has neither."""
+    from meo_ds.data.hf_tokenizer import HF_FILE, SP_FILE, load_tokenizer
 
-    src = hf_dir / "tokenizer.model"
-    if not src.is_file():
+    if not (hf_dir / SP_FILE).is_file() and not (hf_dir / HF_FILE).is_file():
         return None
     try:
-        tok = Tokenizer(src)
+        tok = load_tokenizer(hf_dir)
     except ValueError as err:
         raise UpcycleError(f"{err}") from None
     if tok.vocab_size > vocab_size:
-        raise UpcycleError(f"{src} has {tok.vocab_size} pieces but the model's vocab_size is {vocab_size}")
+        raise UpcycleError(f"{tok.path} has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
     (out_dir / "tokenizer").mkdir()
-    shutil.copyfile(src, out_dir / "tokenizer" / "tokenizer.model")
-    return "tokenizer/tokenizer.model"
+    for name in tok.files:
+        shutil.copyfile(tok.path if tok.kind == "sentencepiece" else hf_dir / name, out_dir / "tokenizer" / name)
+    return f"tokenizer/{tok.files[0]}"
 
 
 def run_tree(out_dir: Path, model_cfg: Any) -> dict:
@@ -481,8 +485,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"wrote {args.out_dir}: {record['architecture']} -> {record['kind']} with {record['num_experts']} experts "
           f"in layers {record['moe_layers']} ({record['dtype']}); exact start: {record['exact_start']}")
     if record["tokenizer"] is None:
-        print(f"note: {args.hf_dir} has no SentencePiece tokenizer.model; meo-prepare needs one (tokenizer.json-only "
-              f"tokenizers are not supported yet), so prepare the corpus with a compatible tokenizer.model")
+        print(f"note: {args.hf_dir} has no tokenizer.model or tokenizer.json; prepare the corpus with the tokenizer "
+              f"the model was trained with (meo-prepare lm --tokenizer DIR)")
     print(f"next: see the commands at the top of {args.out_dir / 'config.yaml'}")
     return 0
 

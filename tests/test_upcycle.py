@@ -221,3 +221,46 @@ def test_trained_upcycled_model_exports_as_native_mixtral(trained, tmp_path):
     ids = torch.randint(4, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tokenizer.json sources
+def test_tokenizer_json_source_prepares_a_corpus_and_exports_its_tokenizer(tmp_path, capsys):
+    """A Qwen2 source with only tokenizer.json (eos, no bos, no pad): OUT/tokenizer feeds meo-prepare lm,
+    the manifest records the kind and ids, and meo-export ships a tokenizer AutoTokenizer loads and
+    that encodes as the source's, with the ids in the model's config."""
+    from transformers import AutoTokenizer
+
+    from meo_ds.data.cli import main as prepare_main
+    from tests.data.data_helpers import make_docs, make_hf_tokenizer
+
+    docs = make_docs(200, seed=7)
+    make_hf(tmp_path / "hf", "qwen2")
+    tok = make_hf_tokenizer(tmp_path / "hf", docs, vocab_size=SHAPE["vocab_size"])
+    eos = tok.token_to_id("<|endoftext|>")
+    up = tmp_path / "up"
+    assert upcycle_main([str(tmp_path / "hf"), str(up), "--kind", "topk", "--experts", "4"]) == 0
+    assert sorted(p.name for p in (up / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((up / "upcycle.json").read_text())["tokenizer"] == "tokenizer/tokenizer.json"
+    (tmp_path / "corpus.txt").write_text("\n".join(docs) + "\n")
+    assert prepare_main(["lm", str(tmp_path / "corpus.txt"), "--tokenizer", str(up / "tokenizer"), "--out",
+                         str(tmp_path / "data"), "--no-progress"]) == 0
+    shipped = json.loads((tmp_path / "data" / "manifest.json").read_text())["tokenizer"]
+    assert shipped["kind"] == "hf" and shipped["special_ids"] == {"pad": eos, "unk": None, "bos": None, "eos": eos}
+    out = tmp_path / "export"
+    assert export_main([str(up / "checkpoints"), str(out), "--tokenizer", str(tmp_path / "data")]) == 0
+    auto = AutoTokenizer.from_pretrained(out)
+    assert auto(docs[:20])["input_ids"] == [e.ids for e in tok.encode_batch(docs[:20])]
+    assert (auto.eos_token_id, auto.pad_token_id, auto.bos_token_id) == (eos, eos, None)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (eos, eos, None)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{}")
+    assert export_main([str(up / "checkpoints"), str(tmp_path / "x"), "--tokenizer", str(tmp_path / "bad")]) == 2
+    assert "not a HuggingFace tokenizer.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_upcycle_without_a_tokenizer_says_so(dense, tmp_path, capsys):
+    assert upcycle_main([str(dense["llama"][0]), str(tmp_path / "up"), "--kind", "topk", "--experts", "2"]) == 0
+    assert "no tokenizer.model or tokenizer.json" in capsys.readouterr().out
+    assert not (tmp_path / "up" / "tokenizer").exists()

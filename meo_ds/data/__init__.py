@@ -33,8 +33,11 @@ model inputs (`loader.MODEL_INPUTS`) and its counted tokens are meo_ds/data/batc
 
 Tokenizer: `Tokenizer(path)` (encode/decode/pad_id/bos_id/eos_id/vocab_size); `hf_tokenizer(path)`
 and `save_hf_tokenizer(path, out_dir)` give a transformers tokenizer that encodes identically.
+`load_tokenizer(path)` reads a SentencePiece tokenizer.model or a HuggingFace tokenizer.json
+(`HFTokenizer`, LM corpora only: meo_ds/data/hf_tokenizer.py).
 """
 from meo_ds.data.demo import build_demo
+from meo_ds.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from meo_ds.data.lm import LMDataset, LMLoader, prepare_lm
 from meo_ds.data.mt import MTDataset, MTLoader, prepare_mt
 from meo_ds.data.readers import CorpusError, read_documents, read_pairs
@@ -43,6 +46,6 @@ from meo_ds.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, hf
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "CorpusError", "build_demo", "LMDataset", "LMLoader", "MTDataset", "MTLoader",
-    "Tokenizer", "hf_tokenizer", "prepare_lm", "prepare_mt", "prepare_tokenizer", "read_documents", "read_pairs",
+    "HFTokenizer", "Tokenizer", "hf_tokenizer", "load_tokenizer", "prepare_lm", "prepare_mt", "prepare_tokenizer", "read_documents", "read_pairs",
     "save_hf_tokenizer", "train_tokenizer",
 ]

@@ -17,7 +17,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, type=Path,
-                   help="tokenizer directory (from `meo-prepare tokenizer`) or SentencePiece .model file")
+                   help="tokenizer directory (from `meo-prepare tokenizer`, or holding a HuggingFace "
+                        "tokenizer.json: LM only), a SentencePiece .model or a tokenizer.json file")
     p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
                    help="token id type on disk; auto: uint16 when the vocabulary fits, else uint32")

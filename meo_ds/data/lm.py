@@ -2,8 +2,12 @@
 
 On disk (one directory): ``train.bin``/``validation.bin`` (and ``test.bin`` when asked for) hold
 every document's ids followed by eos, back to back, as raw uint16/uint32; ``*.idx.npy`` hold
-document start offsets (n_docs + 1, int64); ``tokenizer.model`` is a copy of the tokenizer; ``manifest.json`` describes it all and is
-written last, so a directory without it is never read.
+document start offsets (n_docs + 1, int64); ``tokenizer.model`` (SentencePiece) or
+``tokenizer.json`` with its special-token files (HuggingFace) is a copy of the tokenizer;
+``manifest.json`` describes it all (the tokenizer's kind and special ids included) and is
+written last, so a directory without it is never read. A document's ids are the tokenizer's
+encoding: SentencePiece adds no bos; a HuggingFace tokenizer adds what its post-processor adds
+(Llama 3: bos, Qwen2: nothing) (meo_ds/data/hf_tokenizer.py).
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def prepare_lm(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
     names = [n for n in SPLITS if n != "test" or "test" in given or fractions["test"] > 0]
     plan, existing = plan_corpus(inputs, given, tokenizer, dtype, {
         "format": fmt, "field": field, "doc_sep": doc_sep, "valid_fraction": fractions["validation"],
-        "test_fraction": fractions["test"]}, out, overwrite)
+        "test_fraction": fractions["test"]}, out, overwrite, "lm")
     if existing is not None:
         return existing
     described, split_inputs, tok, np_dtype, options, key, out = plan

@@ -23,6 +23,7 @@ from typing import ClassVar, Iterator
 import torch
 
 from meo_ds.data.io import StreamMismatch, manifest_field, read_manifest
+from meo_ds.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from meo_ds.data.tokenizer import Tokenizer
 
 
@@ -43,8 +44,8 @@ class CorpusSplit:
         self.split, self.entry = split, splits[split]
         self.vocab_size = int(manifest_field(self.manifest, self.directory, "tokenizer", "vocab_size"))
 
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.directory / self.manifest["tokenizer"]["file"])
+    def tokenizer(self) -> Tokenizer | HFTokenizer:
+        return load_tokenizer(self.directory / self.manifest["tokenizer"]["file"])
 
 
 class ResumableLoader(ABC):

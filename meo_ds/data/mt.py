@@ -89,7 +89,7 @@ def prepare_mt(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | P
     plan, existing = plan_corpus(inputs, given, tokenizer, dtype, {
         "format": fmt, "source_field": source_field, "target_field": target_field, "max_len": max_len,
         "max_ratio": max_ratio, "dedup": dedup, "valid_fraction": fractions["validation"],
-        "test_fraction": fractions["test"]}, out, overwrite)
+        "test_fraction": fractions["test"]}, out, overwrite, "mt")
     if existing is not None:
         return existing
     described, split_inputs, tok, np_dtype, options, key, out = plan

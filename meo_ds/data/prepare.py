@@ -33,16 +33,33 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 import numpy as np
 
 from meo_ds.data.io import check_output_dir, corpus_key, describe_inputs, read_manifest, token_dtype
+from meo_ds.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from meo_ds.data.tokenizer import Tokenizer
 
-_WORKER_TOKENIZER: Tokenizer | None = None
+_WORKER_TOKENIZER: Tokenizer | HFTokenizer | None = None
 
 
-def ship_tokenizer(tok: Tokenizer, staging: Path) -> dict:
-    """Copy the tokenizer into a corpus being staged; returns the manifest's `tokenizer` entry."""
-    shutil.copyfile(tok.path, staging / "tokenizer.model")
-    return {"file": "tokenizer.model", "source": str(tok.path.resolve()), "sha256": tok.checksum(),
-            "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()}
+def ship_tokenizer(tok: Tokenizer | HFTokenizer, staging: Path) -> dict:
+    """Copy the tokenizer's files into a corpus being staged; returns the manifest's `tokenizer` entry
+    (`kind` and `special_ids` tell loaders and meo-export which ids to use)."""
+    if tok.kind == "sentencepiece":
+        shutil.copyfile(tok.path, staging / tok.files[0])
+    else:
+        for name in tok.files:
+            shutil.copyfile(tok.path.parent / name, staging / name)
+    return {"kind": tok.kind, "file": tok.files[0], "files": tok.files, "source": str(tok.path.resolve()),
+            "sha256": tok.checksum(), "vocab_size": tok.vocab_size, "special_ids": tok.special_ids()}
+
+
+def check_tokenizer_for(tok: Tokenizer | HFTokenizer, task: str) -> None:
+    """ValueError unless `tok` can tokenize a `task` ("lm" or "mt") corpus: LM documents end with eos;
+    translation batches need bos/eos/pad and meo_ds's SentencePiece conventions."""
+    if task == "mt" and tok.kind != "sentencepiece":
+        raise ValueError(f"{tok.path}: translation corpora (meo-prepare mt) take a SentencePiece tokenizer.model only, "
+                         f"not a HuggingFace tokenizer.json; train one with `meo-prepare tokenizer --parallel`")
+    if tok.eos_id is None:
+        raise ValueError(f"{tok.path}: the tokenizer has no eos token, which an LM corpus puts after every document; "
+                         f"set eos_token in its tokenizer_config.json")
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -53,7 +70,7 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
 
 def _init_worker(model_path: str) -> None:
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer(model_path)
+    _WORKER_TOKENIZER = load_tokenizer(model_path)
 
 
 def _flat(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +272,7 @@ class CorpusPlan(NamedTuple):
 
     inputs: list[dict]
     split_inputs: dict[str, list[dict]]
-    tok: Tokenizer
+    tok: Tokenizer | HFTokenizer
     np_dtype: np.dtype
     options: dict
     key: str
@@ -263,14 +280,15 @@ class CorpusPlan(NamedTuple):
 
 
 def plan_corpus(inputs: Sequence, given: dict, tokenizer: str, dtype: Optional[str], options: dict,
-                out: str | os.PathLike, overwrite: bool) -> tuple[CorpusPlan, Optional[dict]]:
+                out: str | os.PathLike, overwrite: bool, task: str) -> tuple[CorpusPlan, Optional[dict]]:
     """Describe and check the inputs (a given split identical to a training input is an error),
-    load the tokenizer, fix the token dtype and the corpus key. The second value is the existing
+    load the tokenizer and check it fits `task` ("lm" or "mt"), fix the token dtype and the corpus key. The second value is the existing
     manifest when `out` already holds this very corpus (nothing to do), else None."""
     described = describe_inputs(inputs)
     split_inputs = {name: describe_inputs(paths, f"{name} file") for name, paths in given.items()}
     check_held_out_not_training(described, split_inputs)
-    tok = Tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
+    check_tokenizer_for(tok, task)
     np_dtype = token_dtype(tok.vocab_size, dtype)
     options = {**options, "dtype": np_dtype.name}
     key = corpus_key(described, tok.checksum(), options, split_inputs)

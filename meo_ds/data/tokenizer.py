@@ -1,6 +1,7 @@
 """SentencePiece tokenizers: training, a small wrapper, and a HuggingFace (tokenizers) conversion.
 
-Special ids are fixed for every tokenizer meo_ds trains: pad=0, unk=1, bos=2, eos=3.
+Special ids are fixed for every tokenizer meo_ds trains: pad=0, unk=1, bos=2, eos=3. A model from
+elsewhere (Llama 2's, copied by meo-upcycle) may lack some (no pad): their id is None.
 
 Training input: SentencePiece skips sentences longer than MAX_SENTENCE_BYTES (and fails when it
 skipped them all), so longer documents are cut at whitespace into pieces below that size: the
@@ -30,7 +31,11 @@ SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the ids the loaders and models need."""
+    """A loaded SentencePiece model with the ids the loaders and models need (the interface of
+    meo_ds/data/hf_tokenizer.py, whose `load_tokenizer` also reads HuggingFace tokenizer.json)."""
+
+    kind = "sentencepiece"
+    files = ["tokenizer.model"]  # what a corpus ships
 
     def __init__(self, model_path: str | os.PathLike):
         """`model_path`: a SentencePiece .model file, or a directory holding tokenizer.model."""
@@ -50,20 +55,20 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     @property
-    def pad_id(self) -> int:
-        return self.sp.pad_id()
+    def pad_id(self) -> int | None:
+        return _id(self.sp.pad_id())
 
     @property
-    def unk_id(self) -> int:
-        return self.sp.unk_id()
+    def unk_id(self) -> int | None:
+        return _id(self.sp.unk_id())
 
     @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
+    def bos_id(self) -> int | None:
+        return _id(self.sp.bos_id())
 
     @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
+    def eos_id(self) -> int | None:
+        return _id(self.sp.eos_id())
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -78,7 +83,7 @@ class Tokenizer:
     def checksum(self) -> str:
         return sha256_file(self.path)
 
-    def special_ids(self) -> dict[str, int]:
+    def special_ids(self) -> dict[str, int | None]:
         return {"pad": self.pad_id, "unk": self.unk_id, "bos": self.bos_id, "eos": self.eos_id}
 
     def __getstate__(self) -> dict:
@@ -86,6 +91,11 @@ class Tokenizer:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])
+
+
+def _id(value: int) -> int | None:
+    """sentencepiece gives -1 for a special token the model lacks (Llama 2 has no pad): None, as HF's."""
+    return value if value >= 0 else None
 
 
 def train_tokenizer(

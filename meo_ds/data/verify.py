@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from meo_ds.data.hf_tokenizer import files_checksum
 from meo_ds.data.io import corpus_dtype, manifest_field, open_tokens, read_manifest, sha256_file
 from meo_ds.data.readers import CorpusError
 
@@ -73,7 +74,11 @@ def _file_problems(path: Path, data: np.ndarray, entry: dict, vocab: int) -> lis
 def _tokenizer_problems(manifest: dict, directory: Path) -> Iterator[str]:
     info = manifest_field(manifest, directory, "tokenizer")
     path = directory / info.get("file", "tokenizer.model")
-    if not path.is_file():
-        yield f"{path}: missing (the corpus was encoded with it)"
-    elif info.get("sha256") and sha256_file(path) != info["sha256"]:
+    files = info.get("files") or [path.name]
+    missing = [directory / name for name in files if not (directory / name).is_file()]
+    if missing:
+        yield f"{', '.join(map(str, missing))}: missing (the corpus was encoded with it)"
+        return
+    digest = files_checksum(directory, files) if info.get("kind") == "hf" else sha256_file(path)
+    if info.get("sha256") and digest != info["sha256"]:
         yield f"{path}: sha256 differs from the manifest's (not the tokenizer this corpus was encoded with)"

@@ -22,7 +22,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target", default="auto", choices=TARGETS,
                    help="auto: native Mixtral (top-k MoE) / Llama (dense) when the model maps exactly, else meo "
                         "(our classes, loaded with trust_remote_code=True)")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: <data.path>/tokenizer.model)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model or HuggingFace "
+                   "tokenizer.json, or a directory holding one (default: <data.path>'s)")
     p.add_argument("--no-tokenizer", action="store_true", help="export weights and config only")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast weights (default: as trained)")
     p.add_argument("--max-shard-size", default="2GB", type=shard_size, help="safetensors shard size (e.g. 500MB, 5GB)")

@@ -92,15 +92,18 @@ def check_weights(model_cfg: Any, state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def find_tokenizer(cfg: Any, explicit: Optional[str]) -> Optional[Path]:
-    """--tokenizer, else <data.path>/tokenizer.model, else the manifest's tokenizer source."""
+    """--tokenizer (a tokenizer.model / tokenizer.json file or a directory holding one), else the one of
+    <data.path> (tokenizer.model, else tokenizer.json), else the manifest's tokenizer source."""
+    from meo_ds.data.hf_tokenizer import tokenizer_file
+
     if explicit:
-        path = Path(explicit)
+        path = tokenizer_file(explicit)
         if not path.is_file():
-            raise ExportError(f"--tokenizer {path} does not exist")
+            raise ExportError(f"--tokenizer {explicit} does not exist (or holds no tokenizer.model / tokenizer.json)")
         return path
     data_dir = Path(cfg.data.path) if cfg.data.path else None
-    if data_dir is not None and (data_dir / "tokenizer.model").is_file():
-        return data_dir / "tokenizer.model"
+    if data_dir is not None and tokenizer_file(data_dir).is_file():
+        return tokenizer_file(data_dir)
     manifest = data_manifest(cfg)
     source = ((manifest or {}).get("tokenizer") or {}).get("source")
     if source and Path(source).is_file():
@@ -171,6 +174,7 @@ def export(
     overwrite: bool = False,
 ) -> ExportResult:
     """Export a meo_ds DeepSpeed checkpoint as a HuggingFace model directory."""
+    from meo_ds.data.hf_tokenizer import load_tokenizer
     from meo_ds.data.io import staging_dir
 
     out_dir = Path(out_dir)
@@ -183,14 +187,19 @@ def export(
     check_weights(cfg.model, ck.state_dict)
     tok_path = find_tokenizer(cfg, tokenizer)
     if tok_path is None and require_tokenizer:
-        raise ExportError("no tokenizer found (data.path/tokenizer.model of the run config is missing); "
-                          "pass --tokenizer PATH/TO/tokenizer.model, or --no-tokenizer to export weights only")
+        raise ExportError("no tokenizer found (data.path/tokenizer.model or tokenizer.json of the run config is "
+                          "missing); pass --tokenizer PATH/TO/tokenizer.model (or tokenizer.json), or --no-tokenizer "
+                          "to export weights only")
     state_dict = ck.state_dict
     if dtype is not None:
         state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+    try:
+        special = load_tokenizer(tok_path).special_ids() if tok_path is not None else None
+    except ValueError as err:  # not a tokenizer, or a special token its vocabulary lacks
+        raise ExportError(str(err)) from None
     result = ExportResult(out_dir=out_dir, target=chosen, tag=ck.tag, notes=list(ck.notes))
     with staging_dir(out_dir) as tmp:
-        hf_model = write_model(tmp, chosen, cfg, state_dict, max_shard_size)
+        hf_model = write_model(tmp, chosen, cfg, state_dict, max_shard_size, special)
         if tok_path is not None:
             write_tokenizer(tmp, tok_path, cfg.task)
         else:
@@ -200,12 +209,22 @@ def export(
     return result
 
 
-def write_model(tmp: Path, target: str, cfg: Any, state_dict: dict, max_shard_size: str = "2GB") -> Any:
-    """Weights + config (+ the remote code) of `target` into tmp; cfg: the run config (task, model)."""
+def write_model(tmp: Path, target: str, cfg: Any, state_dict: dict, max_shard_size: str = "2GB",
+                special_ids: Optional[dict] = None) -> Any:
+    """Weights + config (+ the remote code) of `target` into tmp; cfg: the run config (task, model).
+    `special_ids` (the tokenizer's pad/bos/eos, None where it has none) replace the configs' defaults
+    (meo_ds's own tokenizers: pad 0, bos 2, eos 3)."""
     if target == "meo":
         model = remote.build_hf_model(cfg.task, cfg.model, state_dict)
     else:
         model = native.build_hf_model(target, cfg.model, state_dict)
+    if special_ids is not None:
+        configs = [model.config]
+        if getattr(model, "generation_config", None) is not None:
+            configs.append(model.generation_config)
+        for config in configs:
+            for name in ("pad", "bos", "eos"):
+                setattr(config, f"{name}_token_id", special_ids[name])
     model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
     if target == "meo":
         remote.copy_code(tmp)
