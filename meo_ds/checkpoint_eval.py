@@ -231,17 +231,6 @@ def eval_loader(task: Any, cfg: Any, data: EvalData, args: argparse.Namespace) -
 
 
 # --------------------------------------------------------------------------- evaluation
-def device_of_rank() -> torch.device:
-    """This rank's accelerator device (DeepSpeed's accelerator; cpu on CPU machines)."""
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() == "cpu":
-        return torch.device("cpu")
-    acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(acc.device_name(), acc.current_device())
-
-
 def rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -332,9 +321,10 @@ def run(job: Job, args: argparse.Namespace) -> dict:
     """The evaluation of a prepared job; returns the figures (all ranks). Collective."""
     ck, task, data, loader = job.ck, job.task, job.data, job.loader
     try:
+        from meo_ds.distributed import rank_device
         from meo_ds.export.exporter import model_of
 
-        device = device_of_rank()
+        device = rank_device()
         model = model_of(ck.consolidated)[0].to(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
         with torch.no_grad():
             result = {"task": task.NAME, "checkpoint": str(ck.path), "step": ck.step, "data": data.source,

@@ -109,12 +109,26 @@ def init_distributed(timeout_s: Optional[float] = None) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    rank_device()  # NCCL's communicator and every collective before deepspeed.initialize use this rank's GPU
     kwargs = {}
     if timeout_s:
         kwargs["timeout"] = timedelta(seconds=timeout_s)
         set_default_group_timeout(kwargs["timeout"])
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False, **kwargs)
     release_cpu_allreduce_buffer()
+
+
+def rank_device() -> torch.device:
+    """This process's device, made the accelerator's current one: device LOCAL_RANK of the
+    accelerator (the launcher's local rank), or the CPU. DeepSpeed selects it only inside
+    deepspeed.initialize; without it every rank of a node would start on GPU 0."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(acc.device_name(), acc.current_device())
 
 
 def release_cpu_allreduce_buffer() -> None:

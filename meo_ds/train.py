@@ -47,7 +47,7 @@ import torch.distributed as dist
 from meo_ds import checkpoint as ckpt
 from meo_ds import distributed
 from meo_ds import metrics
-from meo_ds.distributed import describe_collective_failure, free_port, init_distributed
+from meo_ds.distributed import describe_collective_failure, free_port, init_distributed, rank_device
 from meo_ds.config import ConfigError, RunConfig
 from meo_ds.data.batch import model_inputs, source_tokens, target_tokens
 from meo_ds.data.readers import CorpusError
@@ -179,13 +179,11 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
         cfg = self.cfg
         init_distributed(cfg.train.dist_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device(get_accelerator().device_name(), get_accelerator().current_device()) \
-            if get_accelerator().device_name() != "cpu" else torch.device("cpu")
+        self.device = rank_device()
         self._prepare_dirs()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = parallelize(build_model(cfg), cfg.parallel.ep_size, use_data_before_expert_parallel=bool(

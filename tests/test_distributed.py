@@ -51,6 +51,40 @@ def test_seam_reduces_on_the_communication_device_and_returns_host_values(monkey
     assert seen == [("meta", torch.float64, ops.SUM), ("meta", torch.float64, ops.MAX), ("meta", torch.int64, ops.MAX)]
 
 
+def test_each_rank_selects_its_local_gpu_before_the_process_group_starts(monkeypatch):
+    """On a GPU node rank LOCAL_RANK must use device LOCAL_RANK from its first collective on (NCCL's
+    communicator, parallelize's groups, barriers), before deepspeed.initialize would select it."""
+    import deepspeed
+    import deepspeed.accelerator
+    import torch
+
+    import meo_ds.distributed as seam
+
+    class FakeGPU:
+        current = 0
+
+        def device_name(self):
+            return "cuda"
+
+        def set_device(self, index):
+            self.current = index
+
+        def current_device(self):
+            return self.current
+
+        def communication_backend_name(self):
+            return "nccl"
+
+    gpu, device_at_init = FakeGPU(), []
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: gpu)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: device_at_init.append(gpu.current))
+    monkeypatch.setattr(seam, "release_cpu_allreduce_buffer", lambda: None)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    seam.init_distributed()
+    assert device_at_init == [3]
+    assert seam.rank_device() == torch.device("cuda", 3)
+
+
 def test_extension_cache_is_the_environments_own_unless_the_user_chose_one(monkeypatch, tmp_path):
     """DeepSpeed's ops build per Python environment (sys.prefix), not in torch's directory that every
     environment shares; init_distributed sets it, an explicit TORCH_EXTENSIONS_DIR wins."""
