@@ -51,6 +51,7 @@ from meo_ds.distributed import describe_collective_failure, free_port, init_dist
 from meo_ds.config import ConfigError, RunConfig
 from meo_ds.data.batch import model_inputs, source_tokens, target_tokens
 from meo_ds.data.readers import CorpusError
+from meo_ds.fileio import atomic_write
 from meo_ds.optim import SkippableAdamW, lr_at, param_groups, set_lr
 from meo_ds.parallel import parallelize
 from meo_ds.preflight import check_checkpoints, load_configs
@@ -502,7 +503,7 @@ class Trainer:
             summary = {"steps": self.step, "wall_s": elapsed, "world_size": self.world, "peak_memory_bytes": peak,
                        "peak_memory_kind": "max RSS" if self.device.type == "cpu" else "max allocated",
                        **self.throughput()}
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2))  # meo-study: "finished"
 
     def _monitor(self, m: dict, prefix: str = "Train") -> None:
         monitor = getattr(self.engine, "monitor", None)

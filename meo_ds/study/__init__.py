@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from meo_ds.fileio import atomic_write
 from meo_ds.study import collect, plots, report, runner
 from meo_ds.study.variants import VARIANTS
 
@@ -85,7 +86,7 @@ def check_settings(out: Path, current: dict) -> Optional[str]:
     """A study directory keeps its task, preset, corpus, steps and overrides (study.json)."""
     path = out / "study.json"
     if not path.is_file():
-        path.write_text(json.dumps(current, indent=2))
+        atomic_write(path, json.dumps(current, indent=2))
         return None
     earlier = json.loads(path.read_text())
     changed = [k for k in current if earlier.get(k) != current[k]]

@@ -27,6 +27,7 @@ import yaml
 from meo_ds import launcher
 from meo_ds.config.loading import apply_override, preset_dict
 from meo_ds.demo import recipe
+from meo_ds.fileio import atomic_write
 from meo_ds.study.variants import variant_model
 
 TASKS = {"lm": ("lm", "tiny", "data"), "mt": ("translation", "mt_tiny", "data-mt")}  # run task, preset, demo dir
@@ -112,7 +113,7 @@ def read_wall(out: Path) -> dict:
 def add_wall(out: Path, variant: str, seconds: float) -> None:
     wall = read_wall(out)
     wall[variant] = wall.get(variant, 0.0) + seconds
-    (out / "wall.json").write_text(json.dumps(wall, indent=2))
+    atomic_write(out / "wall.json", json.dumps(wall, indent=2))  # read back on resume
 
 
 def run_all(study: Study, data_dir: Path, steps: int, say=print) -> int:
