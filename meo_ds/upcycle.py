@@ -63,10 +63,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from meo_ds.export.layout import DS_EXPERTS
+
 KINDS = ("topk", "xmoe", "meo")
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _HF_FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts."
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
 
@@ -307,7 +308,7 @@ def upcycled_layer(moe: Any, d_model: int, ffn: dict[str, torch.Tensor], granula
     else:
         for e in range(moe.num_experts):
             for w, value in expert_weights(ffn, e, granularity).items():
-                state[f"{_DS_EXPERTS}{e}.{w}.weight"] = _perturbed(value, noise, gen)
+                state[f"{DS_EXPERTS}{e}.{w}.weight"] = _perturbed(value, noise, gen)
         if moe.kind == "xmoe":
             state["router.weight"] = torch.zeros_like(state["router.weight"])
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -334,8 +335,8 @@ class CheckpointWriter:
 
         experts: dict[int, dict] = {}
         for key, value in state.items():
-            if _DS_EXPERTS in key:
-                experts.setdefault(int(key.partition(_DS_EXPERTS)[2].split(".")[0]), {})[key] = value
+            if DS_EXPERTS in key:
+                experts.setdefault(int(key.partition(DS_EXPERTS)[2].split(".")[0]), {})[key] = value
             else:
                 self.main[key] = value
         if experts:

@@ -108,7 +108,7 @@ def remote_config(task: str, model_cfg: Any) -> dict:
         moe = lm_moe(c)
         return dict(
             common, num_hidden_layers=c.n_layers, norm="rmsnorm", positions="rope", ffn_activation="swiglu",
-            ffn_bias=False, attention_bias=False, qkv_bias=bool(getattr(c, "attention_bias", False)),
+            ffn_bias=False, attention_bias=False, qkv_bias=c.attention_bias,
             embed_scale=1.0, tie_word_embeddings=c.tie_embeddings,
             moe=dataclasses.asdict(moe) if moe is not None else None, moe_layers=moe_layer_ids(c),
         )

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from meo_ds import demo
 from meo_ds.fileio import atomic_write
 from meo_ds.study import collect, plots, report, runner
 from meo_ds.study.variants import VARIANTS
@@ -42,7 +43,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meo-study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="meo_study", help="study directory (runs, report, plots)")
-    p.add_argument("--task", default="lm", choices=sorted(runner.TASKS), help="language modelling or translation")
+    p.add_argument("--task", default="lm", choices=sorted(demo.TASKS), help="language modelling or translation")
     p.add_argument("--data", default=None, help="prepared corpus (meo-prepare's shards directory); default: the demo corpus")
     p.add_argument("--preset", default=None, help="model preset (default tiny for lm, mt_tiny for mt)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
@@ -137,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out).resolve()
     if args.report_only:
         return report_only(args, out, say)
-    task, default_preset, demo_dir = runner.TASKS[args.task]
+    default_preset, demo_dir = demo.TASKS[args.task]["preset"], demo.TASKS[args.task]["data"]
     study = runner.Study(out=out, task=args.task, preset=args.preset or default_preset, variants=args.variants.split(","),
                          steps=args.steps if args.steps or args.tokens else DEFAULT_STEPS, tokens=args.tokens,
                          eval_interval=args.eval_interval, overrides=list(args.set),

@@ -26,12 +26,10 @@ import yaml
 
 from meo_ds import launcher
 from meo_ds.config.loading import apply_override, preset_dict
+from meo_ds import demo
 from meo_ds.demo import recipe
 from meo_ds.fileio import atomic_write
 from meo_ds.study.variants import variant_model
-
-TASKS = {"lm": ("lm", "tiny", "data"), "mt": ("translation", "mt_tiny", "data-mt")}  # run task, preset, demo dir
-
 
 @dataclass
 class Study:
@@ -64,7 +62,7 @@ def _hostfile_nodes(hostfile: Optional[str]) -> int:
 
 def base_tree(study: Study, data_dir: Path, steps: int) -> tuple[dict, dict]:
     """(the model mapping every variant derives from, the rest of the run config), overrides applied."""
-    tree = {"task": TASKS[study.task][0], "model": preset_dict(study.preset),
+    tree = {"task": demo.TASKS[study.task]["task"], "model": preset_dict(study.preset),
             **recipe(study.task, steps, data_dir)}
     for item in study.overrides:
         apply_override(tree, item)
