@@ -16,12 +16,14 @@ Launches (about 15-25 s each on 2 cores):
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from train_helpers import CPU_DS, CPU_DS_ZERO0, losses, metrics, small_lm_run, train, train_and_signal
+from distributed import run_ranks_without_launcher
+from train_helpers import CPU_DS, CPU_DS_ZERO0, TRAIN_SCRIPT, losses, metrics, small_lm_run, train, train_and_signal
 
 TINY_LM = {"preset": "tiny", "vocab_size": 2000, "moe": {"num_experts": 4, "top_k": 2}}
 STEPS = 24
@@ -136,10 +138,13 @@ def test_death_during_save_keeps_latest_then_nan_steps_are_skipped(lm_data, tmp_
 def test_inconsistent_config_fails_on_every_rank_before_work(lm_data, tmp_path):
     config = lm_run(tmp_path / "E", lm_data, ep=4)  # 4 experts, ep 4, but only 2 ranks
     start = time.time()
-    proc = train(config, expect_rc=2, timeout=60)
-    text = proc.stdout + proc.stderr
-    assert text.count("world size 2 is not divisible by ep_size=4") == 2, text[-3000:]
-    assert "step " not in text.replace("ep_size", "")
+    # Each rank on its own (the deepspeed launcher would kill rank 0 as soon as rank 1 exits)
+    ranks = run_ranks_without_launcher([sys.executable, str(TRAIN_SCRIPT), "--config", str(config),
+                                        "--deepspeed_config", CPU_DS], 2, timeout=60)
+    for rank in ranks:
+        text = rank.stdout + rank.stderr
+        assert rank.returncode == 2 and "world size 2 is not divisible by ep_size=4" in text, text[-3000:]
+        assert "step " not in text.replace("ep_size", "")
     assert time.time() - start < 45
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))

@@ -18,6 +18,7 @@ if __name__ == "__main__":
 
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
         print(f"rank {dist.get_rank()} port {os.environ['MASTER_PORT']} buffers created", flush=True)
+        dist.barrier()  # both have reported before the kill: the launcher then kills rank 0 at once
         if dist.get_rank() == 1:
             os.kill(os.getpid(), 9)
         dist.barrier()
