@@ -74,6 +74,10 @@ Choices (documented here once):
   matmuls are per-segment (M = segment_len), so prefer segment_len >= 64. With recompute_merged
   W^ is never stored for backward and is built at most MERGED_CHUNK_BYTES at a time.
 - Dtypes: x must have the weights' dtype (or run under torch.autocast); output has x's dtype.
+- ZeRO-3: a MEOLinear's forward runs its token block, gate summary, gate and merge, so every
+  parameter is read inside its owner's forward, where ZeRO-3 gathers it (and again around its
+  backward). When the layer gated from its own forward, the gate parameters were read outside
+  theirs, and a ZeRO-3 checkpoint save before the first step left them partitioned in backward.
 - Padding positions get a zero output.
 - Registered as kind "meo" (registry.py; its fields, noisy gating by default, data-parallel
   experts); like every layer it answers flops_per_token (model: the paper's sparse merge;
@@ -375,7 +379,27 @@ class MEOLinear(nn.Module):
             load = torch.zeros_like(logits).scatter(-1, top_idx, 1.0)
         return gates, top_idx, load
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, groups: GroupLayout, source: Optional[torch.Tensor] = None,
+        prior: Optional[dict] = None, incremental: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[dict]]:
+        """Grouped input x [N, T, d_in] -> (y [N, T, d_out], gates [N, E], chosen ids [N, k], load
+        [N, E], running sums): token block, gate summary, route and merge, all in this forward
+        (see the Choices: ZeRO-3). `incremental` (causal decoding): the summary continues
+        `prior`, the running sums this linear returned for the previous chunk (None before the
+        first), and the new sums are returned (else None).
+        """
+        if self.token_block is not None:
+            x = self.token_block(x)
+        sums = None
+        if incremental:
+            summary, sums = continued_gate_summary(x, groups, self.default_summary, prior)
+        else:
+            summary = gate_summary(x, groups, self.default_summary)
+        gates, top_idx, load = self.route(summary, source)
+        return self.merge(x, gates, top_idx), gates, top_idx, load, sums
+
+    def merge(self, x: torch.Tensor, gates: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [N, T, d_in] with per-group gates [N, E] (and their selected experts top_idx [N, k]) -> [N, T, d_out]."""
         sparse = top_idx is not None and uses_sparse_merge(x.shape[0], self.weight, top_idx.shape[1])
         self.merged_experts = top_idx.shape[1] if sparse else self.num_experts  # for flops_per_token
@@ -484,16 +508,6 @@ class MEOLayer(nn.Module):
 
     # --- gating -------------------------------------------------------------------------------
 
-    def _summaries(self, name: str, u: torch.Tensor, groups: GroupLayout, state: Optional[dict]) -> torch.Tensor:
-        """Gate input per group [N, d_in] from this linear's input u [N, T, d_in] (grouped)."""
-        if state is None:
-            return gate_summary(u, groups, self.linears[name].default_summary)
-        # Incremental decoding (causal): gate_summary's prefix, continued from the state's sums.
-        prior = self._prior(name, state, groups.batch)
-        summary, sums = continued_gate_summary(u, groups, self.linears[name].default_summary, prior)
-        state.setdefault("sums", {})[name] = sums
-        return summary
-
     @staticmethod
     def _prior(name: str, state: dict, batch: int) -> Optional[dict]:
         """The running sums the previous chunk left for linear `name` (None before the first chunk)."""
@@ -532,11 +546,13 @@ class MEOLayer(nn.Module):
         gate_log = []
 
         def run(name: str, inp: torch.Tensor) -> torch.Tensor:
-            if self.linears[name].token_block is not None:
-                inp = self.linears[name].token_block(inp)
-            gates, top_idx, load = self.linears[name].route(self._summaries(name, inp, groups, state), source)
+            # Incremental decoding: each linear's gate summary continues from the state's sums.
+            prior = self._prior(name, state, groups.batch) if state is not None else None
+            out, gates, top_idx, load, sums = self.linears[name](inp, groups, source, prior, state is not None)
+            if state is not None:
+                state.setdefault("sums", {})[name] = sums
             gate_log.append((gates, top_idx, load))
-            return self.linears[name](inp, gates, top_idx)
+            return out
 
         if self.cfg.activation == "gelu":
             h = F.gelu(run("fc1", u))
