@@ -178,3 +178,6 @@ def test_token_budget_becomes_steps_of_the_recipe(tmp_path):
     study = runner.Study(out=tmp_path, task="lm", preset="tiny", variants=["topk"], tokens=1_000_000,
                          overrides=["train.micro_batch_size=4"], ranks=2)
     assert runner.resolve_steps(study, tmp_path) == math.ceil(1_000_000 / (2 * 4 * 128))  # ranks x batch x seq_len
+    unset = runner.Study(out=tmp_path, task="lm", preset="tiny", variants=["topk"], tokens=1_000_000,
+                         overrides=["train.micro_batch_size=null", "train.grad_accum=2"], ranks=2)
+    assert runner.resolve_steps(unset, tmp_path) == math.ceil(1_000_000 / (2 * 8 * 2 * 128))  # the trainer's default 8

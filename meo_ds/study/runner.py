@@ -26,6 +26,7 @@ import yaml
 
 from meo_ds import launcher
 from meo_ds.config.loading import apply_override, preset_dict
+from meo_ds.config.schema import DEFAULT_LM_MICRO_BATCH
 from meo_ds import demo
 from meo_ds.demo import recipe
 from meo_ds.fileio import atomic_write
@@ -72,8 +73,9 @@ def base_tree(study: Study, data_dir: Path, steps: int) -> tuple[dict, dict]:
 def tokens_per_step(rest: dict, world: int) -> int:
     """Tokens one optimizer step trains on: LM sequences x seq_len; translation the padded-token batch bound."""
     train, data = rest["train"], rest["data"]
-    per_rank = train.get("micro_batch_size", 8) * data["seq_len"] if "seq_len" in data else data["max_tokens"]
-    return per_rank * train.get("grad_accum", 1) * world
+    micro = train.get("micro_batch_size") or DEFAULT_LM_MICRO_BATCH
+    per_rank = micro * data["seq_len"] if "seq_len" in data else data["max_tokens"]
+    return per_rank * (train.get("grad_accum") or 1) * world
 
 
 def resolve_steps(study: Study, data_dir: Path) -> int:
