@@ -44,6 +44,14 @@ anything else. DeepSpeed's engine reads its files through `engine.checkpoint_eng
 `load_engine_checkpoint` routes that through `safe_load` as well, after `verify_collectively` has
 safe-unpickled every file on some rank, so a refused file stops all ranks together (exit 2)
 rather than one rank in the middle of DeepSpeed's load.
+
+ZeRO stages. Under ZeRO 0-2 the module is one file (MAIN_FILE, plus expert files); ZeRO-3 writes
+each rank's partition instead (`holds_whole_module` tells them apart), and DeepSpeed reads only
+the files of its own stage. A resume is exact (`exact_resume`) only at the same world size, ep
+size and ZeRO-3-ness; otherwise it loads the weights only. Where ZeRO-3 is on either side the
+trainer consolidates the tag (meo_ds/export/consolidate.py reads both, through safe_load) into the
+model before deepspeed.initialize: DeepSpeed's own ZeRO-3 weights-only load goes through
+zero_to_fp32, which unpickles with weights_only=False.
 """
 from __future__ import annotations
 
@@ -81,6 +89,11 @@ class CheckpointError(ValueError):
     def __init__(self, message: str, all_ranks: bool = False) -> None:
         super().__init__(message)
         self.all_ranks = all_ranks
+
+
+# DeepSpeed's file of the whole (non-expert) module under ZeRO 0-2; ZeRO-3 writes per-rank partitions
+# (zero_pp_rank_<r>_mp_rank_00_model_states.pt) instead.
+MAIN_FILE = "mp_rank_00_model_states.pt"
 
 
 def tag_for(step: int) -> str:
@@ -475,6 +488,21 @@ def load_engine_checkpoint(engine: Any, point: ResumePoint, **kwargs: Any) -> Op
     with safe_engine_loads(engine):
         engine.load_checkpoint(str(point.load_dir), tag=point.tag, **kwargs)
     return note
+
+
+def holds_whole_module(point: ResumePoint) -> bool:
+    """Whether the tag holds the whole module in MAIN_FILE: saved under ZeRO 0-2 or by meo-upcycle
+    (not under ZeRO-3, which writes each rank's partition)."""
+    return (point.path / MAIN_FILE).is_file()
+
+
+def exact_resume(point: ResumePoint, world_size: int, ep_size: int, zero3: bool) -> bool:
+    """Whether resuming from `point` restores everything (weights, optimizer, data position, RNG
+    streams): it was saved at this world size and ep size, and under ZeRO-3 iff this run is. Else
+    a resume loads the weights only."""
+    info = read_marker(point.path)
+    return (info.get("world_size") == world_size and info.get("ep_size") == ep_size
+            and holds_whole_module(point) != zero3)
 
 
 def truncate_log(path: Path, step: int) -> int:

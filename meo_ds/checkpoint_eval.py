@@ -6,8 +6,8 @@ search) and loss of a translation checkpoint, on a prepared split or on raw file
     deepspeed --num_gpus 4 --module meo_ds.checkpoint_eval runs/x/checkpoints --data data/lm   # batches over ranks
 
 Checkpoint: a meo-train checkpoint directory (its newest complete tag, as meo-export takes it) or
-one tag directory; any ep size, ZeRO 0-2. meo_ds.export.consolidate reads it on the CPU (checksums
-against COMPLETE, no unpickling), its run config and weights are checked, and only once the data
+one tag directory; any ep size and ZeRO stage. meo_ds.export.consolidate reads it on the CPU
+(checksums against COMPLETE, no unpickling), its run config and weights are checked, and only once the data
 is checked too does export.model_of build the parallelism-free model. Every rank holds the whole
 model (no expert sharding): a model must fit one device.
 

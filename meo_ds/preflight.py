@@ -1,7 +1,7 @@
 """Pre-flight: every input of a run checked on every rank before the process group exists.
 
     cfg, ds = load_configs(args, world_size)   # both configs, paths, corpus
-    check_checkpoints(cfg, world_size)          # what a resume / init_from would load
+    check_checkpoints(cfg, world_size, zero3)   # what a resume / init_from would load
 
 Nothing is written and no collective runs here, so a bad input ends every rank alike with one
 `ConfigError` line (the trainer's exit status 2) before any work or data is lost. What is checked:
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -108,10 +107,10 @@ def check_loader(cfg: RunConfig, split: str, world_size: int) -> Any:
         more = "prepare a larger corpus" + (" or a larger --valid-fraction" if split != "train" else "")
         raise ConfigError(f"{err}; {task.batch_size_advice()}, run on fewer ranks, or {more}") from None
 
-def check_checkpoints(cfg: RunConfig, world_size: int) -> None:
+def check_checkpoints(cfg: RunConfig, world_size: int, zero3: bool = False) -> None:
     """What checkpoint.resume / init_from would load exists, holds the same model architecture,
-    and (a resume at the same world and ep size, which continues the data stream) the same data
-    stream (data.path, data.seq_len / max_tokens, data.seed)."""
+    and (an exact resume, which continues the data stream; `zero3`: the DeepSpeed config's stage
+    is 3) the same data stream (data.path, data.seq_len / max_tokens, data.seed)."""
     try:
         point = ckpt.resolve(cfg.checkpoint.resume, cfg.checkpoint_dir)
     except FileNotFoundError as err:
@@ -131,16 +130,14 @@ def check_checkpoints(cfg: RunConfig, world_size: int) -> None:
     saved = saved_run_config(point, key)
     check_same_model(cfg, saved, point, key)
     if key == "checkpoint.resume":
-        check_same_data_stream(cfg, point, world_size)
+        check_same_data_stream(cfg, point, world_size, zero3)
 
 def saved_run_config(point: ckpt.ResumePoint, key: str) -> dict:
     """The run config the trainer stored with a checkpoint (client_state['config'] of its main file,
     `mp_rank_00_model_states.pt`, or rank 0's under ZeRO-3), read memory-mapped through
     checkpoint.safe_load: no code runs, no tensor is read. Keys that moved since are moved (config.loading)."""
-    from meo_ds.export.consolidate import MAIN_FILE
-
-    names = (MAIN_FILE, "zero_pp_rank_0_" + MAIN_FILE)
-    path = next((point.path / n for n in names if (point.path / n).is_file()), point.path / MAIN_FILE)
+    names = (ckpt.MAIN_FILE, "zero_pp_rank_0_" + ckpt.MAIN_FILE)
+    path = next((point.path / n for n in names if (point.path / n).is_file()), point.path / ckpt.MAIN_FILE)
     try:
         main = ckpt.safe_load(path, mmap=True)
     except ckpt.CheckpointError as err:
@@ -181,11 +178,10 @@ DATA_KEYS = {"seq_len": "data.seq_len", "seed": "data.seed", "max_tokens": "data
              "max_sentences": "data.max_tokens", "shuffle": "data.path", "num_samples": "data.path / data.seq_len",
              "num_pairs": "data.path", "corpus_sha256": "data.path"}
 
-def check_same_data_stream(cfg: RunConfig, point: ckpt.ResumePoint, world_size: int) -> None:
-    """At the same world/ep size a resume continues the data stream exactly: it must be the same one."""
-    info = json.loads((point.path / ckpt.COMPLETE).read_text())
-    if info.get("world_size") != world_size or info.get("ep_size") != cfg.parallel.ep_size:
-        return  # another layout: the trainer carries the position over only where it can, and says so
+def check_same_data_stream(cfg: RunConfig, point: ckpt.ResumePoint, world_size: int, zero3: bool) -> None:
+    """An exact resume (ckpt.exact_resume) continues the data stream: it must be the same one."""
+    if not ckpt.exact_resume(point, world_size, cfg.parallel.ep_size, zero3):
+        return  # weights only: the trainer carries the position over only where it can, and says so
     state = ckpt.load_rank_state(point, 0)
     if not state or "data" not in state:
         return

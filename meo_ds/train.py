@@ -9,8 +9,8 @@ what a resume or init_from would load), before the process group exists and befo
 written (`ConfigError` -> one line and exit status 2 on every rank). Rank 0 then locks the run
 directory (meo_ds/run_lock.py: one job per directory). Then `Trainer` owns the run: setup
 (process group with a timeout, model, parallelize, parameter groups, engine, loaders, resume;
-config.json is written once resume succeeded), the step loop, evaluation, checkpoints, and stopping (SIGTERM/SIGINT, non-finite losses, a dead
-rank). Whatever depends on the task (lm or translation: corpus, loader, fit checks, FLOPs per
+config.json is written once resume succeeded; weights-only starts that involve ZeRO-3 are
+consolidated into the model before the engine), the step loop, evaluation, checkpoints, and stopping (SIGTERM/SIGINT, non-finite losses, a dead rank). Whatever depends on the task (lm or translation: corpus, loader, fit checks, FLOPs per
 token, evaluation) the trainer asks of `task_for(cfg)` (meo_ds/tasks.py); what a batch feeds the
 model and how many tokens it counts comes from meo_ds/data/batch.py.
 
@@ -31,6 +31,7 @@ the line names the collective, its ranks and our call site), 5 a checkpoint coul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,12 +44,13 @@ from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from meo_ds import checkpoint as ckpt
 from meo_ds import distributed
 from meo_ds import metrics
 from meo_ds.distributed import describe_collective_failure, free_port, init_distributed, rank_device
-from meo_ds.config import ConfigError, RunConfig
+from meo_ds.config import ConfigError, RunConfig, zero_stage
 from meo_ds.data.batch import model_inputs, source_tokens, target_tokens
 from meo_ds.data.readers import CorpusError
 from meo_ds.fileio import atomic_write
@@ -166,6 +168,16 @@ class LogWindow:
         return total / self.tokens if self.tokens else float("nan")
 
 
+@dataclass
+class StartPoint:
+    """The checkpoint a run starts from: a resume (exact: everything restored; else weights only)
+    or init_from (weights only)."""
+
+    point: ckpt.ResumePoint
+    resume: bool
+    exact: bool
+
+
 # --------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config: dict) -> None:
@@ -189,6 +201,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = parallelize(build_model(cfg), cfg.parallel.ep_size, use_data_before_expert_parallel=bool(
             self.ds_config.get("use_data_before_expert_parallelism", False)))
+        with self._checkpoint_errors():
+            start = self._start_point()
+            preloaded = self._load_weights_before_engine(model, start)
         self.optimizer = SkippableAdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                         betas=tuple(cfg.train.betas), eps=cfg.train.eps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
@@ -196,11 +211,12 @@ class Trainer:
         self.loader = self.task.loader("train", self.rank, self.world)
         self.val_loader = self.task.loader(cfg.data.val_split, self.rank, self.world, shuffle=False)
         self._seed_rank()
-        self._resume_or_init()
+        with self._checkpoint_errors():
+            self._load_start_point(start, preloaded)
         self._write_run_config()
         self.log(f"run {cfg.name}: task={cfg.task} world={self.world} ep={cfg.parallel.ep_size} "
                  f"zero={self.engine.zero_optimization_stage()} precision={cfg.train.precision} "
-                 f"params={sum(p.numel() for p in model.parameters()):,} (this rank) device={metrics.device_name()}")
+                 f"params={sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} (this rank) device={metrics.device_name()}")
 
     def _prepare_dirs(self) -> None:
         if self.rank == 0:
@@ -228,40 +244,82 @@ class Trainer:
         torch.manual_seed(seed)
 
     # ---------------------------------------------------------------- resume
-    def _resume_or_init(self) -> None:
+    @contextlib.contextmanager
+    def _checkpoint_errors(self) -> Iterator[None]:
         """A damaged or unsafe checkpoint (CheckpointError, agreed by every rank) ends the run with
         exit status 2 and one line naming the file, before any weight is loaded."""
         try:
-            self._load_start_point()
+            yield
         except ckpt.CheckpointError as err:
             if self.rank == 0 or not err.all_ranks:
                 print(f"[meo-train] checkpoint error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CONFIG) from err
 
-    def _load_start_point(self) -> None:
+    def _start_point(self) -> Optional[StartPoint]:
+        """What this run starts from: a resume (exact, or weights only at another layout) or
+        init_from (weights only); None: fresh weights."""
         cfg = self.cfg
         point = ckpt.resolve(cfg.checkpoint.resume, cfg.checkpoint_dir)
         if point is not None:
-            self._resume(point)
-        elif cfg.checkpoint.init_from:
-            init = ckpt.resolve(cfg.checkpoint.init_from, cfg.checkpoint_dir)
-            self._warn(ckpt.load_engine_checkpoint(self.engine, init, load_module_only=True,
+            return StartPoint(point, resume=True, exact=ckpt.exact_resume(point, self.world, cfg.parallel.ep_size,
+                                                                          self.zero3))
+        if cfg.checkpoint.init_from:
+            return StartPoint(ckpt.resolve(cfg.checkpoint.init_from, cfg.checkpoint_dir), resume=False, exact=False)
+        return None
+
+    @property
+    def zero3(self) -> bool:
+        return zero_stage(self.ds_config) == 3
+
+    def _load_weights_before_engine(self, model: nn.Module, start: Optional[StartPoint]) -> bool:
+        """A weights-only start with ZeRO-3 on either side: DeepSpeed reads only the files of its
+        own regime (ZeRO-3 partitions vs ZeRO 0-2's or meo-upcycle's whole module), and its ZeRO-3
+        weights-only load (zero_to_fp32) unpickles the optimizer files with weights_only=False. So
+        the tag is consolidated here (checksums, safe_load; meo_ds/export/consolidate.py reads
+        both) and loaded into the model before deepspeed.initialize. Such models have no
+        expert-parallel layers (ZeRO-3 refuses them, and the architecture is the checkpoint's).
+        Returns whether it loaded."""
+        if start is None or start.exact or not (self.zero3 or not ckpt.holds_whole_module(start.point)):
+            return False
+        from meo_ds.export.consolidate import consolidate
+
+        point = start.point
+        try:  # every rank reads the same files, so every rank raises the same error
+            weights = consolidate(point.load_dir, point.tag)
+            model.load_state_dict(weights.state_dict, strict=True)
+        except ckpt.CheckpointError as err:
+            raise ckpt.CheckpointError(str(err), all_ranks=True) from None
+        except RuntimeError as err:
+            raise ckpt.CheckpointError(f"{point.path} does not fit the model: {str(err).splitlines()[0]}",
+                                       all_ranks=True) from None
+        for note in weights.notes:
+            self._warn(note)
+        return True
+
+    def _load_start_point(self, start: Optional[StartPoint], preloaded: bool) -> None:
+        if start is None:
+            return
+        if start.resume:
+            self._resume(start, preloaded)
+            return
+        if not preloaded:
+            self._warn(ckpt.load_engine_checkpoint(self.engine, start.point, load_module_only=True,
                                                    load_optimizer_states=False, load_lr_scheduler_states=False))
-            self.log(f"initialised model weights from {init.path}")
+        self.log(f"initialised model weights from {start.point.path}")
 
     def _warn(self, note: Optional[str]) -> None:
         if note:
             self.log(f"warning: {note}")
 
-    def _resume(self, point: ckpt.ResumePoint) -> None:
+    def _resume(self, start: StartPoint, preloaded: bool) -> None:
+        point = start.point
         info = ckpt.read_marker(point.path)
-        same_layout = info.get("world_size") == self.world and info.get("ep_size") == self.cfg.parallel.ep_size
-        if same_layout:
+        if start.exact:
             self._warn(ckpt.load_engine_checkpoint(self.engine, point))
-        else:
+        elif not preloaded:
             self._warn(ckpt.load_engine_checkpoint(self.engine, point, load_module_only=True,
                                                    load_optimizer_states=False, load_lr_scheduler_states=False))
-        state = ckpt.load_rank_state(point, self.rank) if same_layout else None
+        state = ckpt.load_rank_state(point, self.rank) if start.exact else None
         self.step = int(info["step"])
         if self.rank == 0:  # the steps after the checkpoint are trained (and logged) again
             for name in ("metrics.jsonl", "eval.jsonl", "intervals.jsonl"):
@@ -275,10 +333,14 @@ class Trainer:
         self._carry_data_position(point)
         self.log(
             f"resumed model weights from {point.path} (step {self.step}), saved at world size "
-            f"{info.get('world_size')} / ep {info.get('ep_size')}, now {self.world} / ep {self.cfg.parallel.ep_size}. "
+            f"{info.get('world_size')} / ep {info.get('ep_size')}, now {self.world} / ep {self.cfg.parallel.ep_size}"
+            f"{'' if ckpt.holds_whole_module(point) != self.zero3 else self._zero_change()}. "
             f"NOT carried over: optimizer state (AdamW moments; the schedule continues at step {self.step}), "
             f"per-rank RNG streams"
         )
+
+    def _zero_change(self) -> str:
+        return ", ZeRO 0-2 then, ZeRO-3 now" if self.zero3 else ", ZeRO-3 then, ZeRO 0-2 now"
 
     def _carry_data_position(self, point: ckpt.ResumePoint) -> None:
         state = ckpt.load_rank_state(point, 0)
@@ -593,7 +655,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             cfg, ds = load_configs(args, world)
             locks = lock_run_dirs(*run_dirs(cfg)) if os.environ.get("RANK", "0") == "0" else []
-            check_checkpoints(cfg, world)  # under the lock: another job could be saving or pruning them
+            check_checkpoints(cfg, world, zero_stage(ds) == 3)  # under the lock: another job could be saving or pruning them
         except (ConfigError, RunDirBusy, ValueError, KeyError, OSError) as err:
             print(f"[meo-train] configuration error: {err}", file=sys.stderr, flush=True)
             return EXIT_CONFIG

@@ -26,9 +26,8 @@ Why the trainer's own checkpoint format (not a new init path): `checkpoint.init_
 it with DeepSpeed at any world and expert-parallel size (experts are filed by global id, each ep
 rank reads its own), preflight checks its saved model config, meo-export and `load_model` read it,
 and nothing in the trainer changed. The files are written on the CPU, one MoE layer at a time, in
-the source checkpoint's dtype (the trainer casts to its precision on load). ZeRO-3 (MEO only) reads
-init_from weights from ZeRO shards, which this checkpoint has none of: start an upcycled MEO run
-with ZeRO 0-2.
+the source checkpoint's dtype (the trainer casts to its precision on load). Under ZeRO-3 (MEO only)
+the trainer loads this whole-module checkpoint before DeepSpeed partitions the model.
 
 Expert initialisation (every dense FFN of a MoE layer; dense layers, attention, norms and
 embeddings are copied as they are):

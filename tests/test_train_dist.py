@@ -12,6 +12,8 @@ Launches (about 15-25 s each on 2 cores):
       `latest` stays on the previous complete checkpoint; C' resumes from it with NaN losses
       injected: a lone one is skipped, N in a row stop the run with exit status 3
   E   an inconsistent config                                -> every rank exits 2 before any work
+  Z   MEO under ZeRO-2, then ZeRO-3 and ZeRO-2 runs from its weights -> the same losses and
+      weights (ZeRO-3 checkpoints consolidated); the ZeRO-3 run resumed under ZeRO-2
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed import run_ranks_without_launcher
 from train_helpers import CPU_DS, CPU_DS_ZERO0, TRAIN_SCRIPT, losses, metrics, small_lm_run, train, train_and_signal
@@ -164,3 +167,49 @@ def test_resume_at_other_world_and_ep_size_loads_weights(reference, lm_data):
     assert sorted(after) == list(range(STEPS + 1, STEPS + 5))
     last_a = losses(reference["A"])[STEPS]
     assert abs(after[STEPS + 1] - last_a) < 0.3, f"weights not carried over: {after[STEPS + 1]} vs {last_a}"
+
+
+def test_weights_cross_between_zero2_and_zero3_and_zero3_checkpoints_consolidate(lm_data, tmp_path):
+    """DeepSpeed reads only the files of its own ZeRO regime: a weights-only start from the other
+    one goes through consolidate, before deepspeed.initialize."""
+    from meo_ds.export.consolidate import consolidate
+
+    zero3 = tmp_path / "zero3.json"
+    # threshold 0: every parameter partitioned (no small ones kept whole), as in a large model
+    zero3.write_text(json.dumps({**json.loads(Path(CPU_DS).read_text()),
+                                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    trained = tmp_path / "Z"
+    train(lm_run(trained, lm_data, kind="meo", ep=1, train={"steps": 4, "warmup_steps": 1, "seed": 7},
+                 eval={"at_end": False}))
+    init = {"init_from": str(trained / "checkpoints" / "step_00000004"), "save_initial": True}
+    steps = {"steps": 3, "warmup_steps": 1, "seed": 7}
+    runs = {}
+    for name, ds in (("zero2", CPU_DS), ("zero3", str(zero3))):
+        runs[name] = tmp_path / name
+        proc = train(lm_run(runs[name], lm_data, kind="meo", ep=1, train=steps, checkpoint=init, eval={"at_end": False}),
+                     ds_config=ds)
+        assert f"initialised model weights from {init['init_from']}" in proc.stdout
+    two, three = losses(runs["zero2"]), losses(runs["zero3"])
+    assert two and two.keys() == three.keys()
+    assert all(three[s] == pytest.approx(two[s], rel=1e-5) for s in two), (two, three)
+    assert abs(two[1] - losses(trained)[1]) > 0.05  # started from the trained weights, not from a fresh init
+
+    # The ZeRO-3 checkpoints (per-rank partitions) consolidate: exactly the init weights at step 0,
+    # the ZeRO-2 run's weights (to reduction order) after 3 steps.
+    saved3 = runs["zero3"] / "checkpoints"
+    assert not (saved3 / "step_00000003" / "mp_rank_00_model_states.pt").exists()
+    start = consolidate(saved3, "step_00000000").state_dict
+    init_weights = consolidate(trained / "checkpoints", "step_00000004").state_dict
+    assert start.keys() == init_weights.keys() and all(torch.equal(start[k], init_weights[k]) for k in start)
+    end3, end2 = consolidate(saved3).state_dict, consolidate(runs["zero2"] / "checkpoints").state_dict
+    assert end3.keys() == end2.keys()
+    for k in end2:
+        torch.testing.assert_close(end3[k], end2[k], rtol=1e-4, atol=1e-5)
+
+    # ...and a ZeRO-2 run resumes the ZeRO-3 checkpoint's weights
+    again = lm_run(runs["zero3"], lm_data, kind="meo", ep=1, train=dict(steps, steps=5), checkpoint={"init_from": ""},
+                   eval={"at_end": False})
+    proc = train(again, ds_config=CPU_DS)
+    assert "ZeRO-3 then, ZeRO 0-2 now. NOT carried over: optimizer state" in proc.stdout
+    after = losses(runs["zero3"])
+    assert sorted(after) == [1, 2, 3, 4, 5] and abs(after[4] - three[3]) < 0.3

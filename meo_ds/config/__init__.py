@@ -16,7 +16,7 @@ One part per file:
 Import from the package (`from meo_ds.config import RunConfig`); the files are its layout.
 """
 from .convert import from_dict, to_dict
-from .ds_config import ds_precision, load_ds_config, reconcile_ds_config
+from .ds_config import ds_precision, load_ds_config, reconcile_ds_config, zero_stage
 from .errors import ConfigError, listing
 from .loading import (MOVED_KEYS, _resolve_model_tree, apply_override, build_model_config, deep_merge,
                       load_run_config, migrate_saved_run_config, parse_text, preset_dict, preset_dir, preset_names,
@@ -30,4 +30,5 @@ __all__ = [
     "build_model_config", "deep_merge", "ds_precision", "from_dict", "iter_moe_configs", "listing",
     "load_ds_config", "load_run_config", "migrate_saved_run_config", "parse_text", "preset_dict", "preset_dir",
     "preset_names", "read_mapping", "read_preset", "reconcile_ds_config", "run_config_from_dict", "split_auto_sizes", "to_dict",
+    "zero_stage",
 ]

@@ -96,8 +96,13 @@ def _precision_problems(cfg: RunConfig, ds: dict, device: str) -> list[str]:
     return problems
 
 
+def zero_stage(ds: dict) -> int:
+    """The DeepSpeed config's ZeRO stage (0 when it has no zero_optimization section)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
 def _zero_problems(cfg: RunConfig, ds: dict) -> list[str]:
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
         return [f"zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3"]
     sharded = sorted({m.kind for m in cfg.moe_configs() if registry.get(m.kind).expert_parallel})

@@ -2,7 +2,7 @@
 
     from meo_ds.export import export, consolidate
     export("runs/x/checkpoints", "hf/x")          # target auto: Mixtral / Llama / meo remote code
-    consolidate("runs/x/checkpoints").state_dict  # full weights on CPU, any EP size, ZeRO 0-2
+    consolidate("runs/x/checkpoints").state_dict  # full weights on CPU, any EP size and ZeRO stage
     model, run_cfg = load_model("runs/x/checkpoints")  # our own model with those weights
 
 Importing this package also registers our remote-code classes with transformers' Auto classes
