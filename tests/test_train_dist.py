@@ -18,6 +18,7 @@ Launches (about 15-25 s each on 2 cores):
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -172,7 +173,11 @@ def test_resume_at_other_world_and_ep_size_loads_weights(reference, lm_data):
 def test_weights_cross_between_zero2_and_zero3_and_zero3_checkpoints_consolidate(lm_data, tmp_path):
     """DeepSpeed reads only the files of its own ZeRO regime: a weights-only start from the other
     one goes through consolidate, before deepspeed.initialize."""
+    from transformers import AutoModelForCausalLM
+
+    from meo_ds.export.cli import main as export_main
     from meo_ds.export.consolidate import consolidate
+    from meo_ds.export.exporter import load_model
 
     zero3 = tmp_path / "zero3.json"
     # threshold 0: every parameter partitioned (no small ones kept whole), as in a large model
@@ -205,6 +210,22 @@ def test_weights_cross_between_zero2_and_zero3_and_zero3_checkpoints_consolidate
     assert end3.keys() == end2.keys()
     for k in end2:
         torch.testing.assert_close(end3[k], end2[k], rtol=1e-4, atol=1e-5)
+    # in bf16 DeepSpeed names the optimizer files bf16_zero_pp_rank_*
+    renamed = tmp_path / "bf16_named" / "step_00000003"
+    shutil.copytree(saved3 / "step_00000003", renamed)
+    for f in renamed.glob("zero_pp_rank_*_optim_states.pt"):
+        f.rename(f.with_name("bf16_" + f.name))
+    marker = json.loads((renamed / "COMPLETE").read_text())
+    marker["files"] = {("bf16_" + n if "optim_states" in n else n): v for n, v in marker["files"].items()}
+    (renamed / "COMPLETE").write_text(json.dumps(marker))
+    again3 = consolidate(renamed.parent, "step_00000003").state_dict
+    assert all(torch.equal(again3[k], end3[k]) for k in end3)
+    # meo-export takes the ZeRO-3 run; the export loads in transformers and computes our logits
+    assert export_main([str(saved3), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(4, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, load_model(saved3)[0](ids).logits, rtol=1e-5, atol=1e-5)
 
     # ...and a ZeRO-2 run resumes the ZeRO-3 checkpoint's weights
     again = lm_run(runs["zero3"], lm_data, kind="meo", ep=1, train=dict(steps, steps=5), checkpoint={"init_from": ""},

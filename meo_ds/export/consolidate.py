@@ -20,10 +20,10 @@ parallelism), all under `<dir>/<tag>/`. ZeRO stage 0-2:
 ZeRO-3 (MEO and dense models only: no expert files) writes no mp_rank_00 file but, per rank r,
 `zero_pp_rank_{r}_mp_rank_00_model_states.pt` (the module's keys with empty placeholders, plus
 `param_shapes` per parameter group, buffers, tied names and the metadata) and
-`zero_pp_rank_{r}_mp_rank_00_optim_states.pt`, whose `fp32_flat_groups` hold rank r's share of
-every parameter's fp32 master. `_zero3_state_dict` reassembles the parameters from those shares
-(the same layout DeepSpeed's zero_to_fp32.py reads, but through safe_load) and casts them to the
-precision the engine trained in.
+`zero_pp_rank_{r}_mp_rank_00_optim_states.pt` (prefixed `bf16_` in bf16), whose
+`fp32_flat_groups` hold rank r's share of every parameter's fp32 master. `_zero3_state_dict`
+reassembles the parameters from those shares (the same layout DeepSpeed's zero_to_fp32.py reads,
+but through safe_load) and casts them to the precision the engine trained in.
 
 Common to both:
 - `<dir>/latest`: the tag of the newest complete checkpoint (written last by rank 0).
@@ -170,7 +170,9 @@ def _zero3_files(tag_dir: Path) -> tuple[list[str], list[str]]:
     """(model-state files, optimizer-state files) of a ZeRO-3 tag, by rank; CheckpointError if a rank's is missing."""
     ranks = sorted(int(m.group(1)) for m in map(_ZERO3_MODEL_RE.match, (p.name for p in tag_dir.iterdir())) if m)
     model = [ZERO3_MODEL_FILE.format(rank=r) for r in range(len(ranks))]
-    optim = [ZERO3_OPTIM_FILE.format(rank=r) for r in range(len(ranks))]
+    # DeepSpeed prefixes the optimizer files with "bf16_" when it trains in bf16.
+    optim = [next((p + name for p in ("", "bf16_") if (tag_dir / (p + name)).is_file()), name)
+             for name in (ZERO3_OPTIM_FILE.format(rank=r) for r in range(len(ranks)))]
     missing = [n for n in model + optim if not (tag_dir / n).is_file()]
     if missing:
         raise CheckpointError(f"{tag_dir} is a ZeRO-3 checkpoint of {len(ranks)} rank(s) missing {missing[:3]}; "
