@@ -95,7 +95,11 @@ def test_missing_main_file_and_zero3(runs: Path, tmp_path: Path) -> None:
     main.unlink()
     with pytest.raises(CheckpointError, match="has no mp_rank_00_model_states.pt"):
         consolidate(ckpt)
-    (ckpt / "global_step3" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    (ckpt / "global_step3" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")  # now a ZeRO-3 tag
+    with pytest.raises(CheckpointError, match=r"cannot read .*zero_pp_rank_0_mp_rank_00_model_states.pt .*damaged"):
+        consolidate(ckpt)
+    for optim in (ckpt / "global_step3").glob("*zero_pp_rank_*_optim_states.pt"):
+        optim.unlink()
     with pytest.raises(CheckpointError, match=r"is a ZeRO-3 checkpoint of 1 rank\(s\) missing \['zero_pp_rank_0_mp_rank_00_optim"):
         consolidate(ckpt)
 
