@@ -167,12 +167,18 @@ def save(
     removed: list[str] = []
     if rank == 0:
         files = {name: d for part in gathered for name, d in part.items()}
-        marker = {**(info or {}), "step": step, "world_size": world, "time": time.time(), "files": files}
-        _atomic_write(ckpt_dir / tag / COMPLETE, json.dumps(marker))
-        _atomic_write(ckpt_dir / LATEST, tag)
+        mark_complete(ckpt_dir, tag, step, world, files, **(info or {}))
         removed = prune(ckpt_dir, keep_last)
     dist.barrier()  # nobody reads or writes the directory while rank 0 prunes it
     return SaveResult(tag=tag, path=ckpt_dir / tag, removed=removed)
+
+
+def mark_complete(ckpt_dir: Path, tag: str, step: int, world_size: int, files: dict, **info: Any) -> None:
+    """Write the tag's COMPLETE marker (step, layout, `info`, every file's checksum), then point
+    `latest` at the tag: each atomically, in that order."""
+    marker = {**info, "step": step, "world_size": world_size, "time": time.time(), "files": files}
+    _atomic_write(Path(ckpt_dir) / tag / COMPLETE, json.dumps(marker))
+    _atomic_write(Path(ckpt_dir) / LATEST, tag)
 
 
 # --------------------------------------------------------------------------- checksums

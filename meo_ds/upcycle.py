@@ -56,7 +56,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -348,17 +347,13 @@ class CheckpointWriter:
         import deepspeed
 
         from meo_ds import checkpoint as ckpt
-        from meo_ds.export.consolidate import MAIN_FILE
 
         torch.save({"module": self.main, "num_experts": self.num_experts, "dp_world_size": 1, "mp_world_size": 1,
                     "global_steps": 0, "global_samples": 0, "skipped_steps": 0, "ds_version": deepspeed.__version__,
                     "trainer_step": 0, "world_size": 1, "config": run_tree, "upcycled_from": source},
-                   self.tag_dir / MAIN_FILE)
+                   self.tag_dir / ckpt.MAIN_FILE)
         files = {name: ckpt.file_digest(self.tag_dir / name) for name in ckpt.tag_files(self.tag_dir)}
-        marker = {"step": 0, "world_size": 1, "ep_size": 1, "time": time.time(), "files": files,
-                  "upcycled_from": source}
-        (self.tag_dir / ckpt.COMPLETE).write_text(json.dumps(marker))
-        (self.ckpt_dir / ckpt.LATEST).write_text(self.tag_dir.name)
+        ckpt.mark_complete(self.ckpt_dir, self.tag_dir.name, 0, 1, files, ep_size=1, upcycled_from=source)
         return self.tag_dir
 
 
