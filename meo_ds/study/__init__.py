@@ -79,7 +79,7 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
 
 def settings(args: argparse.Namespace, study: runner.Study, data_dir: Path, steps: int) -> dict:
     return {"task": args.task, "preset": study.preset, "data": str(data_dir), "steps": steps,
-            "eval_interval": study.eval_interval or max(1, steps // 6), "world": study.world(),
+            "eval_interval": study.evaluate_every(steps), "world": study.world(),
             "overrides": study.overrides}
 
 

@@ -50,6 +50,10 @@ class Study:
     def world(self) -> int:
         return self.ranks * (self.num_nodes or _hostfile_nodes(self.hostfile))
 
+    def evaluate_every(self, steps: int) -> int:
+        """Validation (and checkpoint) interval: --eval-interval, else six evaluations per run."""
+        return self.eval_interval or max(1, steps // 6)
+
     def run_dir(self, variant: str) -> Path:
         return self.out / "runs" / variant
 
@@ -89,7 +93,7 @@ def run_config(study: Study, variant: str, data_dir: Path, steps: int) -> dict:
     """Variant's complete run config: the base's sections, its model and ep, the study's intervals."""
     base_model, rest = base_tree(study, data_dir, steps)
     model, ep = variant_model(variant, base_model, study.world())
-    every = study.eval_interval or max(1, steps // 6)
+    every = study.evaluate_every(steps)
     cfg = copy.deepcopy(rest)
     cfg.update(name=f"study-{variant}", model={**model, "vocab_size": "auto"}, parallel={"ep_size": ep})
     cfg["train"]["steps"] = steps
