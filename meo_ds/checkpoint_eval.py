@@ -54,6 +54,7 @@ import torch
 from meo_ds import evaluate as ev
 
 EXIT_INPUT = 2
+DEFAULT_FIELD = "text"  # --field: the JSON lines field of raw LM documents
 
 
 class EvalError(ValueError):
@@ -70,7 +71,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "or jsonl)")
     p.add_argument("--split", default="validation", help="split of a prepared corpus (default validation)")
     p.add_argument("--format", default="auto", help="raw files' format as meo-prepare takes it (default auto)")
-    p.add_argument("--field", default="text", help="JSON lines field of raw LM documents (default text)")
+    p.add_argument("--field", default=DEFAULT_FIELD, help=f"JSON lines field of raw LM documents (default {DEFAULT_FIELD})")
     p.add_argument("--tokenizer", help="the checkpoint's tokenizer (its corpus directory or tokenizer.model) "
                    "when the run config's data.path moved")
     p.add_argument("--batch-size", type=int, help="LM sequences per batch (default train.micro_batch_size)")
@@ -278,7 +279,7 @@ def check_options(task: str, args: argparse.Namespace) -> None:
     """Options of the other task are an error, not silently ignored."""
     other = {"lm": ("max_tokens", "beam", "max_sentences", "out_translations"),
              "translation": ("batch_size", "field")}[task]
-    given = [n for n in other if getattr(args, n) not in (None, "text")]
+    given = [n for n in other if getattr(args, n) not in (None, DEFAULT_FIELD if n == "field" else None)]
     if given:
         names = ", ".join("--" + n.replace("_", "-") for n in given)
         raise EvalError(f"{names} do(es) not apply to a {task} checkpoint; drop {'it' if len(given) == 1 else 'them'}")
