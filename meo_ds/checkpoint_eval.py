@@ -71,7 +71,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "or jsonl)")
     p.add_argument("--split", default="validation", help="split of a prepared corpus (default validation)")
     p.add_argument("--format", default="auto", help="raw files' format as meo-prepare takes it (default auto)")
-    p.add_argument("--field", default=DEFAULT_FIELD, help=f"JSON lines field of raw LM documents (default {DEFAULT_FIELD})")
+    p.add_argument("--field", default=DEFAULT_FIELD,
+                   help=f"JSON lines field of raw LM documents (default {DEFAULT_FIELD})")
     p.add_argument("--tokenizer", help="the checkpoint's tokenizer (its corpus directory or tokenizer.model) "
                    "when the run config's data.path moved")
     p.add_argument("--batch-size", type=int, help="LM sequences per batch (default train.micro_batch_size)")

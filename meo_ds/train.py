@@ -10,9 +10,11 @@ written (`ConfigError` -> one line and exit status 2 on every rank). Rank 0 then
 directory (meo_ds/run_lock.py: one job per directory). Then `Trainer` owns the run: setup
 (process group with a timeout, model, parallelize, parameter groups, engine, loaders, resume;
 config.json is written once resume succeeded; weights-only starts that involve ZeRO-3 are
-consolidated into the model before the engine), the step loop, evaluation, checkpoints, and stopping (SIGTERM/SIGINT, non-finite losses, a dead rank). Whatever depends on the task (lm or translation: corpus, loader, fit checks, FLOPs per
-token, evaluation) the trainer asks of `task_for(cfg)` (meo_ds/tasks.py); what a batch feeds the
-model and how many tokens it counts comes from meo_ds/data/batch.py.
+consolidated into the model before the engine), the step loop, evaluation, checkpoints, and
+stopping (SIGTERM/SIGINT, non-finite losses, a dead rank). Whatever depends on the task (lm or
+translation: corpus, loader, fit checks, FLOPs per token, evaluation) the trainer asks of
+`task_for(cfg)` (meo_ds/tasks.py); what a batch feeds the model and how many tokens it counts
+comes from meo_ds/data/batch.py.
 
 Per step the ranks agree on a `StepSums` (non-finite flag, stop flag, token-weighted loss sums,
 counted tokens), one all_reduce per micro-batch; the log line sums the steps' results in a
@@ -216,7 +218,8 @@ class Trainer:
         self._write_run_config()
         self.log(f"run {cfg.name}: task={cfg.task} world={self.world} ep={cfg.parallel.ep_size} "
                  f"zero={self.engine.zero_optimization_stage()} precision={cfg.train.precision} "
-                 f"params={sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} (this rank) device={metrics.device_name()}")
+                 f"params={sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} (this rank) "
+                 f"device={metrics.device_name()}")
 
     def _prepare_dirs(self) -> None:
         if self.rank == 0:
@@ -278,8 +281,10 @@ class Trainer:
         the tag is consolidated here (checksums, safe_load; meo_ds/export/consolidate.py reads
         both) and loaded into the model before deepspeed.initialize. Such models have no
         expert-parallel layers (ZeRO-3 refuses them, and the architecture is the checkpoint's).
-        Returns whether it loaded."""
-        if start is None or start.exact or not (self.zero3 or not ckpt.holds_whole_module(start.point)):
+        Every rank reads the whole model on the CPU. Returns whether it loaded."""
+        if start is None or start.exact:
+            return False
+        if not self.zero3 and ckpt.holds_whole_module(start.point):  # ZeRO 0-2 on both sides: DeepSpeed's load
             return False
         from meo_ds.export.consolidate import consolidate
 
@@ -655,7 +660,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             cfg, ds = load_configs(args, world)
             locks = lock_run_dirs(*run_dirs(cfg)) if os.environ.get("RANK", "0") == "0" else []
-            check_checkpoints(cfg, world, zero_stage(ds) == 3)  # under the lock: another job could be saving or pruning them
+            # under the lock: another job could be saving or pruning them
+            check_checkpoints(cfg, world, zero_stage(ds) == 3)
         except (ConfigError, RunDirBusy, ValueError, KeyError, OSError) as err:
             print(f"[meo-train] configuration error: {err}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
