@@ -29,7 +29,9 @@ MEO (He et al., EMNLP 2023; the choices are documented in meo_ds/moe/meo.py):
   over the k largest, dense [N, E] with zeros elsewhere. Computed in fp32 (fp64 for fp64 weights).
 - Merge (`merge_weights`, `merged_forward`): W^_n = sum_e g_ne W_e, b^_n = sum_e g_ne b_e, then one
   batched matmul per group, y_n = x_n W^_n^T + b^_n. Dense (a GEMM over all E) unless the caller
-  passes the selected experts' ids (`merge_rows`: then only those are read).
+  passes the selected experts' ids (`merge_rows`: then only those are read), which pays when the
+  groups merged together select fewer slices than E (`sparse_merge_pays`): e.g. decoding, one
+  group per sequence.
 """
 from __future__ import annotations
 
@@ -116,15 +118,23 @@ def merge_rows(gates: torch.Tensor, table: torch.Tensor, top_idx: Optional[torch
     Dense (top_idx None): one [N, E] x [E, m] GEMM over all experts. Sparse (top_idx [N, k], the
     experts holding every non-zero gate): reads only those k rows per group and adds them in
     ascending expert order, one multiply-add each (F.embedding_bag with per-sample weights).
-    Both sum the same non-zero terms (a zero gate adds an exact zero); they agree bit for bit
-    where the GEMM also accumulates in ascending expert order (x86 CPU BLAS at these sizes), and
-    otherwise within the rounding of a k-term sum.
+    Both sum the same non-zero terms (a zero gate adds an exact zero), so they agree within the
+    rounding of a k-term sum, and bit for bit where the GEMM also accumulates in ascending expert
+    order (k = 1 always; x86 CPU BLAS for some shapes only: on an AMD EPYC a [1-3, 16] x [16, m]
+    GEMM rounds differently).
     """
     if top_idx is None:
         return gates.to(table.dtype) @ table
     ids = top_idx.sort(dim=-1).values
     weights = gates.gather(-1, ids).to(table.dtype)
     return F.embedding_bag(ids, table, per_sample_weights=weights, mode="sum")
+
+
+def sparse_merge_pays(num_groups: int, num_experts: int, top_k: int) -> bool:
+    """Whether merging num_groups groups together should read only their k selected experts each.
+    The merge is memory-bound: the dense GEMM reads each of the E expert slices once, the sparse
+    merge k slices per group; so sparse iff num_groups * k < E."""
+    return num_groups * top_k < num_experts
 
 
 def merge_weights(gates: torch.Tensor, weight: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -138,7 +148,7 @@ def merged_forward(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor,
     """y_n = x_n W^_n^T + b^_n: x [N, T, d_in], gates [N, E], weight [E, d_out, d_in], bias [E, d_out].
 
     top_idx [N, k] (optional): the experts holding the non-zero gates; merging reads only those.
-    The result has the same bits with or without it (merge_rows).
+    The result equals the dense merge's within the rounding of a k-term sum (merge_rows).
     """
     w_hat = merge_weights(gates, weight, top_idx)
     if bias is None:

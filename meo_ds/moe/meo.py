@@ -59,15 +59,15 @@ Choices (documented here once):
 - Merge, sparse or dense (`uses_sparse_merge`, chosen per call from shapes, no host sync): the
   merge is memory-bound (a [N, E] x [E, d_out*d_in] GEMM reads every expert slice once, FLOPs
   are not the limit), so merging only each group's k selected experts (F.embedding_bag over their
-  ids, in ascending expert order) pays only when it reads fewer slices: (groups per chunk) * k < E,
-  e.g. a few long sequences. Otherwise the dense GEMM runs. The 2k < E FLOP rule measured slower
+  ids, in ascending expert order) pays only when it reads fewer slices: (groups per chunk) * k < E
+  (functional.sparse_merge_pays), e.g. a few long sequences, or decoding. Otherwise the dense GEMM runs. The 2k < E FLOP rule measured slower
   (bench_moe, 16 experts, 4096 tokens: at L=256, 16 groups, the sparse merge took 1.66x dense vs
   1.41x). Exactness: both sum the same non-zero terms (a zero gate adds an exact 0); k = 1 is
-  bit for bit on any backend, k >= 2 is bit for bit where the GEMM accumulates in ascending
-  expert order (x86 CPU BLAS, checked by tests) and otherwise differs by the rounding of a k-term
-  sum. The export (dense gates only) always runs the dense GEMM. The sparse backward recomputes
-  too (scatter-adds into dW_e, k dot products per group for dg), storing only the [N, k] ids
-  beyond the dense path; dg is 0 at unselected experts (the gates are a scatter of the selected).
+  bit for bit on any backend, k >= 2 differs by the rounding of a k-term sum (bit for bit only
+  where the GEMM happens to accumulate in ascending expert order). The export applies the same
+  rule to all its groups at once (it merges them in one piece), so an exported model decodes bit
+  for bit as the library does. The sparse backward recomputes too (scatter-adds into dW_e, k dot products per group
+  for dg), storing only the [N, k] ids beyond the dense path; dg is 0 at unselected experts (the gates are a scatter of the selected).
   flops_per_token(executed=True) counts the merge the last forward ran (2 k or 2 E d_in d_out).
 - Causal cost: merged weights exist per (sequence, segment), N = B * ceil(L / segment_len) groups
   of W^ [d_out, d_in]; the merge adds about E / segment_len of the token matmul's FLOPs and the
@@ -96,7 +96,7 @@ from . import registry
 from .config import MoEConfig, MoEConfigError
 from .functional import (
     GroupLayout, continued_gate_summary, gate_dtype, gate_logits, gate_summary, merge_weights, merged_forward,
-    source_summary, topk_softmax_gates,
+    source_summary, sparse_merge_pays, topk_softmax_gates,
 )
 from .routing import cv_squared
 from .types import MoEOutput, RoutingStats
@@ -219,7 +219,7 @@ def merged_linear(
     x: [N, T, d_in]; gates: [N, E] (dense, zeros for unselected experts); weight: [E, d_out, d_in];
     bias: [E, d_out] or None. top_idx [N, k] (optional): each group's selected experts, which must
     hold all its non-zero gates; where `uses_sparse_merge` says so the merge and its backward read
-    only those (same forward bits, see the module docstring), otherwise every expert. recompute=True
+    only those (the same sum, see the module docstring), otherwise every expert. recompute=True
     keeps W^ out of the autograd graph (rebuilt in backward, at most MERGED_CHUNK_BYTES of it at a
     time); False is plain autograd.
     """
@@ -234,11 +234,11 @@ def merged_linear(
 def uses_sparse_merge(num_groups: int, weight: torch.Tensor, top_k: int) -> bool:
     """Whether merged_linear merges only the k selected experts of each of num_groups groups.
 
-    The merge is memory-bound: the dense GEMM reads every expert slice once per chunk of groups,
-    the sparse merge k per group. So sparse iff (groups per chunk) * k < E (see the Choices).
+    The groups are merged chunk by chunk (MERGED_CHUNK_BYTES), so the rule (functional's
+    sparse_merge_pays, see the Choices) counts the groups of one chunk.
     """
     per_chunk = _chunks(num_groups, weight.shape[1], weight.shape[2], weight.element_size())[0]
-    return (per_chunk.stop - per_chunk.start) * top_k < weight.shape[0]
+    return sparse_merge_pays(per_chunk.stop - per_chunk.start, weight.shape[0], top_k)
 
 
 def vanilla_moe_linear(

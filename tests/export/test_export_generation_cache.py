@@ -143,3 +143,33 @@ def test_meo_layers_refuse_a_cache_without_gate_sums() -> None:
     hf = _lm("meo_sequence")
     with pytest.raises(TypeError, match="MeoCache"):
         hf(torch.tensor([[5, 6, 7]]), cache=DynamicCache(), use_cache=True)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_meo_decoding_merges_sparsely_exactly_as_the_library(level: str) -> None:
+    """Decoding one sequence merges one group per step: with 8 experts and k = 2 both the library
+    and the export merge only the 2 selected experts (functional.sparse_merge_pays), so each step's
+    logits are bit for bit the library's (a dense merge rounds its 8-term sum differently)."""
+    cfg = LMConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
+                   moe=MoEConfig(num_experts=8, top_k=2, kind="meo", segment_len=3, meo_level=level),
+                   moe_every=1, moe_offset=0)
+    torch.manual_seed(0)
+    ours = build_model(cfg).eval()
+    _randomize_gates(ours)
+    hf = remote.build_hf_model("lm", cfg, ours.state_dict())
+    ids = torch.randint(4, V, (1, 12), generator=torch.Generator().manual_seed(3))
+    merges = []
+    modeling = __import__(type(hf).__module__, fromlist=["merged_forward"])
+    real = modeling.merged_forward
+    modeling.merged_forward = lambda *args: merges.append(args[-1] is not None) or real(*args)
+    try:
+        with torch.no_grad():
+            theirs = _stepwise_logits(hf, ids, torch.ones_like(ids), prompt_len=4)
+    finally:
+        modeling.merged_forward = real
+    cache = ours.new_cache()
+    with torch.no_grad():
+        mine = torch.cat([ours(ids[:, :4], cache=cache).logits]
+                         + [ours(ids[:, t:t + 1], cache=cache).logits for t in range(4, 12)], 1)
+    assert torch.equal(theirs, mine), (theirs - mine).abs().max()
+    assert merges[-6:] == [True] * 6  # the last steps' merges (2 layers x 3 linears) read 2 experts

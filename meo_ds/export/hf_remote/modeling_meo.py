@@ -30,7 +30,7 @@ from .configuration_meo import MeoConfig
 from .models_functional import apply_rope, attend, rms_norm, sinusoidal_positions
 from .moe_functional import (
     GroupLayout, continued_gate_summary, dense_combine, gate_logits, gate_summary, merged_forward, router_logits,
-    source_summary, threshold_choices, topk_choices, topk_softmax_gates,
+    source_summary, sparse_merge_pays, threshold_choices, topk_choices, topk_softmax_gates,
 )
 
 
@@ -231,10 +231,13 @@ class MEOLinear(nn.Module):
         self.token_block = TokenBlock(d_in, max(1, d_in // token_ratio)) if token_ratio else None
 
     def gates(self, summary, top_k, source):
-        return topk_softmax_gates(gate_logits(summary, self.gate_weight, source, self.source_gate), top_k)[0]
+        """(dense gates [N, E], the selected experts [N, k])."""
+        return topk_softmax_gates(gate_logits(summary, self.gate_weight, source, self.source_gate), top_k)
 
-    def forward(self, u, g):
-        return merged_forward(u, g, self.weight, self.bias)
+    def forward(self, u, g, ids):
+        # Merge only the selected experts where that reads less (decoding: one group per sequence).
+        sparse = sparse_merge_pays(u.shape[0], self.weight.shape[0], ids.shape[1])
+        return merged_forward(u, g, self.weight, self.bias, ids if sparse else None)
 
 
 class MEO(nn.Module):
@@ -274,7 +277,7 @@ class MEO(nn.Module):
             lin = self.linears[name]
             if lin.token_block is not None:
                 inp = lin.token_block(inp)
-            return lin(inp, lin.gates(summary(name, inp), top_k, source))
+            return lin(inp, *lin.gates(summary(name, inp), top_k, source))
 
         u = groups.to_groups(x)
         if "fc1" in self.linears:
