@@ -91,9 +91,11 @@ class CheckpointError(ValueError):
         self.all_ranks = all_ranks
 
 
-# DeepSpeed's file of the whole (non-expert) module under ZeRO 0-2; ZeRO-3 writes per-rank partitions
-# (zero_pp_rank_<r>_mp_rank_00_model_states.pt) instead.
+# DeepSpeed's file of the whole (non-expert) module under ZeRO 0-2; ZeRO-3 writes each rank's
+# partition of the module and of the optimizer state (the latter prefixed "bf16_" in bf16) instead.
 MAIN_FILE = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_FILE = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+ZERO3_OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
 
 def tag_for(step: int) -> str:

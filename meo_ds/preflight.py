@@ -136,7 +136,7 @@ def saved_run_config(point: ckpt.ResumePoint, key: str) -> dict:
     """The run config the trainer stored with a checkpoint (client_state['config'] of its main file,
     `mp_rank_00_model_states.pt`, or rank 0's under ZeRO-3), read memory-mapped through
     checkpoint.safe_load: no code runs, no tensor is read. Keys that moved since are moved (config.loading)."""
-    names = (ckpt.MAIN_FILE, "zero_pp_rank_0_" + ckpt.MAIN_FILE)
+    names = (ckpt.MAIN_FILE, ckpt.ZERO3_MODEL_FILE.format(rank=0))
     path = next((point.path / n for n in names if (point.path / n).is_file()), point.path / ckpt.MAIN_FILE)
     try:
         main = ckpt.safe_load(path, mmap=True)

@@ -45,14 +45,12 @@ from typing import Any, Optional
 import torch
 
 from meo_ds import checkpoint as ckpt
-from meo_ds.checkpoint import MAIN_FILE, CheckpointError
+from meo_ds.checkpoint import MAIN_FILE, ZERO3_MODEL_FILE, ZERO3_OPTIM_FILE, CheckpointError
 from meo_ds.config import ds_precision
 
 EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 _EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-ZERO3_MODEL_FILE = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
-ZERO3_OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-_ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+_ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_\d+_mp_rank_00_model_states\.pt$")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # ds_precision -> the engine's module dtype
 _DROPPED_KEYS = ("module", "optimizer")
 @dataclass
@@ -168,14 +166,14 @@ def _merge_experts(state_dict: dict, tag_dir: Path, num_experts: list[int]) -> N
 
 def _zero3_files(tag_dir: Path) -> tuple[list[str], list[str]]:
     """(model-state files, optimizer-state files) of a ZeRO-3 tag, by rank; CheckpointError if a rank's is missing."""
-    ranks = sorted(int(m.group(1)) for m in map(_ZERO3_MODEL_RE.match, (p.name for p in tag_dir.iterdir())) if m)
-    model = [ZERO3_MODEL_FILE.format(rank=r) for r in range(len(ranks))]
+    ranks = sum(1 for p in tag_dir.iterdir() if _ZERO3_MODEL_RE.match(p.name))
+    model = [ZERO3_MODEL_FILE.format(rank=r) for r in range(ranks)]
     # DeepSpeed prefixes the optimizer files with "bf16_" when it trains in bf16.
     optim = [next((p + name for p in ("", "bf16_") if (tag_dir / (p + name)).is_file()), name)
-             for name in (ZERO3_OPTIM_FILE.format(rank=r) for r in range(len(ranks)))]
+             for name in (ZERO3_OPTIM_FILE.format(rank=r) for r in range(ranks))]
     missing = [n for n in model + optim if not (tag_dir / n).is_file()]
     if missing:
-        raise CheckpointError(f"{tag_dir} is a ZeRO-3 checkpoint of {len(ranks)} rank(s) missing {missing[:3]}; "
+        raise CheckpointError(f"{tag_dir} is a ZeRO-3 checkpoint of {ranks} rank(s) missing {missing[:3]}; "
                               f"the checkpoint is incomplete")
     return model, optim
 

@@ -60,14 +60,16 @@ Choices (documented here once):
   merge is memory-bound (a [N, E] x [E, d_out*d_in] GEMM reads every expert slice once, FLOPs
   are not the limit), so merging only each group's k selected experts (F.embedding_bag over their
   ids, in ascending expert order) pays only when it reads fewer slices: (groups per chunk) * k < E
-  (functional.sparse_merge_pays), e.g. a few long sequences, or decoding. Otherwise the dense GEMM runs. The 2k < E FLOP rule measured slower
-  (bench_moe, 16 experts, 4096 tokens: at L=256, 16 groups, the sparse merge took 1.66x dense vs
-  1.41x). Exactness: both sum the same non-zero terms (a zero gate adds an exact 0); k = 1 is
-  bit for bit on any backend, k >= 2 differs by the rounding of a k-term sum (bit for bit only
-  where the GEMM happens to accumulate in ascending expert order). The export applies the same
-  rule to all its groups at once (it merges them in one piece), so an exported model decodes bit
-  for bit as the library does. The sparse backward recomputes too (scatter-adds into dW_e, k dot products per group
-  for dg), storing only the [N, k] ids beyond the dense path; dg is 0 at unselected experts (the gates are a scatter of the selected).
+  (functional.sparse_merge_pays), e.g. a few long sequences, or decoding. Otherwise the dense
+  GEMM runs. The 2k < E FLOP rule measured slower (bench_moe, 16 experts, 4096 tokens: at L=256,
+  16 groups, the sparse merge took 1.66x dense vs 1.41x). Exactness: both sum the same non-zero
+  terms (a zero gate adds an exact 0); k = 1 is bit for bit on any backend, k >= 2 differs by the
+  rounding of a k-term sum (bit for bit only where the GEMM happens to accumulate in ascending
+  expert order). The export applies the same rule to all its groups at once (it merges them in
+  one piece), so an exported model decodes bit for bit as the library does. The sparse backward
+  recomputes too (scatter-adds into dW_e, k dot products per group for dg), storing only the
+  [N, k] ids beyond the dense path; dg is 0 at unselected experts (the gates are a scatter of the
+  selected).
   flops_per_token(executed=True) counts the merge the last forward ran (2 k or 2 E d_in d_out).
 - Causal cost: merged weights exist per (sequence, segment), N = B * ceil(L / segment_len) groups
   of W^ [d_out, d_in]; the merge adds about E / segment_len of the token matmul's FLOPs and the
