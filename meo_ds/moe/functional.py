@@ -30,8 +30,8 @@ MEO (He et al., EMNLP 2023; the choices are documented in meo_ds/moe/meo.py):
 - Merge (`merge_weights`, `merged_forward`): W^_n = sum_e g_ne W_e, b^_n = sum_e g_ne b_e, then one
   batched matmul per group, y_n = x_n W^_n^T + b^_n. Dense (a GEMM over all E) unless the caller
   passes the selected experts' ids (`merge_rows`: then only those are read), which pays when the
-  groups merged together select fewer slices than E (`sparse_merge_pays`): e.g. decoding, one
-  group per sequence.
+  groups merged together select fewer slices than E, or a few times E on CPU
+  (`sparse_merge_pays`): e.g. decoding, one group per sequence.
 """
 from __future__ import annotations
 
@@ -130,11 +130,20 @@ def merge_rows(gates: torch.Tensor, table: torch.Tensor, top_idx: Optional[torch
     return F.embedding_bag(ids, table, per_sample_weights=weights, mode="sum")
 
 
-def sparse_merge_pays(num_groups: int, num_experts: int, top_k: int) -> bool:
-    """Whether merging num_groups groups together should read only their k selected experts each.
-    The merge is memory-bound: the dense GEMM reads each of the E expert slices once, the sparse
-    merge k slices per group; so sparse iff num_groups * k < E."""
-    return num_groups * top_k < num_experts
+# How many expert slices, per expert, the sparse merge may read before the dense merge is cheaper.
+# Where the dense [N, E] x [E, m] GEMM runs at memory bandwidth (GPUs) it reads each slice once: 1.
+# On CPU it runs far below it (a GEMM with K = E packs its operand and is partly compute-bound):
+# there the sparse merge measured faster up to 4 slices per expert and slower at 8 (meo.py's Choices).
+SPARSE_MERGE_SLICES_PER_EXPERT = {"cpu": 5}
+
+
+def sparse_merge_pays(num_groups: int, num_experts: int, top_k: int, device_type: str) -> bool:
+    """Whether merging num_groups groups together on device_type ("cuda", "cpu", ...) should read
+    only their k selected experts each. The merge is memory-bound: the dense GEMM reads each of the
+    E expert slices once, the sparse merge k slices per group; so sparse iff num_groups * k < E
+    times the device's SPARSE_MERGE_SLICES_PER_EXPERT (k = E is always dense: the same terms)."""
+    per_expert = SPARSE_MERGE_SLICES_PER_EXPERT.get(device_type, 1)
+    return top_k < num_experts and num_groups * top_k < per_expert * num_experts
 
 
 def merge_weights(gates: torch.Tensor, weight: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -54,22 +54,27 @@ Choices (documented here once):
   is the selection count. meo_load="count": always the count (no gradient, so W_noise gets only
   the gates' gradient). Summed over the layer's linears (meo_aux_reduce="sum", the paper's;
   "mean" averages), times cfg.aux_loss_coef (paper: 0.01).
-- Stats (device tensors, no host sync): expert_load is token-weighted (each real token counts once for each of its group's k
-  experts), averaged over the linears, so it sums to k * num_tokens like the top-k layers'.
-- Merge, sparse or dense (`uses_sparse_merge`, chosen per call from shapes, no host sync): the
-  merge is memory-bound (a [N, E] x [E, d_out*d_in] GEMM reads every expert slice once, FLOPs
-  are not the limit), so merging only each group's k selected experts (F.embedding_bag over their
-  ids, in ascending expert order) pays only when it reads fewer slices: (groups per chunk) * k < E
-  (functional.sparse_merge_pays), e.g. a few long sequences, or decoding. Otherwise the dense
-  GEMM runs. The 2k < E FLOP rule measured slower (bench_moe, 16 experts, 4096 tokens: at L=256,
-  16 groups, the sparse merge took 1.66x dense vs 1.41x). Exactness: both sum the same non-zero
-  terms (a zero gate adds an exact 0); k = 1 is bit for bit on any backend, k >= 2 differs by the
-  rounding of a k-term sum (bit for bit only where the GEMM happens to accumulate in ascending
-  expert order). The export applies the same rule to all its groups at once (it merges them in
-  one piece), so an exported model decodes bit for bit as the library does. The sparse backward
-  recomputes too (scatter-adds into dW_e, k dot products per group for dg), storing only the
-  [N, k] ids beyond the dense path; dg is 0 at unselected experts (the gates are a scatter of the
-  selected).
+- Stats (device tensors, no host sync): expert_load is token-weighted (each real token counts once
+  for each of its group's k experts), averaged over the linears, so it sums to k * num_tokens like
+  the top-k layers'.
+- Merge, sparse or dense (`uses_sparse_merge`, chosen per call from shapes, no host sync): merging
+  only each group's k selected experts (F.embedding_bag over their ids, in ascending expert
+  order) reads N k expert slices for N groups, the dense [N, E] x [E, d_out*d_in] GEMM reads E.
+  Where that GEMM runs at memory bandwidth (GPUs), sparse pays iff N k < E. On CPU a GEMM with
+  K = E runs far below bandwidth: merge plus dW_e, E 16, 16 groups, d 256 x 1024, the sparse path
+  took 0.37/0.53/0.75/2.34 of the dense time at k = 1/2/4/8 (N k = 1/2/4/8 E); so there the
+  bound is N k < 5 E (functional.SPARSE_MERGE_SLICES_PER_EXPERT). k = E is always dense. The GPU
+  bound is the bandwidth argument, not yet measured on a GPU. Exactness: both sum the same
+  non-zero terms (a zero gate adds an exact 0); k = 1 is bit for bit on any backend, k >= 2
+  differs by the rounding of a k-term sum (bit for bit only where the GEMM happens to accumulate
+  in ascending expert order). The export applies the same rule to all its groups at once (it
+  merges them in one piece), so an exported model decodes bit for bit as the library does. The
+  sparse backward recomputes too, storing only the [N, k] ids beyond the dense path: dW_e sums
+  the groups that selected e (embedding_bag over the (group, expert) pairs sorted by expert), and
+  dg is the dense path's one GEMM of dots (gathering k expert slices per group measured slower).
+- k = 1: each gate is a softmax over one logit, the constant 1, whose backward passes exactly 0,
+  so MEOLinear gives the merge detached gates and its backward skips the dots' GEMM; every
+  gradient is unchanged (the gate still learns from the balance loss).
   flops_per_token(executed=True) counts the merge the last forward ran (2 k or 2 E d_in d_out).
 - Causal cost: merged weights exist per (sequence, segment), N = B * ceil(L / segment_len) groups
   of W^ [d_out, d_in]; the merge adds about E / segment_len of the token matmul's FLOPs and the
@@ -121,10 +126,9 @@ class _RecomputedMergedLinear(torch.autograd.Function):
 
     With dW^_n = dY_n^T X_n and db^_n = sum_t dY_nt:  dX_n = dY_n W^_n,
     dW_e = sum_n g_ne dW^_n,  db_e = sum_n g_ne db^_n,  dg_ne = <W_e, dW^_n> + <b_e, db^_n>.
-    Dense (top_idx None): those sums run over all E experts as GEMMs. Sparse (top_idx [N, k]):
-    only over each group's k selected experts (scatter-adds into dW_e, k dot products per group),
-    and dg is 0 at the unselected experts (the layer's gates are a scatter of the selected ones,
-    so no gradient could flow there anyway).
+    Dense (top_idx None): dW_e and db_e are GEMMs over all N groups. Sparse (top_idx [N, k]): they
+    sum only the groups that selected e (`_sum_by_expert`, the sparse merge transposed). dg is one
+    GEMM of dots in both, every entry (gathering each group's k expert slices reads more).
     """
 
     @staticmethod
@@ -145,9 +149,6 @@ class _RecomputedMergedLinear(torch.autograd.Function):
         dg = torch.zeros_like(gates) if need_g else None
         acc = gate_dtype(weight.dtype)  # accumulate expert grads over chunks in >= fp32
         dw = db = None
-        if top_idx is not None:  # sparse: scatter-adds need the zero-filled totals up front
-            dw = w_flat.new_zeros(w_flat.shape, dtype=acc) if need_w else None
-            db = bias.new_zeros(bias.shape, dtype=acc) if bias is not None and need_b else None
 
         def accumulate(total, part):
             return part.to(acc) if total is None else total.add_(part)
@@ -163,27 +164,33 @@ class _RecomputedMergedLinear(torch.autograd.Function):
             if bias is not None and (need_b or need_g):
                 hats.append(("b", dy_c.sum(dim=1), bias, need_b))
             for which, hat, rows, need in hats:
-                if idx is None:
-                    g = gates[c].to(weight.dtype)
-                    if need:
-                        part = g.t() @ hat
-                        if which == "w":
-                            dw = accumulate(dw, part)
-                        else:
-                            db = accumulate(db, part)
-                    if need_g:
-                        dg[c] += (hat @ rows.t()).to(dg.dtype)
-                else:
-                    g = gates[c].gather(1, idx).to(weight.dtype)  # [n, k]
-                    if need:
-                        total = dw if which == "w" else db
-                        for j in range(idx.shape[1]):
-                            total.index_add_(0, idx[:, j], (hat * g[:, j, None]).to(acc))
-                    if need_g:
-                        dots = (rows[idx] * hat.unsqueeze(1)).sum(dim=-1)  # <row_e, hat_n>, [n, k]
-                        dg[c].scatter_add_(1, idx, dots.to(dg.dtype))
+                if need:
+                    if idx is None:
+                        part = gates[c].to(weight.dtype).t() @ hat
+                    else:
+                        part = _sum_by_expert(hat, gates[c], idx, num_experts)
+                    if which == "w":
+                        dw = accumulate(dw, part)
+                    else:
+                        db = accumulate(db, part)
+                if need_g:  # <row_e, hat_n> for every expert, sparse or not: one GEMM reads less than a gather
+                    dg[c] += (hat @ rows.t()).to(dg.dtype)
         dw = dw.view_as(weight).to(weight.dtype) if dw is not None else None
         return dx, dg, dw, (db.to(bias.dtype) if db is not None else None), None
+
+
+def _sum_by_expert(hat: torch.Tensor, gates: torch.Tensor, top_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """out_e = sum over the groups n that selected e of gates[n, e] * hat[n]: hat [N, m] -> [E, m].
+
+    The sparse merge transposed: each expert's bag holds the groups that selected it (the [N, k]
+    pairs sorted by expert, found with searchsorted: no host sync), summed by F.embedding_bag in
+    ascending group order; an expert no group selected gets 0.
+    """
+    experts = top_idx.flatten()
+    order = experts.argsort(stable=True)
+    starts = torch.searchsorted(experts[order], torch.arange(num_experts, device=experts.device))
+    weights = gates.gather(1, top_idx).flatten()[order].to(hat.dtype)
+    return F.embedding_bag(order // top_idx.shape[1], hat, starts, per_sample_weights=weights, mode="sum")
 
 
 def _rows(top_idx: Optional[torch.Tensor], c: slice) -> Optional[torch.Tensor]:
@@ -240,7 +247,7 @@ def uses_sparse_merge(num_groups: int, weight: torch.Tensor, top_k: int) -> bool
     sparse_merge_pays, see the Choices) counts the groups of one chunk.
     """
     per_chunk = _chunks(num_groups, weight.shape[1], weight.shape[2], weight.element_size())[0]
-    return sparse_merge_pays(per_chunk.stop - per_chunk.start, weight.shape[0], top_k)
+    return sparse_merge_pays(per_chunk.stop - per_chunk.start, weight.shape[0], top_k, weight.device.type)
 
 
 def vanilla_moe_linear(
@@ -399,7 +406,10 @@ class MEOLinear(nn.Module):
         else:
             summary = gate_summary(x, groups, self.default_summary)
         gates, top_idx, load = self.route(summary, source)
-        return self.merge(x, gates, top_idx), gates, top_idx, load, sums
+        # k = 1: each gate is a softmax over one logit, the constant 1, so the merge passes no
+        # gradient to the gate; detached, its backward skips the gate's GEMM.
+        merge_gates = gates.detach() if self.top_k == 1 else gates
+        return self.merge(x, merge_gates, top_idx), gates, top_idx, load, sums
 
     def merge(self, x: torch.Tensor, gates: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [N, T, d_in] with per-group gates [N, E] (and their selected experts top_idx [N, k]) -> [N, T, d_out]."""

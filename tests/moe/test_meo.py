@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import meo_ds.moe.meo as meo
 from meo_ds.moe.config import MoEConfig, MoEConfigError
+from meo_ds.moe.functional import topk_softmax_gates
 from meo_ds.moe.meo import MEOLayer, MEOLinear, meo_flops_per_sequence, merged_linear, vanilla_moe_linear
 
 
@@ -315,9 +316,10 @@ def test_layer_flops_per_token_matches_formula():
     merge = 2 * 4 * 32 * 64 * 2
     assert causal.flops_per_token(128) == pytest.approx(seq.flops_per_token(128) + (merge + gate) / 128)
     # Executed: the merge the last forward ran. Before any forward, one sequence (1 group x k=4 < 16
-    # experts) merges sparsely, as the model count does; a batch of 8 sequences merges densely.
+    # experts) merges sparsely, as the model count does; a batch of 32 sequences merges densely
+    # (32 x k=4 = 8 slices per expert, over CPU's SPARSE_MERGE_SLICES_PER_EXPERT).
     assert seq.flops_per_token(128, executed=True) == pytest.approx(seq.flops_per_token(128))
-    seq(torch.randn(8, 128, 32))
+    seq(torch.randn(32, 128, 32))
     dense_extra = 2 * (16 - 4) * 32 * 64 * 2 / 128  # two linears of 32 x 64
     assert seq.flops_per_token(128, executed=True) - seq.flops_per_token(128) == pytest.approx(dense_extra)
     seq(torch.randn(2, 128, 32))
@@ -733,9 +735,27 @@ def test_sparse_merge_of_one_expert_is_bitwise_the_dense_merge():
 
 
 def test_sparse_merge_rule():
-    w = torch.empty(16, 4, 4)
-    assert meo.uses_sparse_merge(3, w, 5) and not meo.uses_sparse_merge(4, w, 4)  # groups * k < E
-    assert not meo.uses_sparse_merge(16, w, 1)
+    """Sparse iff groups x k < E x the device's slices per expert (1 where the GEMM is memory-bound,
+    5 on CPU); k = E is always dense (the same terms)."""
+    from meo_ds.moe.functional import sparse_merge_pays
+    assert sparse_merge_pays(3, 16, 5, "cuda") and not sparse_merge_pays(4, 16, 4, "cuda")
+    assert sparse_merge_pays(16, 16, 4, "cpu") and not sparse_merge_pays(16, 16, 5, "cpu")
+    assert not sparse_merge_pays(1, 8, 8, "cpu")
+    w = torch.empty(16, 4, 4)  # uses_sparse_merge applies the rule of the weight's device
+    assert meo.uses_sparse_merge(16, w, 4) and not meo.uses_sparse_merge(16, w, 5)
+
+
+def test_one_expert_gates_pass_no_gradient_so_the_layer_detaches_them():
+    """k = 1: the softmax over one logit is the constant 1 and passes exactly 0 back, which is why
+    MEOLinear may hand the merge detached gates (skipping the dots' GEMM) without changing a gradient."""
+    logits = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    gates, _ = topk_softmax_gates(logits, 1)
+    (gates * torch.randn(6, 8, dtype=torch.float64)).sum().backward()
+    assert torch.equal(gates.sum(dim=1), torch.ones(6, dtype=torch.float64))
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    layer = make_layer("swiglu", experts=4, k=1, noisy=True).train()
+    layer(torch.randn(2, 5, 6, dtype=torch.float64), torch.ones(2, 5, dtype=torch.bool)).aux_loss.backward()
+    assert all(lin.gate_weight.grad.abs().max() > 0 for lin in layer.linears.values())  # the balance loss
 
 
 def test_sparse_recompute_does_not_keep_merged_weights():
@@ -793,9 +813,9 @@ def test_layer_sparse_merge_equals_dense_and_naive_reference(level, causal, acti
 
 @pytest.mark.parametrize("causal,activation", [(False, "gelu"), (True, "swiglu")])
 def test_exported_meo_layer_matches_a_sparse_merging_layer_bit_for_bit(causal, activation):
-    """The export sees dense gates only and merges densely; our layer merges sparsely here (3 groups x
-    k=2 < 16 experts). fp32, k = 2: equal bits where the GEMM sums in ascending expert order (one
-    Intel machine), 5e-7 apart where it does not (an AMD EPYC one): fp32 rounding only."""
+    """Our layer merges sparsely here (3 groups x k=2 < 16 experts); the export, which merges all its
+    groups in one piece with the same rule, does too on CPU. fp32: within rounding (where a dense
+    merge runs, a GEMM may sum in another order than ascending experts)."""
     from meo_ds.export.hf_remote import modeling_meo as remote
     from meo_ds.export.hf_remote.configuration_meo import MeoConfig
     from meo_ds.export.layout import moe_key

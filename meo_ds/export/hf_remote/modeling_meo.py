@@ -236,7 +236,7 @@ class MEOLinear(nn.Module):
 
     def forward(self, u, g, ids):
         # Merge only the selected experts where that reads less (decoding: one group per sequence).
-        sparse = sparse_merge_pays(u.shape[0], self.weight.shape[0], ids.shape[1])
+        sparse = sparse_merge_pays(u.shape[0], self.weight.shape[0], ids.shape[1], u.device.type)
         return merged_forward(u, g, self.weight, self.bias, ids if sparse else None)
 
 
