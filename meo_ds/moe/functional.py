@@ -31,7 +31,8 @@ MEO (He et al., EMNLP 2023; the choices are documented in meo_ds/moe/meo.py):
   batched matmul per group, y_n = x_n W^_n^T + b^_n. Dense (a GEMM over all E) unless the caller
   passes the selected experts' ids (`merge_rows`: then only those are read), which pays when the
   groups merged together select fewer slices than E, or a few times E on CPU
-  (`sparse_merge_pays`): e.g. decoding, one group per sequence.
+  (`sparse_merge_pays`): e.g. decoding, one group per sequence. Decoding keeps the merged
+  weights of the segment being decoded between its steps (`decode_merged_forward`).
 """
 from __future__ import annotations
 
@@ -152,6 +153,13 @@ def merge_weights(gates: torch.Tensor, weight: torch.Tensor, top_idx: Optional[t
     return merge_rows(gates, weight.reshape(num_experts, -1), top_idx).view(-1, d_out, d_in)
 
 
+def apply_merged(x: torch.Tensor, w_hat: torch.Tensor, b_hat: Optional[torch.Tensor]) -> torch.Tensor:
+    """y_n = x_n W^_n^T + b^_n: x [N, T, d_in], merged weights w_hat [N, d_out, d_in], b_hat [N, d_out] or None."""
+    if b_hat is None:
+        return torch.bmm(x, w_hat.transpose(1, 2))
+    return torch.baddbmm(b_hat.unsqueeze(1), x, w_hat.transpose(1, 2))
+
+
 def merged_forward(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor,
                    bias: Optional[torch.Tensor], top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y_n = x_n W^_n^T + b^_n: x [N, T, d_in], gates [N, E], weight [E, d_out, d_in], bias [E, d_out].
@@ -159,11 +167,31 @@ def merged_forward(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor,
     top_idx [N, k] (optional): the experts holding the non-zero gates; merging reads only those.
     The result equals the dense merge's within the rounding of a k-term sum (merge_rows).
     """
+    b_hat = merge_rows(gates, bias, top_idx) if bias is not None else None
+    return apply_merged(x, merge_weights(gates, weight, top_idx), b_hat)
+
+
+# The most merged weights (bytes, per merged linear) that incremental decoding keeps between steps.
+DECODE_CACHE_BYTES = 128 * 2**20
+
+
+def decode_merged_forward(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          top_idx: Optional[torch.Tensor], cache: dict, segment: int) -> torch.Tensor:
+    """merged_forward for an incremental decoding chunk inside one causal segment, bit for bit.
+
+    A segment's gates read only the segments before it, so every step inside it merges the same
+    weights: W^ and b^ are merged at the segment's first step and kept in `cache` (a dict the
+    caller keeps per linear) for the later ones. Merged weights over DECODE_CACHE_BYTES are not
+    kept (each step then merges again).
+    """
+    if cache.get("segment") == segment and cache["weight"].shape[0] == x.shape[0]:
+        return apply_merged(x, cache["weight"], cache["bias"])
     w_hat = merge_weights(gates, weight, top_idx)
-    if bias is None:
-        return torch.bmm(x, w_hat.transpose(1, 2))
-    b_hat = merge_rows(gates, bias, top_idx)
-    return torch.baddbmm(b_hat.unsqueeze(1), x, w_hat.transpose(1, 2))
+    b_hat = merge_rows(gates, bias, top_idx) if bias is not None else None
+    cache.clear()
+    if w_hat.numel() * w_hat.element_size() <= DECODE_CACHE_BYTES:
+        cache.update(segment=segment, weight=w_hat, bias=b_hat)
+    return apply_merged(x, w_hat, b_hat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,10 +226,12 @@ class GroupLayout:
         self.index = None  # [B, L] slot of each token in the [B, G*T] layout (None: contiguous)
         self.doc_slot = None  # [B, G] place of each group in the per-document layout (None: one document)
         self.ends_on_boundary = False
+        self.first_segment = 0
         if not causal:
             self.num_segments, self.group_len = 1, self.length
         elif doc_ids is None:
             self.front = start % segment_len
+            self.first_segment = start // segment_len  # the absolute index of the chunk's first segment
             total = self.front + self.length
             self.num_segments = -(-total // segment_len)
             self.back = self.num_segments * segment_len - total

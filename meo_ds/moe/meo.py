@@ -76,6 +76,14 @@ Choices (documented here once):
   so MEOLinear gives the merge detached gates and its backward skips the dots' GEMM; every
   gradient is unchanged (the gate still learns from the balance loss).
   flops_per_token(executed=True) counts the merge the last forward ran (2 k or 2 E d_in d_out).
+- Decoding (eval, no grad, a chunk inside one segment): a segment's gates read only the segments
+  before it, so every step inside it merges the same W^; each linear keeps the merged weights of
+  the segment being decoded in the layer's state (state["merged"]) and merges once per segment,
+  not once per token (functional.decode_merged_forward, also the export's), bit for bit as
+  merging again. Kept up to functional.DECODE_CACHE_BYTES per linear (128 MiB; merged weights
+  that need more than one MERGED_CHUNK_BYTES chunk are merged every step); beam search reorders
+  them with the rest of the state. In training mode the noise redraws the gates every step, so
+  nothing is kept.
 - Causal cost: merged weights exist per (sequence, segment), N = B * ceil(L / segment_len) groups
   of W^ [d_out, d_in]; the merge adds about E / segment_len of the token matmul's FLOPs and the
   matmuls are per-segment (M = segment_len), so prefer segment_len >= 64. With recompute_merged
@@ -92,6 +100,7 @@ Choices (documented here once):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -102,8 +111,8 @@ import torch.nn.functional as F
 from . import registry
 from .config import MoEConfig, MoEConfigError
 from .functional import (
-    GroupLayout, continued_gate_summary, gate_dtype, gate_logits, gate_summary, merge_weights, merged_forward,
-    source_summary, sparse_merge_pays, topk_softmax_gates,
+    GroupLayout, continued_gate_summary, decode_merged_forward, gate_dtype, gate_logits, gate_summary, merge_weights,
+    merged_forward, source_summary, sparse_merge_pays, topk_softmax_gates,
 )
 from .routing import cv_squared
 from .types import MoEOutput, RoutingStats
@@ -390,13 +399,14 @@ class MEOLinear(nn.Module):
 
     def forward(
         self, x: torch.Tensor, groups: GroupLayout, source: Optional[torch.Tensor] = None,
-        prior: Optional[dict] = None, incremental: bool = False,
+        prior: Optional[dict] = None, incremental: bool = False, decode_cache: Optional[dict] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[dict]]:
         """Grouped input x [N, T, d_in] -> (y [N, T, d_out], gates [N, E], chosen ids [N, k], load
         [N, E], running sums): token block, gate summary, route and merge, all in this forward
         (see the Choices: ZeRO-3). `incremental` (causal decoding): the summary continues
         `prior`, the running sums this linear returned for the previous chunk (None before the
-        first), and the new sums are returned (else None).
+        first), and the new sums are returned (else None). `decode_cache` (decoding a chunk inside
+        one segment, no grad): this linear's merged weights, kept between steps (see `merge`).
         """
         if self.token_block is not None:
             x = self.token_block(x)
@@ -409,21 +419,30 @@ class MEOLinear(nn.Module):
         # k = 1: each gate is a softmax over one logit, the constant 1, so the merge passes no
         # gradient to the gate; detached, its backward skips the gate's GEMM.
         merge_gates = gates.detach() if self.top_k == 1 else gates
-        return self.merge(x, merge_gates, top_idx), gates, top_idx, load, sums
+        return self.merge(x, merge_gates, top_idx, decode_cache, groups.first_segment), gates, top_idx, load, sums
 
-    def merge(self, x: torch.Tensor, gates: torch.Tensor, top_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [N, T, d_in] with per-group gates [N, E] (and their selected experts top_idx [N, k]) -> [N, T, d_out]."""
+    def merge(self, x: torch.Tensor, gates: torch.Tensor, top_idx: Optional[torch.Tensor] = None,
+              decode_cache: Optional[dict] = None, segment: int = 0) -> torch.Tensor:
+        """x [N, T, d_in] with per-group gates [N, E] (and their selected experts top_idx [N, k]) -> [N, T, d_out].
+
+        decode_cache: a dict kept per linear while decoding (no grad), with `segment` the absolute
+        index of the one segment x lies in: W^ is merged at the segment's first step and reused
+        by its later steps (functional.decode_merged_forward), bit for bit as merging again, where
+        they fit one MERGED_CHUNK_BYTES chunk (else merged_linear merges every step).
+        """
         sparse = top_idx is not None and uses_sparse_merge(x.shape[0], self.weight, top_idx.shape[1])
         self.merged_experts = top_idx.shape[1] if sparse else self.num_experts  # for flops_per_token
         device = x.device.type
-        if not torch.is_autocast_enabled(device):
-            return merged_linear(x, gates, self.weight, self.bias, recompute=self.recompute, top_idx=top_idx)
-        # Under autocast run the matmuls in its dtype (as nn.Linear would); grads reach fp32 params.
-        dtype = torch.get_autocast_dtype(device)
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        with torch.autocast(device, enabled=False):
-            return merged_linear(x.to(dtype), gates, self.weight.to(dtype), bias, recompute=self.recompute,
-                                 top_idx=top_idx)
+        weight, bias = self.weight, self.bias
+        autocast = torch.is_autocast_enabled(device)
+        if autocast:  # run the matmuls in autocast's dtype (as nn.Linear would); grads reach fp32 params
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            if decode_cache is not None and len(_chunks(x.shape[0], *weight.shape[1:], weight.element_size())) == 1:
+                _check_merged_shapes(x, gates, weight, bias, top_idx)
+                return decode_merged_forward(x, gates, weight, bias, top_idx if sparse else None, decode_cache, segment)
+            return merged_linear(x, gates, weight, bias, recompute=self.recompute, top_idx=top_idx)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, experts={self.num_experts}, top_k={self.top_k}"
@@ -556,11 +575,15 @@ class MEOLayer(nn.Module):
         source = self._source_summary(memory, memory_mask, groups) if self.cross else None
         u = groups.to_groups(x)
         gate_log = []
+        # Decoding inside one segment: the merged weights are kept from the segment's first step
+        # (the gates cannot change inside it; in training mode the noise would).
+        decoding = state is not None and groups.num_segments == 1 and not self.training and not torch.is_grad_enabled()
 
         def run(name: str, inp: torch.Tensor) -> torch.Tensor:
             # Incremental decoding: each linear's gate summary continues from the state's sums.
             prior = self._prior(name, state, groups.batch) if state is not None else None
-            out, gates, top_idx, load, sums = self.linears[name](inp, groups, source, prior, state is not None)
+            cache = state.setdefault("merged", {}).setdefault(name, {}) if decoding else None
+            out, gates, top_idx, load, sums = self.linears[name](inp, groups, source, prior, state is not None, cache)
             if state is not None:
                 state.setdefault("sums", {})[name] = sums
             gate_log.append((gates, top_idx, load))

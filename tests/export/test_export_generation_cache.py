@@ -6,6 +6,8 @@ encoder and decoder (MEO decoder gates read earlier segments and the source); gr
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -27,6 +29,8 @@ def _randomize_gates(model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if name.endswith(("gate_weight", "default_summary")) or ".token_block." in name:
                 p.normal_(0.0, 1.0)  # zero-initialised: make MEO's routing and token block matter
+            elif ".linears." in name:
+                p.add_(torch.randn_like(p), alpha=0.1)  # MEO's experts start equal: make them differ
 
 
 def _lm(kind: str):
@@ -147,9 +151,10 @@ def test_meo_layers_refuse_a_cache_without_gate_sums() -> None:
 
 @pytest.mark.parametrize("level", ["sequence", "token"])
 def test_meo_decoding_merges_sparsely_exactly_as_the_library(level: str) -> None:
-    """Decoding one sequence merges one group per step: with 8 experts and k = 2 both the library
-    and the export merge only the 2 selected experts (functional.sparse_merge_pays), so each step's
-    logits are bit for bit the library's (a dense merge rounds its 8-term sum differently)."""
+    """Decoding one sequence merges one group per segment (the merged weights are kept for its later
+    steps): with 8 experts and k = 2 both the library and the export merge only the 2 selected
+    experts (functional.sparse_merge_pays), so each step's logits are bit for bit the library's (a
+    dense merge rounds its 8-term sum differently)."""
     cfg = LMConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
                    moe=MoEConfig(num_experts=8, top_k=2, kind="meo", segment_len=3, meo_level=level),
                    moe_every=1, moe_offset=0)
@@ -158,18 +163,23 @@ def test_meo_decoding_merges_sparsely_exactly_as_the_library(level: str) -> None
     _randomize_gates(ours)
     hf = remote.build_hf_model("lm", cfg, ours.state_dict())
     ids = torch.randint(4, V, (1, 12), generator=torch.Generator().manual_seed(3))
-    merges = []
+    merges = []  # per merge: whether it read the selected experts only
     modeling = __import__(type(hf).__module__, fromlist=["merged_forward"])
-    real = modeling.merged_forward
-    modeling.merged_forward = lambda *args: merges.append(args[-1] is not None) or real(*args)
+    functional = sys.modules[modeling.merged_forward.__module__]
+    real = functional.merge_weights
+    functional.merge_weights = lambda gates, weight, top_idx=None: merges.append(top_idx is not None) or real(
+        gates, weight, top_idx)
     try:
         with torch.no_grad():
             theirs = _stepwise_logits(hf, ids, torch.ones_like(ids), prompt_len=4)
     finally:
-        modeling.merged_forward = real
+        functional.merge_weights = real
     cache = ours.new_cache()
     with torch.no_grad():
         mine = torch.cat([ours(ids[:, :4], cache=cache).logits]
                          + [ours(ids[:, t:t + 1], cache=cache).logits for t in range(4, 12)], 1)
     assert torch.equal(theirs, mine), (theirs - mine).abs().max()
-    assert merges[-6:] == [True] * 6  # the last steps' merges (2 layers x 3 linears) read 2 experts
+    # 2 layers x 3 linears merge for the prompt (positions 0-3), then once per segment entered:
+    # positions 4 (segment 1; the prompt keeps no merged weights), 6 and 9, not at each of 8 steps.
+    # Every merge reads the 2 selected experts only.
+    assert merges == [True] * (6 + 3 * 6)

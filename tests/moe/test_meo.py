@@ -293,6 +293,33 @@ def test_incremental_decoding_equals_full_forward(activation):
             assert state["pos"] == 11
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_decoding_merges_once_per_segment_bit_for_bit(activation, monkeypatch):
+    """Eval, no grad: a chunk inside one segment reuses the merged weights of the segment's first
+    step (its gates read only earlier segments), and decodes bit for bit as merging at every step."""
+    from meo_ds.moe import functional
+    layer = make_layer(activation, causal=True, segment_len=3, level="token", experts=8, dtype=torch.float32).eval()
+    x = torch.randn(2, 10, 6, generator=torch.Generator().manual_seed(10))
+    merges = []
+    real = functional.merge_weights
+    monkeypatch.setattr(functional, "merge_weights", lambda *a: merges.append(1) or real(*a))
+
+    def decode(grad: bool) -> torch.Tensor:
+        state = {}
+        with torch.set_grad_enabled(grad):  # with grad (training's path) nothing is kept
+            steps = [layer(x[:, :4], state=state).hidden] + [layer(x[:, t:t + 1], state=state).hidden
+                                                             for t in range(4, 10)]
+        return torch.cat(steps, dim=1).detach()
+
+    kept = decode(False)
+    linears = len(layer.linears)
+    # The prompt (positions 0-3) merges once per linear, then positions 4 (segment 1), 6 and 9 do.
+    assert len(merges) == linears * (1 + 3)
+    merges.clear()
+    assert torch.equal(kept, decode(True)) and len(merges) == linears * (1 + 6)
+    assert kept.abs().max() > 0.1
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOPs
 

@@ -29,28 +29,37 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPas
 from .configuration_meo import MeoConfig
 from .models_functional import apply_rope, attend, rms_norm, sinusoidal_positions
 from .moe_functional import (
-    GroupLayout, continued_gate_summary, dense_combine, gate_logits, gate_summary, merged_forward, router_logits,
-    source_summary, sparse_merge_pays, threshold_choices, topk_choices, topk_softmax_gates,
+    GroupLayout, continued_gate_summary, decode_merged_forward, dense_combine, gate_logits, gate_summary, merged_forward,
+    router_logits, source_summary, sparse_merge_pays, threshold_choices, topk_choices, topk_softmax_gates,
 )
 
 
 # ----------------------------------------------------------------------------- decoding cache
 class MeoCache(DynamicCache):
     """Self-attention keys/values per layer (DynamicCache) and, per causal MEO layer, the running
-    gate sums of each merged linear ({layer index: {linear name: continued_gate_summary's state}}).
-    Beam search reorders both. The sums cannot be rewound, so crop() (assisted decoding) refuses
-    when there are any."""
+    gate sums of each merged linear ({layer index: {linear name: continued_gate_summary's state}})
+    and the merged weights of the segment being decoded ({layer index: {linear name:
+    decode_merged_forward's cache}}). Beam search reorders them all. The sums cannot be rewound,
+    so crop() (assisted decoding) refuses when there are any."""
 
     def __init__(self):
         super().__init__()
         self.meo_sums = {}
+        self.meo_merged = {}
 
     def meo_state(self, layer_idx):
         return self.meo_sums.setdefault(layer_idx, {})
 
+    def merged_state(self, layer_idx):
+        return self.meo_merged.setdefault(layer_idx, {})
+
     def _map_sums(self, fn):
-        self.meo_sums = {i: {name: {k: fn(v) for k, v in sums.items()} for name, sums in layer.items()}
-                         for i, layer in self.meo_sums.items()}
+        def apply(node):
+            if isinstance(node, dict):
+                return {k: apply(v) for k, v in node.items()}
+            return fn(node) if torch.is_tensor(node) else node
+
+        self.meo_sums, self.meo_merged = apply(self.meo_sums), apply(self.meo_merged)
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
@@ -66,7 +75,7 @@ class MeoCache(DynamicCache):
 
     def reset(self):
         super().reset()
-        self.meo_sums = {}
+        self.meo_sums, self.meo_merged = {}, {}
 
     def crop(self, *args, **kwargs):
         if self.meo_sums:
@@ -234,9 +243,12 @@ class MEOLinear(nn.Module):
         """(dense gates [N, E], the selected experts [N, k])."""
         return topk_softmax_gates(gate_logits(summary, self.gate_weight, source, self.source_gate), top_k)
 
-    def forward(self, u, g, ids):
+    def forward(self, u, g, ids, cache=None, segment=0):
+        """cache (decoding inside one segment): the merged weights kept from its first step."""
         # Merge only the selected experts where that reads less (decoding: one group per sequence).
         sparse = sparse_merge_pays(u.shape[0], self.weight.shape[0], ids.shape[1], u.device.type)
+        if cache is not None:
+            return decode_merged_forward(u, g, self.weight, self.bias, ids if sparse else None, cache, segment)
         return merged_forward(u, g, self.weight, self.bias, ids if sparse else None)
 
 
@@ -257,10 +269,12 @@ class MEO(nn.Module):
         ratio = moe.get("token_bottleneck_ratio", 64) if moe.get("meo_level", "sequence") == "token" else 0
         self.linears = nn.ModuleDict({k: MEOLinear(i, o, n, gelu, causal, src, ratio) for k, (i, o) in shapes.items()})
 
-    def forward(self, x, mask, memory=None, memory_mask=None, state=None, past=0):
+    def forward(self, x, mask, memory=None, memory_mask=None, state=None, past=0, merged=None):
         """x [B, T, d] at positions past..past+T-1, mask [B, T]. state (causal, incremental decoding):
-        this layer's running gate sums (MeoCache.meo_state), updated in place."""
+        this layer's running gate sums (MeoCache.meo_state), updated in place; merged: its merged
+        weights (MeoCache.merged_state), kept while a segment is decoded (no grad)."""
         groups = GroupLayout(mask, self.causal, self.moe.get("segment_len", 64), start=past)
+        decoding = merged is not None and groups.num_segments == 1 and not torch.is_grad_enabled()
         top_k = self.moe["top_k"]
         source = None
         if memory is not None:
@@ -277,7 +291,8 @@ class MEO(nn.Module):
             lin = self.linears[name]
             if lin.token_block is not None:
                 inp = lin.token_block(inp)
-            return lin(inp, *lin.gates(summary(name, inp), top_k, source))
+            cache = merged.setdefault(name, {}) if decoding else None
+            return lin(inp, *lin.gates(summary(name, inp), top_k, source), cache, groups.first_segment)
 
         u = groups.to_groups(x)
         if "fc1" in self.linears:
@@ -323,10 +338,12 @@ class Block(nn.Module):
                 if not isinstance(own, MeoCache):
                     raise TypeError(f"MEO layers decode with a MeoCache (it keeps their gate sums), got {type(own).__name__}; "
                                     f"pass none (use_cache=True makes one) or a MeoCache")
-                state = own.meo_state(layer_idx)
+                state, merged = own.meo_state(layer_idx), own.merged_state(layer_idx)
+            else:
+                merged = None
             if self.cross_attn is not None:
-                return x + self.mlp(h, mask, memory, memory_mask, state=state, past=past)
-            return x + self.mlp(h, mask, state=state, past=past)
+                return x + self.mlp(h, mask, memory, memory_mask, state=state, past=past, merged=merged)
+            return x + self.mlp(h, mask, state=state, past=past, merged=merged)
         return x + (self.mlp(h, mask) if self.is_moe else self.mlp(h))
 
 
