@@ -72,10 +72,10 @@ Choices (documented here once):
   sparse backward recomputes too, storing only the [N, k] ids beyond the dense path: dW_e sums
   the groups that selected e (embedding_bag over the (group, expert) pairs sorted by expert), and
   dg is the dense path's one GEMM of dots (gathering k expert slices per group measured slower).
+  flops_per_token(executed=True) counts the merge the last forward ran (2 k or 2 E d_in d_out).
 - k = 1: each gate is a softmax over one logit, the constant 1, whose backward passes exactly 0,
   so MEOLinear gives the merge detached gates and its backward skips the dots' GEMM; every
   gradient is unchanged (the gate still learns from the balance loss).
-  flops_per_token(executed=True) counts the merge the last forward ran (2 k or 2 E d_in d_out).
 - Decoding (eval, no grad, a chunk inside one segment): a segment's gates read only the segments
   before it, so every step inside it merges the same W^; each linear keeps the merged weights of
   the segment being decoded in the layer's state (state["merged"]) and merges once per segment,
