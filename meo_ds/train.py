@@ -56,6 +56,7 @@ from meo_ds.config import ConfigError, RunConfig, zero_stage
 from meo_ds.data.batch import model_inputs, source_tokens, target_tokens
 from meo_ds.data.readers import CorpusError
 from meo_ds.fileio import atomic_write
+from meo_ds.moe.experts import deferred_experts
 from meo_ds.optim import SkippableAdamW, lr_at, param_groups, set_lr
 from meo_ds.parallel import parallelize
 from meo_ds.preflight import check_checkpoints, load_configs
@@ -201,7 +202,9 @@ class Trainer:
         self.device = rank_device()
         self._prepare_dirs()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = parallelize(build_model(cfg), cfg.parallel.ep_size, use_data_before_expert_parallel=bool(
+        with deferred_experts():  # experts take memory only once parallelize has kept this rank's
+            model = build_model(cfg)
+        model = parallelize(model, cfg.parallel.ep_size, use_data_before_expert_parallel=bool(
             self.ds_config.get("use_data_before_expert_parallelism", False)))
         with self._checkpoint_errors():
             start = self._start_point()

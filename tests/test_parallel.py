@@ -14,6 +14,7 @@ import torch
 
 from meo_ds.models import LMConfig, build_model
 from meo_ds.moe import MoEConfig, MoELayer
+from meo_ds.moe.experts import deferred_experts
 from meo_ds.parallel import ParallelizeError, ep_size_problems, parallelize
 from tests.distributed import run_ranks
 
@@ -35,6 +36,35 @@ def test_shard_keeps_the_experts_of_its_ep_rank_and_tags_them():
     assert sorted(k.split(".")[3] for k in layer.state_dict() if "expert" in k) == ["0"] * 3 + ["1"] * 3
     with pytest.raises(RuntimeError, match="already sharded"):
         layer.shard_experts(2, 0)
+
+
+@pytest.mark.parametrize("ep,rank", [(1, 0), (2, 1), (4, 3)])
+def test_deferred_experts_take_no_memory_until_sharded_and_start_as_an_eager_build(ep, rank):
+    """The trainer builds under deferred_experts(): experts on the meta device, and shard_experts
+    materialises the kept ones only, with the eager build's values; every other parameter (and the
+    RNG stream after the build) is the eager build's too."""
+    cfg = LMConfig(vocab_size=40, d_model=D, n_layers=2, n_heads=2, d_ff=F, max_seq_len=16,
+                   moe=MoEConfig(num_experts=4, top_k=2), moe_every=1, moe_offset=0)
+    torch.manual_seed(3)
+    eager = build_model(cfg)
+    eager_next = torch.rand(())
+    torch.manual_seed(3)
+    with deferred_experts():
+        deferred = build_model(cfg)
+    assert torch.equal(torch.rand(()), eager_next)
+    experts = [p for n, p in deferred.named_parameters() if ".deepspeed_experts." in n]
+    assert experts and all(p.is_meta for p in experts)
+    assert not any(p.is_meta for n, p in deferred.named_parameters() if ".deepspeed_experts." not in n)
+    with pytest.raises(RuntimeError, match="call meo_ds.parallel.parallelize"):
+        deferred(torch.randint(0, 40, (1, 8)))
+    for model in (eager, deferred):
+        for layer in model.modules():
+            if isinstance(layer, MoELayer):
+                layer.shard_experts(ep, rank)
+    want, got = eager.state_dict(), deferred.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    tagged = [p for layer in deferred.modules() if isinstance(layer, MoELayer) for p in layer.experts.parameters()]
+    assert len(tagged) == 2 * 3 * 4 // ep and all(p.group_name == f"ep_size_{ep}" for p in tagged)
 
 
 @pytest.mark.parametrize("ep,rank", [(3, 0), (2, 2), (0, 0)])

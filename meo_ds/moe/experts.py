@@ -16,12 +16,17 @@ layer seed is one draw from the global RNG per layer, and building the experts c
 else from it, so expert g and every other parameter start the same at ep 1, 2 or 4, and no two
 experts start equal. (The experts are built with the global CPU RNG state restored afterwards;
 build models on the CPU, as meo_ds does, for the dense weights' stream to be layout-free too.)
+
+Built under `deferred_experts()` (the trainer does), the experts are made on the meta device, with
+no memory, and `LocalExperts.keep` (MoELayer.shard_experts, called by meo_ds.parallel.parallelize)
+materialises and initialises only the ones this rank keeps, with the same values as an eager
+build: a rank holds at most its 1/ep share of the expert weights, even while the model is built.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
+import contextlib
 import math
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -98,6 +103,21 @@ def init_expert(expert: nn.Module, seed: int) -> None:
                 lin.bias.uniform_(-bound, bound, generator=g)
 
 
+_DEFERRED = False  # set by deferred_experts(): LocalExperts build their experts on the meta device
+
+
+@contextlib.contextmanager
+def deferred_experts() -> Iterator[None]:
+    """Build the MoE layers' experts on the meta device, for MoELayer.shard_experts to materialise
+    only the ones a rank keeps (see the module docstring). Nothing else changes."""
+    global _DEFERRED
+    before, _DEFERRED = _DEFERRED, True
+    try:
+        yield
+    finally:
+        _DEFERRED = before
+
+
 def _grouped_mm_usable(x: torch.Tensor, experts: Sequence[nn.Module]) -> bool:
     # The CPU always takes the loop: its torch._grouped_mm has a forward but no backward.
     from deepspeed.accelerator import get_accelerator
@@ -118,17 +138,33 @@ class LocalExperts(nn.Module):
 
     def __init__(self, num_local: int, activation: str, d_model: int, d_hidden: int, grouped: bool = True,
                  layer_seed: int = 0):
-        """Expert g is initialised from (layer_seed, g); a layer is built with all its experts and
-        meo_ds.parallel.parallelize later keeps one ep rank's (MoELayer.shard_experts)."""
+        """Expert g is initialised from (layer_seed, g); a layer is built with all its experts (on
+        the meta device under deferred_experts()) and meo_ds.parallel.parallelize later keeps one
+        ep rank's (MoELayer.shard_experts -> keep)."""
         super().__init__()
-        with torch.random.fork_rng(devices=[]):  # building draws nothing from the global stream
+        self.layer_seed = layer_seed
+        # Building draws nothing from the global stream.
+        with torch.random.fork_rng(devices=[]), torch.device("meta") if _DEFERRED else contextlib.nullcontext():
             self.deepspeed_experts = nn.ModuleList(make_expert(activation, d_model, d_hidden) for _ in range(num_local))
         for i, expert in enumerate(self.deepspeed_experts):
             init_expert(expert, expert_seed(layer_seed, i))
         self.grouped = grouped
 
+    def keep(self, first: int, count: int) -> None:
+        """Keep global experts first .. first+count-1 as local experts 0 .. count-1 and drop the
+        others; the kept ones built deferred are materialised on the CPU and initialised now."""
+        kept = list(self.deepspeed_experts[first:first + count])
+        for global_id, expert in enumerate(kept, start=first):
+            if next(expert.parameters()).is_meta:
+                expert.to_empty(device="cpu")
+                init_expert(expert, expert_seed(self.layer_seed, global_id))
+        self.deepspeed_experts = nn.ModuleList(kept)
+
     def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """x: [N, d] rows sorted by local expert, counts[i] rows for expert i (sum = N)."""
+        if next(self.deepspeed_experts[0].parameters()).is_meta:
+            raise RuntimeError("LocalExperts: the experts were built under deferred_experts() and never "
+                               "materialised; call meo_ds.parallel.parallelize(model, ep_size) first")
         if len(counts) != len(self.deepspeed_experts) or sum(counts) != x.shape[0]:
             raise ValueError(f"LocalExperts: counts {list(counts)} do not match {len(self.deepspeed_experts)} experts / {x.shape[0]} rows")
         if self.grouped and _grouped_mm_usable(x, self.deepspeed_experts):

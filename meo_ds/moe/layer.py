@@ -119,15 +119,15 @@ class MoELayer(_DeepSpeedMoE):
 
     def shard_experts(self, ep_size: int, ep_rank: int) -> None:
         """Keep only global experts ep_rank*El .. ep_rank*El+El-1 (El = num_experts / ep_size), as
-        local experts 0 .. El-1; the others are dropped. Call once, on the full (ep_size 1) layer."""
+        local experts 0 .. El-1; the others are dropped (experts built under deferred_experts() are
+        materialised here, the kept ones only). Call once, on the full (ep_size 1) layer."""
         if self.ep_size != 1:
             raise RuntimeError(f"MoELayer: already sharded (ep_size={self.ep_size}); shard a freshly built layer")
         if ep_size < 1 or self.num_experts % ep_size or not 0 <= ep_rank < ep_size:
             raise ValueError(f"MoELayer: cannot give ep rank {ep_rank} of {ep_size} its share of {self.num_experts} "
                              f"experts; ep_size must divide num_experts and 0 <= ep_rank < ep_size")
         local = self.num_experts // ep_size
-        kept = self.experts.deepspeed_experts[ep_rank * local:(ep_rank + 1) * local]
-        self.experts.deepspeed_experts = nn.ModuleList(list(kept))
+        self.experts.keep(ep_rank * local, local)
         self._set_layout(ep_size)
         self.dispatcher.ep_size = ep_size
 
