@@ -162,7 +162,7 @@ class LocalExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """x: [N, d] rows sorted by local expert, counts[i] rows for expert i (sum = N)."""
-        if next(self.deepspeed_experts[0].parameters()).is_meta:
+        if next(self.deepspeed_experts[0].parameters()).is_meta and not x.is_meta:
             raise RuntimeError("LocalExperts: the experts were built under deferred_experts() and never "
                                "materialised; call meo_ds.parallel.parallelize(model, ep_size) first")
         if len(counts) != len(self.deepspeed_experts) or sum(counts) != x.shape[0]:
