@@ -143,6 +143,7 @@ class LocalExperts(nn.Module):
         ep rank's (MoELayer.shard_experts -> keep)."""
         super().__init__()
         self.layer_seed = layer_seed
+        self.build_device = torch.empty(0).device  # where an eager build puts the experts (keep materialises there)
         # Building draws nothing from the global stream.
         with torch.random.fork_rng(devices=[]), torch.device("meta") if _DEFERRED else contextlib.nullcontext():
             self.deepspeed_experts = nn.ModuleList(make_expert(activation, d_model, d_hidden) for _ in range(num_local))
@@ -152,11 +153,11 @@ class LocalExperts(nn.Module):
 
     def keep(self, first: int, count: int) -> None:
         """Keep global experts first .. first+count-1 as local experts 0 .. count-1 and drop the
-        others; the kept ones built deferred are materialised on the CPU and initialised now."""
+        others; the kept ones built deferred are materialised on the build's device and initialised now."""
         kept = list(self.deepspeed_experts[first:first + count])
         for global_id, expert in enumerate(kept, start=first):
             if next(expert.parameters()).is_meta:
-                expert.to_empty(device="cpu")
+                expert.to_empty(device=self.build_device)
                 init_expert(expert, expert_seed(self.layer_seed, global_id))
         self.deepspeed_experts = nn.ModuleList(kept)
 

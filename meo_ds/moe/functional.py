@@ -153,6 +153,12 @@ def merge_weights(gates: torch.Tensor, weight: torch.Tensor, top_idx: Optional[t
     return merge_rows(gates, weight.reshape(num_experts, -1), top_idx).view(-1, d_out, d_in)
 
 
+def merge_weights_and_bias(gates: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           top_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(W^ [N, d_out, d_in], b^ [N, d_out] or None): merge_weights and merge_rows of the bias."""
+    return merge_weights(gates, weight, top_idx), merge_rows(gates, bias, top_idx) if bias is not None else None
+
+
 def apply_merged(x: torch.Tensor, w_hat: torch.Tensor, b_hat: Optional[torch.Tensor]) -> torch.Tensor:
     """y_n = x_n W^_n^T + b^_n: x [N, T, d_in], merged weights w_hat [N, d_out, d_in], b_hat [N, d_out] or None."""
     if b_hat is None:
@@ -167,8 +173,7 @@ def merged_forward(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor,
     top_idx [N, k] (optional): the experts holding the non-zero gates; merging reads only those.
     The result equals the dense merge's within the rounding of a k-term sum (merge_rows).
     """
-    b_hat = merge_rows(gates, bias, top_idx) if bias is not None else None
-    return apply_merged(x, merge_weights(gates, weight, top_idx), b_hat)
+    return apply_merged(x, *merge_weights_and_bias(gates, weight, bias, top_idx))
 
 
 # The most merged weights (bytes, per merged linear) that incremental decoding keeps between steps.
@@ -186,8 +191,7 @@ def decode_merged_forward(x: torch.Tensor, gates: torch.Tensor, weight: torch.Te
     """
     if cache.get("segment") == segment and cache["weight"].shape[0] == x.shape[0]:
         return apply_merged(x, cache["weight"], cache["bias"])
-    w_hat = merge_weights(gates, weight, top_idx)
-    b_hat = merge_rows(gates, bias, top_idx) if bias is not None else None
+    w_hat, b_hat = merge_weights_and_bias(gates, weight, bias, top_idx)
     cache.clear()
     if w_hat.numel() * w_hat.element_size() <= DECODE_CACHE_BYTES:
         cache.update(segment=segment, weight=w_hat, bias=b_hat)
