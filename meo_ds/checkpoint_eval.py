@@ -4,12 +4,20 @@ search) and loss of a translation checkpoint, on a prepared split or on raw file
     meo-eval runs/x/checkpoints --data data/lm --split test --json lm_test.json
     meo-eval runs/mt/checkpoints/step_00000600 --data test.de test.en --beam 4 --out-translations hyp.txt
     deepspeed --num_gpus 4 --module meo_ds.checkpoint_eval runs/x/checkpoints --data data/lm   # batches over ranks
+    deepspeed --num_gpus 8 --module meo_ds.checkpoint_eval runs/x/checkpoints --data data/lm --ep 8   # experts too
 
 Checkpoint: a meo-train checkpoint directory (its newest complete tag, as meo-export takes it) or
 one tag directory; any ep size and ZeRO stage. meo_ds.export.consolidate reads it on the CPU
 (checksums against COMPLETE, no unpickling), its run config and weights are checked, and only once the data
-is checked too does export.model_of build the parallelism-free model. Every rank holds the whole
-model (no expert sharding): a model must fit one device.
+is checked too is the model built. By default every rank holds the whole model
+(export.model_of), which must then fit one device. `--ep N` (under the launcher, N dividing the
+world size and every top-k/XMoE layer's expert count, as the trainer's parallel.ep_size) shards
+each such layer's experts over groups of N ranks, as training does: the model is built with its
+experts deferred (moe/experts.py), meo_ds.parallel.parallelize keeps this rank's 1/N, and
+`parallel.shard_state_dict` reads only those experts from the memory-mapped checkpoint. Tokens then
+travel by all-to-all inside each group, and the figures equal the one-process ones (the layers
+are exact across ep sizes; a test checks it). MEO layers merge weights and are never sharded.
+The figures name `ep` and `rank_parameters`, the parameters rank 0 held.
 
 Data: a prepared corpus directory of the checkpoint's task (`--split`, default validation), or raw
 files tokenized with the checkpoint's tokenizer (LM: text/JSON lines documents as meo-prepare lm
@@ -28,14 +36,17 @@ tokens (`--max-tokens`). `--max-batches N` scores the first N. The trainer at wo
 batches 0..W*eval.max_batches-1 of this very sequence (rank r takes batch g*W + r), so
 `--max-batches W*eval.max_batches` reproduces its eval.jsonl val_loss (to float rounding). Under the launcher rank r
 scores batches r, r+W', ... and the sums are reduced once (meo_ds.distributed.all_reduce, device
-tensors): the figure is the one-process figure, whatever the number of ranks.
+tensors): the figure is the one-process figure, whatever the number of ranks. With --ep every
+rank runs ceil(N / W') forwards, a rank with fewer batches running uncounted ones, since every
+rank of an expert-parallel group takes part in each forward.
 
 BLEU/chrF: sacrebleu corpus scores of beam-search translations (meo_ds.evaluate.translate_pairs,
 the run's eval settings with `--beam`) of the first `--max-sentences` pairs (default all; 0 =
 none), references decoded from their tokens as the trainer does, in beam-search batches of 64
 pairs. Under the launcher those batches are divided over the ranks (the same batches, so the same
-hypotheses as one process) and their texts gathered on rank 0 (all_gather_objects), which prints
-one line and writes `--json` / `--out-translations`.
+hypotheses as one process; with --ep over the expert-parallel groups, every rank of a group
+translating the same ones, since beam search steps together) and their texts gathered on rank 0
+(all_gather_objects), which prints one line and writes `--json` / `--out-translations`.
 """
 from __future__ import annotations
 
@@ -82,10 +93,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-sentences", type=int, help="translate the first N pairs (default all; 0: no BLEU)")
     p.add_argument("--out-translations", help="write the hypotheses, one per line, in pair order")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="weights and compute dtype")
+    p.add_argument("--ep", type=int, default=1, metavar="N",
+                   help="shard the top-k/XMoE experts over groups of N launched ranks, as the trainer's "
+                   "parallel.ep_size (default 1: every rank holds the whole model)")
     p.add_argument("--json", help="write every figure and where it comes from to this file")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_tokens", "max_batches", "beam"):
+    for name in ("batch_size", "max_tokens", "max_batches", "beam", "ep"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, not {value}")
@@ -241,13 +255,16 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def evaluate_loss(model: torch.nn.Module, loader: Any, max_batches: Optional[int], device: torch.device) -> dict:
-    """Loss over the first max_batches batches, rank r scoring r, r+W, ...; reduced. Collective."""
+def evaluate_loss(model: torch.nn.Module, loader: Any, max_batches: Optional[int], device: torch.device,
+                  ep: int = 1) -> dict:
+    """Loss over the first max_batches batches, rank r scoring r, r+W, ...; reduced. Collective.
+    With ep > 1 every rank runs the same number of forwards (evaluate.loss_sums)."""
     from meo_ds import distributed
 
     rank, world = rank_world()
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
-    sums = ev.loss_sums(model, loader, range(rank, n, world), device)
+    forwards = -(-n // world) if ep > 1 else None
+    sums = ev.loss_sums(model, loader, range(rank, n, world), device, forwards)
     figures = ev.loss_figures(*distributed.all_reduce(sums).tolist())
     return {"loss": figures["val_loss"], "ppl": figures["val_ppl"], "tokens": figures["val_tokens"], "batches": n}
 
@@ -256,24 +273,27 @@ BLEU_BATCH = 64  # sentences per beam search, as the trainer's bleu_chrf
 
 
 def evaluate_bleu(model: torch.nn.Module, cfg: Any, dataset: Any, max_sentences: Optional[int],
-                  device: torch.device) -> tuple[dict, list[str]]:
+                  device: torch.device, ep: int = 1) -> tuple[dict, list[str]]:
     """BLEU/chrF of the first max_sentences pairs; (scores, hypotheses in pair order) on rank 0,
     (scores, []) elsewhere. Collective. Rank r translates the blocks r, r+W, ... of BLEU_BATCH
     pairs, the batches one process would form, so every hypothesis is the one-process one (with
-    capacity dispatch what an expert drops depends on the batch)."""
+    capacity dispatch what an expert drops depends on the batch). With ep > 1 the blocks go to the
+    expert-parallel groups instead (group q of Q: blocks q, q+Q, ...), all ranks of a group
+    translating the same ones."""
     from meo_ds import distributed
+    from meo_ds.parallel import expert_replica
 
-    rank, world = rank_world()
+    rank, world = expert_replica(ep) if ep > 1 else rank_world()
     n = len(dataset) if max_sentences is None else min(len(dataset), max_sentences)
     starts = range(rank * BLEU_BATCH, n, world * BLEU_BATCH)
     mine = [i for start in starts for i in range(start, min(n, start + BLEU_BATCH))]
     hyps, refs = ev.translate_pairs(model, dataset, mine, cfg, device, BLEU_BATCH)
     all_hyps, all_refs = [""] * n, [""] * n
-    for indices, h, t in distributed.all_gather_objects((mine, hyps, refs)):
+    for indices, h, t in distributed.all_gather_objects((mine, hyps, refs)):  # a group's ranks: the same
         for i, hyp, ref in zip(indices, h, t):
             all_hyps[i], all_refs[i] = hyp, ref
     scores = ev.corpus_scores(all_hyps, all_refs) if n else {"bleu": float("nan"), "chrf": float("nan")}
-    return {**scores, "sentences": n, "beam": cfg.eval.beam_size}, all_hyps if rank == 0 else []
+    return {**scores, "sentences": n, "beam": cfg.eval.beam_size}, all_hyps if rank_world()[0] == 0 else []
 
 
 def check_options(task: str, args: argparse.Namespace) -> None:
@@ -284,6 +304,20 @@ def check_options(task: str, args: argparse.Namespace) -> None:
     if given:
         names = ", ".join("--" + n.replace("_", "-") for n in given)
         raise EvalError(f"{names} do(es) not apply to a {task} checkpoint; drop {'it' if len(given) == 1 else 'them'}")
+
+
+def check_ep(ep: int, cfg: Any) -> None:
+    """--ep against the launch and the checkpoint's model (the same answer on every rank)."""
+    from meo_ds.parallel import ep_size_problems
+
+    if ep == 1:
+        return
+    if not launched():
+        raise EvalError(f"--ep {ep} shards the experts over launched ranks; run under the launcher: deepspeed "
+                        f"--num_gpus {ep} --module meo_ds.checkpoint_eval ... --ep {ep}")
+    problems = ep_size_problems(ep, cfg.moe_configs(), rank_world()[1], setting="--ep")
+    if problems:
+        raise EvalError("; ".join(problems))
 
 
 @dataclass
@@ -304,6 +338,7 @@ def prepare(args: argparse.Namespace) -> Job:
     ck = load_checkpoint(args.checkpoint, args.tag)
     task = task_for(ck.cfg)
     check_options(task.NAME, args)
+    check_ep(args.ep, ck.cfg)
     for out in (args.json, args.out_translations):
         if out and not Path(out).resolve().parent.is_dir():
             raise EvalError(f"{out}: its directory does not exist")
@@ -319,25 +354,44 @@ def prepare(args: argparse.Namespace) -> Job:
     return Job(ck, task, data, loader)
 
 
+def build_model(ck: Checkpoint, ep: int) -> torch.nn.Module:
+    """The checkpoint's model in eval mode on the CPU: whole (ep 1), or this rank's share of the
+    experts of groups of `ep` ranks (module docstring). Collective when ep > 1."""
+    from meo_ds.export.exporter import model_of
+
+    if ep == 1:
+        return model_of(ck.consolidated)[0]
+    from meo_ds import models
+    from meo_ds.moe.experts import deferred_experts
+    from meo_ds.parallel import parallelize, shard_state_dict
+
+    with deferred_experts():
+        model = models.build_model(ck.cfg.model)
+    parallelize(model, ep)
+    model.load_state_dict(shard_state_dict(model, ck.consolidated.state_dict))
+    return model.eval()
+
+
 def run(job: Job, args: argparse.Namespace) -> dict:
     """The evaluation of a prepared job; returns the figures (all ranks). Collective."""
     ck, task, data, loader = job.ck, job.task, job.data, job.loader
     try:
         from meo_ds.distributed import rank_device
-        from meo_ds.export.exporter import model_of
 
         device = rank_device()
-        model = model_of(ck.consolidated)[0].to(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        model = build_model(ck, args.ep).to(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
         with torch.no_grad():
             result = {"task": task.NAME, "checkpoint": str(ck.path), "step": ck.step, "data": data.source,
                       "split": None if data.raw else data.split, "precision": args.precision,
-                      "world_size": rank_world()[1], **evaluate_loss(model, loader, args.max_batches, device)}
+                      "world_size": rank_world()[1], "ep": args.ep,
+                      "rank_parameters": sum(p.numel() for p in model.parameters()),
+                      **evaluate_loss(model, loader, args.max_batches, device, args.ep)}
             if task.NAME == "lm":
                 result["batch_size"] = loader.micro_batch_size
             else:
                 result["max_tokens"] = loader.max_tokens
                 if args.max_sentences != 0:
-                    scores, hyps = evaluate_bleu(model, ck.cfg, loader.dataset, args.max_sentences, device)
+                    scores, hyps = evaluate_bleu(model, ck.cfg, loader.dataset, args.max_sentences, device, args.ep)
                     result.update(scores)
                     if args.out_translations and rank_world()[0] == 0:
                         Path(args.out_translations).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")

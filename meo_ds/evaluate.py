@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -43,17 +43,24 @@ def validation_loss(engine: Any, loader: Any, max_batches: int, device: torch.de
     return loss_figures(*distributed.all_reduce(sums).tolist())
 
 
-def loss_sums(model: Any, loader: Any, steps: Iterable[int], device: torch.device) -> torch.Tensor:
+def loss_sums(model: Any, loader: Any, steps: Iterable[int], device: torch.device,
+              forwards: Optional[int] = None) -> torch.Tensor:
     """[sum over `steps` (batches of the loader's first epoch) of batch mean NLL x its target tokens,
-    target tokens] as one float64 tensor on `device`: this rank's part of a token-weighted mean."""
+    target tokens] as one float64 tensor on `device`: this rank's part of a token-weighted mean.
+
+    `forwards`: run exactly that many forwards (>= len(steps)); the ones past `steps` run the
+    loader's first batch and count nothing. Expert parallelism needs it where ranks score unequal
+    numbers of batches: every rank of an expert-parallel group takes part in every forward."""
+    steps = list(steps)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     token_sum = 0
-    for step in steps:
-        batch = loader.batch(0, step)
+    for i in range(len(steps) if forwards is None else forwards):
+        batch = loader.batch(0, steps[i] if i < len(steps) else 0)
         out = model(**model_inputs(batch, device, loader.MODEL_INPUTS))
-        tokens = target_tokens(batch)
-        nll_sum += out.nll_loss.detach().double() * tokens
-        token_sum += tokens
+        if i < len(steps):
+            tokens = target_tokens(batch)
+            nll_sum += out.nll_loss.detach().double() * tokens
+            token_sum += tokens
     return torch.stack([nll_sum, nll_sum.new_full((), token_sum)])
 
 

@@ -31,12 +31,18 @@ weights instead of moving tokens: their experts are data-parallel and untouched,
 dense weights.
 
 `ep_size_problems` is the one check of an expert-parallel size against the MoE layers' configs
-and the world size; the run config's checks (meo_ds/config) and `parallelize` both use it.
+and the world size; the run config's checks (meo_ds/config), meo-eval's --ep and `parallelize` use it.
+
+Loading full weights into a parallelized model (meo-eval --ep): `shard_state_dict` picks this
+rank's entries of a parallelism-free state dict (a consolidated checkpoint: global expert ids)
+under the model's local names, and `expert_replica` says which copy of the experts this rank's
+expert-parallel group is, for work divided so that every rank of a group sees the same inputs.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 
@@ -49,10 +55,12 @@ class ParallelizeError(ValueError):
     """A parallel layout that cannot work for this model or world; the message names the fix."""
 
 
-def ep_size_problems(ep_size: int, moe_configs: Iterable[MoEConfig], world_size: Optional[int] = None) -> list[str]:
-    """Why `ep_size` cannot shard layers configured by `moe_configs` on `world_size` ranks (none: fine)."""
+def ep_size_problems(ep_size: int, moe_configs: Iterable[MoEConfig], world_size: Optional[int] = None,
+                     setting: str = "parallel.ep_size") -> list[str]:
+    """Why `ep_size` cannot shard layers configured by `moe_configs` on `world_size` ranks (none: fine).
+    `setting`: how the user gave ep_size, as the messages name it (meo-eval: "--ep")."""
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
-        return [f"parallel.ep_size={ep_size!r} must be an integer >= 1"]
+        return [f"{setting}={ep_size!r} must be an integer >= 1"]
     configs = list(moe_configs)
     sharded = [c for c in configs if registry.get(c.kind).expert_parallel]  # MEO's experts are data-parallel
     problems = []
@@ -60,17 +68,17 @@ def ep_size_problems(ep_size: int, moe_configs: Iterable[MoEConfig], world_size:
         if configs:
             kinds = sorted({c.kind for c in configs})
             problems.append(f"the model's MoE layers ({', '.join(kinds)}) move weights, not tokens: their experts are "
-                            f"data-parallel; set parallel.ep_size=1")
+                            f"data-parallel; set {setting}=1")
         else:
-            problems.append(f"parallel.ep_size={ep_size} but the model has no top-k or XMoE layer whose experts could "
-                            f"be sharded; set parallel.ep_size=1")
+            problems.append(f"{setting}={ep_size} but the model has no top-k or XMoE layer whose experts could "
+                            f"be sharded; set {setting}=1")
     for num_experts in sorted({c.num_experts for c in sharded}):
         if num_experts % ep_size:
             problems.append(f"num_experts={num_experts} is not divisible by ep_size={ep_size}; choose a "
-                            f"parallel.ep_size that divides the number of experts")
+                            f"{setting} that divides the number of experts")
     if world_size is not None and world_size % ep_size:
         problems.append(f"world size {world_size} is not divisible by ep_size={ep_size}; launch a multiple of "
-                        f"{ep_size} ranks or change parallel.ep_size")
+                        f"{ep_size} ranks or change {setting}")
     return problems
 
 
@@ -98,6 +106,37 @@ def parallelize(model: nn.Module, ep_size: int, *, use_data_before_expert_parall
         layer.shard_experts(ep_size, ep_rank)
         layer.set_expert_group(group, use_data_before_expert_parallel)
     return model
+
+
+def shard_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's entries of `full`, a parallelism-free state dict of `model`'s architecture (every
+    expert under its global id, as export.consolidate returns a checkpoint), under the names of the
+    parallelized `model`: local expert i of a layer sharded at ep rank r is global expert r*El + i.
+    Only those entries are read (a memory-mapped `full` stays on disk otherwise). For
+    model.load_state_dict(..., strict=True)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    offsets = {}  # key prefix of a sharded layer's local experts -> its first global expert
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer) and m.ep_size > 1):
+        prefix = names[id(layer.experts.deepspeed_experts)] + "."
+        offsets[prefix] = dist.get_rank(layer.ep_group) * layer.num_local_experts
+    shard = {}
+    for key in model.state_dict():
+        prefix = next((p for p in offsets if key.startswith(p)), None)
+        source = key
+        if prefix is not None:
+            local, rest = key[len(prefix):].split(".", 1)
+            source = f"{prefix}{int(local) + offsets[prefix]}.{rest}"
+        shard[key] = full[source]
+    return shard
+
+
+def expert_replica(ep_size: int) -> tuple[int, int]:
+    """(index, count) of this rank's expert-parallel group among the groups of `ep_size` ranks that
+    `parallelize` made: its rank in the expert-data-parallel group (the ranks holding the same experts)."""
+    from deepspeed.utils import groups
+
+    group = groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _process_group_problems(ep_size: int, configs: list[MoEConfig]) -> list[str]:

@@ -1,7 +1,7 @@
 """meo-eval (meo_ds/checkpoint_eval.py) on checkpoints of two short meo-train runs (a top-k MoE LM
 and the mt_tiny translation preset, both ep=2 on two ranks, trained in one launch): its figures
 equal the trainer's own eval.jsonl (whose two ranks scored batches 0..3 of meo-eval's sequence), raw files are tokenized as meo-prepare does, two launched ranks give the
-one-process figures, and bad input is one line before any work."""
+one-process figures, with the experts sharded over them too (--ep 2), and bad input is one line before any work."""
 from __future__ import annotations
 
 import json
@@ -122,23 +122,38 @@ def test_translation_raw_parallel_files(runs, tmp_path, capsys) -> None:
 
 
 def test_two_launched_ranks_give_the_one_process_figures(runs, tmp_path, capsys) -> None:
+    """Batches over two ranks, then (--ep 2) experts sharded over them too: the one-process figures."""
     lm = [runs["lm"] / "checkpoints", "--data", runs["lm_data"], "--batch-size", 3]
     mt = [runs["mt"] / "checkpoints", "--data", runs["mt_data"], "--split", "test", "--max-sentences", 70,
           "--beam", 2]
     one_lm, _ = _eval(capsys, tmp_path, *lm)
     one_mt, _ = _eval(capsys, tmp_path, *mt, "--out-translations", tmp_path / "one.txt")
+    odd = one_lm["batches"] - 1 + one_lm["batches"] % 2  # rank 1 runs one uncounted forward under --ep
+    one_odd, _ = _eval(capsys, tmp_path, *lm, "--max-batches", odd)
     args = [*lm, "--json", tmp_path / "lm2.json", "--next", *mt, "--json", tmp_path / "mt2.json",
-            "--out-translations", tmp_path / "two.txt"]
+            "--out-translations", tmp_path / "two.txt", "--next",
+            *lm, "--max-batches", odd, "--ep", 2, "--json", tmp_path / "lm_ep.json", "--next",
+            *mt, "--ep", 2, "--json", tmp_path / "mt_ep.json", "--out-translations", tmp_path / "ep.txt"]
     proc = run_ranks(EVAL_WORKER, 2, [str(a) for a in args], timeout=240)
-    assert proc.stdout.count("meo-eval | ") == 2  # rank 0 only
-    two_lm, two_mt = (json.loads((tmp_path / n).read_text()) for n in ("lm2.json", "mt2.json"))
-    assert two_lm["world_size"] == two_mt["world_size"] == 2
+    assert proc.stdout.count("meo-eval | ") == 4  # rank 0 only
+    two_lm, two_mt, ep_lm, ep_mt = (json.loads((tmp_path / f"{n}.json").read_text())
+                                    for n in ("lm2", "mt2", "lm_ep", "mt_ep"))
+    assert two_lm["world_size"] == two_mt["world_size"] == 2 and two_lm["ep"] == 1
     assert two_lm["batches"] == one_lm["batches"] > 2 and two_lm["tokens"] == one_lm["tokens"]
     assert two_lm["loss"] == pytest.approx(one_lm["loss"], abs=1e-9)
     assert two_mt["batches"] == one_mt["batches"] > 2 and two_mt["tokens"] == one_mt["tokens"]
     assert two_mt["loss"] == pytest.approx(one_mt["loss"], abs=1e-9)
     assert (tmp_path / "two.txt").read_text() == (tmp_path / "one.txt").read_text()
     assert two_mt["bleu"] == one_mt["bleu"] and two_mt["sentences"] == 70  # rank 1 translated pairs 64..69
+    # --ep 2: each rank holds 2 of the 4 experts of every layer, and tokens travel by all-to-all.
+    assert ep_lm["ep"] == ep_mt["ep"] == 2
+    dropped = LM_MODEL["n_layers"] * 2 * 3 * LM_MODEL["d_model"] * LM_MODEL["d_ff"]  # 2 SwiGLU experts per layer
+    assert two_lm["rank_parameters"] - ep_lm["rank_parameters"] == dropped
+    assert ep_lm["batches"] == one_odd["batches"] == odd and odd % 2 and ep_lm["tokens"] == one_odd["tokens"]
+    assert ep_lm["loss"] == pytest.approx(one_odd["loss"], abs=1e-9)
+    assert ep_mt["tokens"] == one_mt["tokens"] and ep_mt["loss"] == pytest.approx(one_mt["loss"], abs=1e-9)
+    assert (tmp_path / "ep.txt").read_text() == (tmp_path / "one.txt").read_text()
+    assert ep_mt["bleu"] == one_mt["bleu"] and ep_mt["sentences"] == 70
 
 
 def _error(capsys, *argv) -> str:
@@ -164,6 +179,7 @@ def test_bad_input_is_one_line_before_any_work(runs, tmp_path, capsys) -> None:
     (tmp_path / "e.tgt").write_text("")
     assert "file is empty" in _error(capsys, mt_ck, "--data", tmp_path / "e.src", tmp_path / "e.tgt")
     assert "--beam do(es) not apply to a lm checkpoint" in _error(capsys, lm_ck, "--data", runs["lm_data"], "--beam", 2)
+    assert "run under the launcher: deepspeed --num_gpus 2" in _error(capsys, lm_ck, "--data", runs["lm_data"], "--ep", 2)
     from meo_ds.data.lm import prepare_lm
 
     (tmp_path / "t.txt").write_text("a few words\n" * 20)
