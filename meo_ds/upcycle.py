@@ -61,11 +61,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from meo_ds.export.layout import DS_EXPERTS
+from meo_ds.export.layout import DS_EXPERTS, llama_key
 
 KINDS = ("topk", "xmoe", "meo")
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_HF_FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
 
@@ -234,16 +233,6 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- weights
-def hf_name(key: str) -> str:
-    """Our dense LM's state-dict name -> the Llama/Mistral/Qwen2 name (meo_ds.export.layout's naming)."""
-    from meo_ds.export.layout import hf_key
-
-    name = hf_key(key)
-    for ours, theirs in _HF_FFN.items():
-        name = name.replace(f".mlp.{ours}.", f".mlp.{theirs}.")
-    return name
-
-
 def dense_state_dict(cfg: Any, reader: SafetensorsReader) -> dict[str, torch.Tensor]:
     """Our dense LM's weights from the HF checkpoint (shapes checked; every HF weight used)."""
     from meo_ds.models.lm import MoELM
@@ -253,7 +242,7 @@ def dense_state_dict(cfg: Any, reader: SafetensorsReader) -> dict[str, torch.Ten
     names = reader.names()
     out, used = {}, set()
     for key, meta in want.items():
-        name = hf_name(key)
+        name = llama_key(key)
         if key == "lm_head.weight" and cfg.tie_embeddings:
             used.add(name)  # tied: the embedding (a saved copy, if any, is the same tensor)
             continue

@@ -165,14 +165,26 @@ def native_config(model_cfg: Any, target: str) -> dict:
 
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(w[123])\.weight$")
-_DENSE = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_DENSE_FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # our dense SwiGLU FFN -> Llama's
+
+
+def llama_key(key: str) -> Optional[str]:
+    """Our LM's state-dict name -> the Llama/Mistral/Qwen2 name (hf_key, dense FFNs' w1/w3/w2 as
+    gate_proj/up_proj/down_proj; MoE internals still in our naming; None: not exported). Export
+    writes it, meo-upcycle reads it."""
+    new = hf_key(key)
+    if new is not None and ".mlp.w" in new:
+        prefix, name = new.rsplit(".mlp.", 1)
+        w, rest = name.split(".", 1)
+        new = f"{prefix}.mlp.{_DENSE_FFN[w]}.{rest}"
+    return new
 
 
 def native_state_dict(model_cfg: Any, target: str, state_dict: dict) -> dict:
     """Our weights under transformers' in-memory names (Mixtral experts fused per layer)."""
     out, experts = {}, {}
     for key, value in state_dict.items():
-        new = hf_key(key)
+        new = llama_key(key)
         if new is None:
             continue
         m = _EXPERT.match(new)
@@ -180,10 +192,6 @@ def native_state_dict(model_cfg: Any, target: str, state_dict: dict) -> dict:
             experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = value
         elif new.endswith(".mlp.router.weight"):
             out[new.replace(".mlp.router.weight", ".mlp.gate.weight")] = value
-        elif ".mlp.w" in new:
-            prefix, name = new.rsplit(".mlp.", 1)
-            w = name.split(".")[0]
-            out[f"{prefix}.mlp.{_DENSE[w]}.weight"] = value
         else:
             out[new] = value
     for prefix, parts in experts.items():
