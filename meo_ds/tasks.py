@@ -34,6 +34,7 @@ from meo_ds import evaluate as ev
 from meo_ds import metrics
 from meo_ds.config import ConfigError, RunConfig
 from meo_ds.data import LMDataset, LMLoader, MTDataset, MTLoader
+from meo_ds.data.io import manifest_field, read_manifest
 
 
 class Task(ABC):
@@ -144,9 +145,8 @@ class TranslationTask(Task):
     def longest_sequence(self) -> int:
         """The longest source or target sentence of any split of the corpus, + 1 (eos on the source,
         bos/eos on the target): every pair the run trains or evaluates on fits."""
-        manifest = self.dataset("train").manifest
         longest = 0
-        for split in manifest["splits"]:
+        for split in manifest_field(read_manifest(self.cfg.data.path), self.cfg.data.path, "splits"):
             ds = self.dataset(split)
             longest = max(longest, int(ds.src_lens.max(initial=0)), int(ds.tgt_lens.max(initial=0)))
         return longest + 1
