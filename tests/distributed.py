@@ -14,6 +14,7 @@ TORCH_EXTENSIONS_DIR as meo_ds.distributed does for runs), so later sessions onl
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,14 +65,32 @@ def run_ranks(
     env: dict | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Launch `script` on `num_ranks` CPU ranks with the deepspeed launcher and wait for it."""
+    """Launch `script` on `num_ranks` CPU ranks with the deepspeed launcher and wait for it.
+
+    Past `timeout` seconds the launcher and every rank are killed (they run in a session of their
+    own) and the test fails with their output: ranks stuck in a collective would otherwise outlive
+    the test, holding cores and memory for the rest of the suite.
+    """
     cmd = [
         sys.executable, "-m", "deepspeed.launcher.runner",
         "--num_gpus", str(num_ranks),
         "--master_port", str(free_port()),
         str(script), *args,
     ]
-    proc = subprocess.run(cmd, env=launch_env(env), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    proc = subprocess.Popen(cmd, env=launch_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO_ROOT, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        tail = (stdout + "\n" + stderr)[-8000:]
+        raise AssertionError(f"{num_ranks}-rank run of {script} did not end within {timeout} s; every rank was "
+                             f"killed:\n{tail}") from None
+    except BaseException:  # interrupted: the ranks go too
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         tail = (proc.stdout + "\n" + proc.stderr)[-8000:]
         raise AssertionError(f"{num_ranks}-rank run of {script} failed (exit {proc.returncode}):\n{tail}")

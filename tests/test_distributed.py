@@ -1,5 +1,6 @@
 """meo_ds.distributed: a CPU launch leaves no DeepSpeed all-reduce buffer in /dev/shm, whether its
-ranks exit normally or die, and collectives keep working after the names are released."""
+ranks exit normally or die, and collectives keep working after the names are released; and the
+tests' own launcher (tests/distributed.run_ranks) kills every rank of a launch past its timeout."""
 import glob
 import re
 
@@ -101,3 +102,32 @@ def test_extension_cache_is_the_environments_own_unless_the_user_chose_one(monke
     assert seam.extension_cache_dir() != here  # another environment, another directory
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     assert seam.use_environment_extension_cache() == str(tmp_path / "mine")
+
+
+def test_a_launch_past_its_timeout_fails_and_leaves_no_rank_behind(tmp_path):
+    """The harness (tests/distributed.run_ranks): ranks stuck past the timeout are all killed, so a
+    hung multi-rank test cannot hold cores for the rest of the suite."""
+    import signal
+    import time
+    from pathlib import Path
+
+    worker = tmp_path / "stuck_worker.py"
+    worker.write_text("import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(600)\n")
+
+    def stuck(*_):
+        raise TimeoutError("run_ranks did not return within 90 s of a 15 s timeout")
+
+    before = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(90)
+    try:
+        with pytest.raises(AssertionError, match="did not end within 15 s; every rank was killed") as failure:
+            run_ranks(worker, 2, timeout=15)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    pids = [int(p) for p in re.findall(r"pid (\d+)", str(failure.value))]
+    assert len(pids) == 2  # both ranks had started, and their output is in the failure
+    time.sleep(0.5)
+    for pid in pids:  # gone, or a zombie whose reaper (the container's init) has not collected it yet
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in "ZX", f"rank pid {pid} still runs"
