@@ -47,6 +47,10 @@ pairs. Under the launcher those batches are divided over the ranks (the same bat
 hypotheses as one process; with --ep over the expert-parallel groups, every rank of a group
 translating the same ones, since beam search steps together) and their texts gathered on rank 0
 (all_gather_objects), which prints one line and writes `--json` / `--out-translations`.
+
+Exit status: 0 done, 2 bad input (one line on rank 0, before any work), 4 a collective failed:
+a peer rank stuck past `--timeout-s` (default 300 s, as the trainer's train.dist_timeout_s) or
+dead; each surviving rank prints one line naming the collective and its group.
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ import torch
 from meo_ds import evaluate as ev
 
 EXIT_INPUT = 2
+EXIT_COLLECTIVE = 4  # as meo-train's: a collective timed out or lost a peer
 DEFAULT_FIELD = "text"  # --field: the JSON lines field of raw LM documents
 
 
@@ -97,6 +102,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="shard the top-k/XMoE experts over groups of N launched ranks, as the trainer's "
                    "parallel.ep_size (default 1: every rank holds the whole model)")
     p.add_argument("--json", help="write every figure and where it comes from to this file")
+    p.add_argument("--timeout-s", type=float, default=300.0,
+                   help="launched ranks: seconds a collective may wait for a peer before the rank stops (exit 4)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("batch_size", "max_tokens", "max_batches", "beam", "ep"):
@@ -105,6 +112,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, not {value}")
     if args.max_sentences is not None and args.max_sentences < 0:
         p.error(f"--max-sentences must be >= 0, not {args.max_sentences}")
+    if not args.timeout_s > 0:
+        p.error(f"--timeout-s must be > 0, not {args.timeout_s}")
     return args
 
 
@@ -424,12 +433,13 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def start_ranks() -> int:
-    """Join the launcher's ranks (a no-op in one process); this rank's number."""
+def start_ranks(timeout_s: Optional[float] = None) -> int:
+    """Join the launcher's ranks, every collective waiting at most timeout_s (a no-op in one
+    process); this rank's number."""
     if launched():
         from meo_ds.distributed import init_distributed
 
-        init_distributed()
+        init_distributed(timeout_s)
     return int(os.environ.get("RANK", "0"))
 
 
@@ -442,10 +452,12 @@ def stop_ranks() -> None:
 
 
 def evaluate_and_report(args: argparse.Namespace, rank: int) -> int:
-    """`prepare`, `run`, then rank 0 reports; bad input is one line on rank 0 and exit status 2 on every rank."""
+    """`prepare`, `run`, then rank 0 reports; bad input is one line on rank 0 and exit status 2 on
+    every rank; a failed collective one line on each surviving rank and status 4."""
     from meo_ds.checkpoint import CheckpointError
     from meo_ds.config import ConfigError
     from meo_ds.data.readers import CorpusError
+    from meo_ds.distributed import describe_collective_failure
     from meo_ds.export.errors import ExportError
 
     try:
@@ -454,7 +466,14 @@ def evaluate_and_report(args: argparse.Namespace, rank: int) -> int:
         if rank == 0:  # every rank meets the same input, before any collective
             print(f"meo-eval: error: {err}", file=sys.stderr, flush=True)
         return EXIT_INPUT
-    result = run(job, args)  # past the checks an exception is a bug: its traceback, not a one-liner
+    try:
+        result = run(job, args)  # past the checks an exception is a bug (its traceback), or a lost peer
+    except RuntimeError as err:
+        failure = describe_collective_failure(err, "--timeout-s")
+        if failure is None:
+            raise
+        print(f"meo-eval: error: {failure}", file=sys.stderr, flush=True)
+        return EXIT_COLLECTIVE  # no barrier or teardown: a peer is gone
     if rank == 0:
         report(result, args.json)
     return 0
@@ -462,7 +481,7 @@ def evaluate_and_report(args: argparse.Namespace, rank: int) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    rank = start_ranks()
+    rank = start_ranks(args.timeout_s)
     code = evaluate_and_report(args, rank)
     if code == 0:
         stop_ranks()

@@ -212,9 +212,10 @@ def set_default_group_timeout(timeout: timedelta) -> None:
 PEER_LOST = ("timed out", "connection closed", "connection reset", "broken pipe")
 
 
-def describe_collective_failure(err: BaseException) -> Optional[str]:
+def describe_collective_failure(err: BaseException, timeout_setting: str = "train.dist_timeout_s") -> Optional[str]:
     """One line naming the collective that timed out or lost a peer, its group's ranks, this rank
-    and the calling line of meo_ds; None for any other error (a wrong shape keeps its traceback)."""
+    and the calling line of meo_ds; None for any other error (a wrong shape keeps its traceback).
+    `timeout_setting`: the user's knob for the timeout, named in the advice."""
     frames = list(traceback.walk_tb(err.__traceback__))
     where = next((i for i, (frame, _) in enumerate(frames) if frame.f_code.co_filename == distributed_c10d.__file__), None)
     text = str(err).strip()
@@ -238,7 +239,7 @@ def describe_collective_failure(err: BaseException) -> Optional[str]:
     reason = (text.splitlines() or [""])[0].split("] ", 1)[-1]  # gloo prefixes its source file and line
     reason = reason.split(". ", 1)[0].rstrip(".")  # gloo appends advice of its own
     return (f"rank {rank}: collective {collective_frame.f_code.co_name} over ranks {ranks}{site} failed: {reason}. "
-            f"A rank of that group is stuck or dead (see its log); if it is only slow, raise train.dist_timeout_s")
+            f"A rank of that group is stuck or dead (see its log); if it is only slow, raise {timeout_setting}")
 
 
 def remove_orphaned_allreduce_buffers(min_age_s: float = 2.0) -> list[str]:

@@ -98,15 +98,17 @@ def run_ranks(
 
 
 def run_ranks_without_launcher(argv: Sequence[str], num_ranks: int, timeout: float = 120,
-                               env: dict | None = None) -> list[subprocess.CompletedProcess]:
+                               env: dict | None = None,
+                               rank_args: Sequence[Sequence[str]] = ()) -> list[subprocess.CompletedProcess]:
     """Start `argv` once per rank with the rank variables a scheduler sets (RANK, LOCAL_RANK,
     WORLD_SIZE, MASTER_ADDR/PORT, as srun or torchrun would) and wait for every one. Unlike the
     deepspeed launcher, nothing kills the others when one rank exits, so a test sees what each
-    rank does on its own: whether it exits, with what status and message."""
+    rank does on its own: whether it exits, with what status and message. `rank_args[r]` (if
+    given) is appended to rank r's argv."""
     base = launch_env(env)
     base.update(WORLD_SIZE=str(num_ranks), LOCAL_WORLD_SIZE=str(num_ranks), MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen(list(argv), env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO_ROOT,
+    procs = [subprocess.Popen([*argv, *(rank_args[r] if rank_args else ())], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO_ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(num_ranks)]
     results = []
     try:

@@ -156,6 +156,27 @@ def test_two_launched_ranks_give_the_one_process_figures(runs, tmp_path, capsys)
     assert ep_mt["bleu"] == one_mt["bleu"] and ep_mt["sentences"] == 70
 
 
+def test_a_stuck_peer_stops_every_rank_with_one_line_naming_the_collective(runs, tmp_path) -> None:
+    """Two ranks started by hand with different --max-batches under --ep 2: after their common
+    first forward, rank 0's second forward waits in an all-to-all that rank 1 never joins, and rank
+    1 waits in the loss all-reduce. Each stops after --timeout-s with one line and exit status 4."""
+    import sys
+    import time
+
+    from tests.distributed import run_ranks_without_launcher
+
+    argv = [sys.executable, "-m", "meo_ds.checkpoint_eval", str(runs["lm"] / "checkpoints"), "--data",
+            str(runs["lm_data"]), "--batch-size", "3", "--ep", "2", "--timeout-s", "4"]
+    start = time.time()
+    ranks = run_ranks_without_launcher(argv, 2, timeout=90, rank_args=[["--max-batches", "3"], ["--max-batches", "1"]])
+    for r, (rank, collective) in enumerate(zip(ranks, ("all_to_all", "all_reduce"))):
+        err = rank.stderr
+        line = next((ln for ln in err.splitlines() if ln.startswith("meo-eval: error: ")), err[-3000:])
+        assert rank.returncode == 4 and "Traceback" not in err, err[-3000:]
+        assert f"rank {r}: collective {collective}" in line and "raise --timeout-s" in line, line
+    assert time.time() - start < 75
+
+
 def _error(capsys, *argv) -> str:
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
