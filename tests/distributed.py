@@ -108,7 +108,8 @@ def run_ranks_without_launcher(argv: Sequence[str], num_ranks: int, timeout: flo
     base = launch_env(env)
     base.update(WORLD_SIZE=str(num_ranks), LOCAL_WORLD_SIZE=str(num_ranks), MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen([*argv, *(rank_args[r] if rank_args else ())], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO_ROOT,
+    procs = [subprocess.Popen([*argv, *(rank_args[r] if rank_args else ())], cwd=REPO_ROOT,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(num_ranks)]
     results = []
     try:

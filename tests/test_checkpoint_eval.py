@@ -1,7 +1,8 @@
 """meo-eval (meo_ds/checkpoint_eval.py) on checkpoints of two short meo-train runs (a top-k MoE LM
 and the mt_tiny translation preset, both ep=2 on two ranks, trained in one launch): its figures
 equal the trainer's own eval.jsonl (whose two ranks scored batches 0..3 of meo-eval's sequence), raw files are tokenized as meo-prepare does, two launched ranks give the
-one-process figures, with the experts sharded over them too (--ep 2), and bad input is one line before any work."""
+one-process figures, with the experts sharded over them too (--ep 2), a stuck peer stops every rank
+with one line after --timeout-s, and bad input is one line before any work."""
 from __future__ import annotations
 
 import json
@@ -200,7 +201,8 @@ def test_bad_input_is_one_line_before_any_work(runs, tmp_path, capsys) -> None:
     (tmp_path / "e.tgt").write_text("")
     assert "file is empty" in _error(capsys, mt_ck, "--data", tmp_path / "e.src", tmp_path / "e.tgt")
     assert "--beam do(es) not apply to a lm checkpoint" in _error(capsys, lm_ck, "--data", runs["lm_data"], "--beam", 2)
-    assert "run under the launcher: deepspeed --num_gpus 2" in _error(capsys, lm_ck, "--data", runs["lm_data"], "--ep", 2)
+    assert "run under the launcher: deepspeed --num_gpus 2" in _error(capsys, lm_ck, "--data", runs["lm_data"],
+                                                                      "--ep", 2)
     from meo_ds.data.lm import prepare_lm
 
     (tmp_path / "t.txt").write_text("a few words\n" * 20)
