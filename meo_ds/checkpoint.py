@@ -24,7 +24,8 @@ format, so `engine.load_checkpoint(dir)` also understands it.
 
 Checksums. After the barrier every rank hashes a share of the tag's files (file i goes to rank
 i mod world), rank 0 gathers the digests into COMPLETE; resume (`verify_collectively`, each rank
-its share again) and export (`verify_files`, the files it reads) compare them before loading, so
+its share again) and export (`verify_files`, the files it reads; meo-eval's launched ranks a share
+each) compare them before loading, so
 flipped or zeroed bytes name the file and the tag instead of loading garbage. sha256 (hashlib,
 ~1.7 GB/s on one core with SHA extensions) is cheap next to writing the bytes, and sound; spread
 over the ranks it costs size / (world * 1.7 GB/s) (the 20 MB demo tag: 14 ms on one core). Every
@@ -252,15 +253,22 @@ def damaged(tag_dir: Path, problems: list[str]) -> CheckpointError:
                            + "; ".join(problems) + f". Do not load it; {hint}")
 
 
-def verify_files(tag_dir: Path, names: list[str]) -> Optional[str]:
-    """Check `names` of a tag against COMPLETE (one process: export). Returns a warning when the tag
-    records no checksums (saved before they were recorded); raises CheckpointError on a mismatch."""
+def verify_files(tag_dir: Path, names: list[str], collective: bool = False) -> Optional[str]:
+    """Check `names` of a tag against COMPLETE (export, meo-eval). Returns a warning when the tag
+    records no checksums (saved before they were recorded); raises CheckpointError on a mismatch.
+    `collective` (launched ranks that all read the same files): each rank hashes its share of
+    `names` (file i: rank i mod world) and they share what they find, so every rank raises the
+    same error. Collective then."""
     recorded = recorded_files(tag_dir)
     if recorded is None:
         return unverified_note(tag_dir)
-    problems = check_files(tag_dir, names, recorded)
+    if not collective:
+        problems = check_files(tag_dir, names, recorded)
+    else:
+        share = sorted(names)[dist.get_rank()::dist.get_world_size()]
+        problems = sorted({p for part in all_gather_objects(check_files(tag_dir, share, recorded)) for p in part})
     if problems:
-        raise damaged(tag_dir, problems)
+        raise CheckpointError(str(damaged(tag_dir, problems)), all_ranks=collective)
     return None
 
 

@@ -8,7 +8,8 @@ search) and loss of a translation checkpoint, on a prepared split or on raw file
 
 Checkpoint: a meo-train checkpoint directory (its newest complete tag, as meo-export takes it) or
 one tag directory; any ep size and ZeRO stage. meo_ds.export.consolidate reads it on the CPU
-(checksums against COMPLETE, no unpickling), its run config and weights are checked, and only once the data
+(checksums against COMPLETE, launched ranks hashing a share of the files each; no unpickling),
+its run config and weights are checked, and only once the data
 is checked too is the model built. By default every rank holds the whole model
 (export.model_of), which must then fit one device. `--ep N` (under the launcher, N dividing the
 world size and every top-k/XMoE layer's expert count, as the trainer's parallel.ep_size) shards
@@ -137,7 +138,7 @@ def load_checkpoint(path: str, tag: Optional[str]) -> Checkpoint:
         raise EvalError(f"checkpoint {root} does not exist; pass a run's checkpoints/ directory or one of its tags")
     if tag is None and (root / MAIN_FILE).is_file():  # a tag directory
         root, tag = root.parent, root.name
-    ck = consolidate(root, tag)
+    ck = consolidate(root, tag, collective=launched())  # launched ranks hash a share of the files each
     cfg = run_config_of(ck)
     check_weights(cfg.model, ck.state_dict)
     return Checkpoint(ck, cfg, ck.path, ck.metadata.get("trainer_step", ck.global_steps))

@@ -284,7 +284,8 @@ class Trainer:
         the tag is consolidated here (checksums, safe_load; meo_ds/export/consolidate.py reads
         both) and loaded into the model before deepspeed.initialize. Such models have no
         expert-parallel layers (ZeRO-3 refuses them, and the architecture is the checkpoint's).
-        Every rank reads the whole model on the CPU. Returns whether it loaded."""
+        Every rank reads the whole model on the CPU (and hashes its share of the files). Returns
+        whether it loaded."""
         if start is None or start.exact:
             return False
         if not self.zero3 and ckpt.holds_whole_module(start.point):  # ZeRO 0-2 on both sides: DeepSpeed's load
@@ -293,7 +294,7 @@ class Trainer:
 
         point = start.point
         try:  # every rank reads the same files, so every rank raises the same error
-            weights = consolidate(point.load_dir, point.tag)
+            weights = consolidate(point.load_dir, point.tag, collective=True)
             model.load_state_dict(weights.state_dict, strict=True)
         except ckpt.CheckpointError as err:
             raise ckpt.CheckpointError(str(err), all_ranks=True) from None

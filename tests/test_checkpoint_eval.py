@@ -1,8 +1,9 @@
 """meo-eval (meo_ds/checkpoint_eval.py) on checkpoints of two short meo-train runs (a top-k MoE LM
 and the mt_tiny translation preset, both ep=2 on two ranks, trained in one launch): its figures
 equal the trainer's own eval.jsonl (whose two ranks scored batches 0..3 of meo-eval's sequence), raw files are tokenized as meo-prepare does, two launched ranks give the
-one-process figures, with the experts sharded over them too (--ep 2), a stuck peer stops every rank
-with one line after --timeout-s, and bad input is one line before any work."""
+one-process figures, with the experts sharded over them too (--ep 2), launched ranks share the
+checksum work, a stuck peer stops every rank with one line after --timeout-s, and bad input is one
+line before any work."""
 from __future__ import annotations
 
 import json
@@ -155,6 +156,22 @@ def test_two_launched_ranks_give_the_one_process_figures(runs, tmp_path, capsys)
     assert ep_mt["tokens"] == one_mt["tokens"] and ep_mt["loss"] == pytest.approx(one_mt["loss"], abs=1e-9)
     assert (tmp_path / "ep.txt").read_text() == (tmp_path / "one.txt").read_text()
     assert ep_mt["bleu"] == one_mt["bleu"] and ep_mt["sentences"] == 70
+
+
+def test_launched_ranks_share_the_checksums_and_all_stop_on_a_damaged_file(runs, tmp_path) -> None:
+    """Launched ranks hash a share of the files each (file i: rank i mod 2): a byte flipped in a
+    file that only rank 1 hashes stops both ranks (exit 2) with rank 0's one line naming it."""
+    tag = tmp_path / "ck" / tag_for(6)
+    shutil.copytree(runs["lm"] / "checkpoints" / tag_for(6), tag)
+    names = sorted(p.name for p in tag.glob("*model_states.pt") if "optim" not in p.name)
+    damaged = tag / names[1]  # the main file and the expert files, sorted: rank 1's first
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    proc = run_ranks(EVAL_WORKER, 2, [str(tag), "--data", str(runs["lm_data"])], timeout=120, check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if "meo-eval: error: " in ln]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert f"{damaged.name}: contents changed since the tag was completed" in lines[0], lines[0]
 
 
 def test_a_stuck_peer_stops_every_rank_with_one_line_naming_the_collective(runs, tmp_path) -> None:

@@ -136,3 +136,28 @@ def test_truncate_log(tmp_path: Path) -> None:
     assert ckpt.truncate_log(log, 3) == 3
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 3]
     assert ckpt.truncate_log(tmp_path / "absent.jsonl", 3) == 0
+
+
+def test_collective_verification_hashes_one_share_per_rank_and_raises_what_any_rank_found(
+        tmp_path: Path, monkeypatch) -> None:
+    """verify_files(collective=True), as rank 1 of 2 (meo-eval's launched ranks, the trainer's
+    ZeRO-3 weights-only start): it hashes files 1, 3, ... of the sorted names only, and raises on
+    every rank a problem that rank 0 found in a file rank 1 never read."""
+    tag_dir = tmp_path / "checkpoints" / "step_00000004"
+    tag_dir.mkdir(parents=True)
+    names = [f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(3)] + [ckpt.MAIN_FILE]
+    for i, name in enumerate(names):
+        (tag_dir / name).write_bytes(bytes([i]) * 1000)
+    ckpt.mark_complete(tmp_path / "checkpoints", tag_dir.name, 4, 2, {n: ckpt.file_digest(tag_dir / n) for n in names})
+    hashed, digest = [], ckpt.file_digest
+    monkeypatch.setattr(ckpt, "file_digest", lambda path: hashed.append(Path(path).name) or digest(path))
+    monkeypatch.setattr(ckpt.dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(ckpt.dist, "get_world_size", lambda group=None: 2)
+    from_rank0: list = []
+    monkeypatch.setattr(ckpt, "all_gather_objects", lambda mine: [from_rank0, mine])
+    assert ckpt.verify_files(tag_dir, names, collective=True) is None
+    assert hashed == sorted(names)[1::2]
+    from_rank0.append(f"{sorted(names)[0]}: contents changed since the tag was completed (sha256 mismatch)")
+    with pytest.raises(ckpt.CheckpointError, match=f"fails its checks: {sorted(names)[0]}") as err:
+        ckpt.verify_files(tag_dir, names, collective=True)
+    assert err.value.all_ranks

@@ -220,13 +220,14 @@ def _zero3_state_dict(tag_dir: Path, main: dict, optim_files: list[str]) -> dict
     return {k: full[k] for k in main["module"]}
 
 
-def consolidate(checkpoint_dir: str | Path, tag: Optional[str] = None) -> Consolidated:
-    """Read a DeepSpeed checkpoint (ZeRO 0-2 at any expert-parallel size, or ZeRO-3) into one CPU state dict."""
+def consolidate(checkpoint_dir: str | Path, tag: Optional[str] = None, collective: bool = False) -> Consolidated:
+    """Read a DeepSpeed checkpoint (ZeRO 0-2 at any expert-parallel size, or ZeRO-3) into one CPU state dict.
+    `collective`: launched ranks that all consolidate it share the checksum work (checkpoint.verify_files)."""
     tag_dir, tag = resolve_tag(checkpoint_dir, tag)
     _check_layout(tag_dir)
     zero3 = None if (tag_dir / MAIN_FILE).is_file() else _zero3_files(tag_dir)
     main_file = zero3[0][0] if zero3 else MAIN_FILE
-    note = _verify(tag_dir, zero3[0] + zero3[1] if zero3 else None)
+    note = _verify(tag_dir, zero3[0] + zero3[1] if zero3 else None, collective)
     main = _load(tag_dir / main_file)
     if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
         raise CheckpointError(f"{tag_dir / main_file} has no 'module' state dict; not a DeepSpeed model checkpoint")
@@ -241,13 +242,13 @@ def consolidate(checkpoint_dir: str | Path, tag: Optional[str] = None) -> Consol
                         notes=[note] if note else [])
 
 
-def _verify(tag_dir: Path, zero3_files: Optional[list[str]] = None) -> Optional[str]:
+def _verify(tag_dir: Path, zero3_files: Optional[list[str]] = None, collective: bool = False) -> Optional[str]:
     """The files read (main + experts; ZeRO-3: every rank's model and optimizer state) against
     COMPLETE's checksums."""
     if not (tag_dir / ckpt.COMPLETE).is_file():
         return ckpt.unverified_note(tag_dir)
     names = zero3_files or [MAIN_FILE] + sorted(p.name for p in _expert_files(tag_dir).values())
-    return ckpt.verify_files(tag_dir, names)
+    return ckpt.verify_files(tag_dir, names, collective)
 
 
 def local_to_global(key: str, local_offset: int) -> str:
