@@ -242,15 +242,21 @@ def check_files(tag_dir: Path, names: list[str], recorded: dict) -> list[str]:
     return problems
 
 
-def damaged(tag_dir: Path, problems: list[str]) -> CheckpointError:
-    """The error for a tag whose files failed their checks, suggesting the previous complete tag."""
+def damaged(tag_dir: Path, problems: list[str], all_ranks: bool = False) -> CheckpointError:
+    """The error for a tag whose files failed their checks, suggesting the previous complete tag
+    (`all_ranks`: every rank raises it, see CheckpointError)."""
     tag_dir = Path(tag_dir)
     step = step_of(tag_dir.name)
     older = [t for t in complete_tags(tag_dir.parent) if step is not None and step_of(t) < step]
     hint = (f"use the previous complete tag {older[-1]} (resume: --set checkpoint.resume={tag_dir.parent / older[-1]}; "
             f"export: --tag {older[-1]})" if older else "no earlier complete tag exists in this directory")
     return CheckpointError(f"checkpoint tag {tag_dir.name} in {tag_dir.parent} fails its checks: "
-                           + "; ".join(problems) + f". Do not load it; {hint}")
+                           + "; ".join(problems) + f". Do not load it; {hint}", all_ranks=all_ranks)
+
+
+def _every_ranks_problems(problems: list[str]) -> list[str]:
+    """The problems all ranks found in their shares of a tag's files (sorted, each once). Collective."""
+    return sorted({p for part in all_gather_objects(problems) for p in part})
 
 
 def verify_files(tag_dir: Path, names: list[str], collective: bool = False) -> Optional[str]:
@@ -266,9 +272,9 @@ def verify_files(tag_dir: Path, names: list[str], collective: bool = False) -> O
         problems = check_files(tag_dir, names, recorded)
     else:
         share = sorted(names)[dist.get_rank()::dist.get_world_size()]
-        problems = sorted({p for part in all_gather_objects(check_files(tag_dir, share, recorded)) for p in part})
+        problems = _every_ranks_problems(check_files(tag_dir, share, recorded))
     if problems:
-        raise CheckpointError(str(damaged(tag_dir, problems)), all_ranks=collective)
+        raise damaged(tag_dir, problems, all_ranks=collective)
     return None
 
 
@@ -299,10 +305,9 @@ def verify_collectively(tag_dir: Path) -> Optional[str]:
     except CheckpointError as err:
         problems.append(str(err))
         recorded = None
-    found = sorted({p for part in all_gather_objects(problems) for p in part})
+    found = _every_ranks_problems(problems)
     if found:
-        error = damaged(tag_dir, found)
-        raise CheckpointError(str(error), all_ranks=True)
+        raise damaged(tag_dir, found, all_ranks=True)
     return unverified_note(tag_dir) if recorded is None else None
 
 
