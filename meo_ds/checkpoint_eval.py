@@ -8,17 +8,16 @@ search) and loss of a translation checkpoint, on a prepared split or on raw file
 
 Checkpoint: a meo-train checkpoint directory (its newest complete tag, as meo-export takes it) or
 one tag directory; any ep size and ZeRO stage. meo_ds.export.consolidate reads it on the CPU
-(checksums against COMPLETE, launched ranks hashing a share of the files each; no unpickling),
-its run config and weights are checked, and only once the data
-is checked too is the model built. By default every rank holds the whole model
-(export.model_of), which must then fit one device. `--ep N` (under the launcher, N dividing the
-world size and every top-k/XMoE layer's expert count, as the trainer's parallel.ep_size) shards
-each such layer's experts over groups of N ranks, as training does: the model is built with its
-experts deferred (moe/experts.py), meo_ds.parallel.parallelize keeps this rank's 1/N, and
-`parallel.shard_state_dict` reads only those experts from the memory-mapped checkpoint. Tokens then
-travel by all-to-all inside each group, and the figures equal the one-process ones (the layers
-are exact across ep sizes; a test checks it). MEO layers merge weights and are never sharded.
-The figures name `ep` and `rank_parameters`, the parameters rank 0 held.
+(checksums against COMPLETE, launched ranks hashing a share of the files each; no unpickling), its
+run config and weights are checked, and only once the data is checked too is the model built. By
+default every rank holds the whole model, which must then fit one device. `--ep N` (under the
+launcher, N dividing the world size and every top-k/XMoE layer's expert count, as the trainer's
+parallel.ep_size) shards each such layer's experts over groups of N ranks, as training does: the
+model is built with its experts deferred (moe/experts.py), meo_ds.parallel.parallelize keeps this
+rank's 1/N, and `parallel.shard_state_dict` reads only those experts from the memory-mapped
+checkpoint. Tokens then travel by all-to-all inside each group, and the figures equal the
+one-process ones (the layers are exact across ep sizes; a test checks it). MEO layers merge weights and
+are never sharded. The figures name `ep` and `rank_parameters`, the parameters rank 0 held.
 
 Data: a prepared corpus directory of the checkpoint's task (`--split`, default validation), or raw
 files tokenized with the checkpoint's tokenizer (LM: text/JSON lines documents as meo-prepare lm
@@ -56,6 +55,7 @@ dead; each surviving rank prints one line naming the collective and its group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -293,9 +293,9 @@ def evaluate_bleu(model: torch.nn.Module, cfg: Any, dataset: Any, max_sentences:
     from meo_ds import distributed
     from meo_ds.parallel import expert_replica
 
-    rank, world = expert_replica(ep) if ep > 1 else rank_world()
+    part, parts = expert_replica(ep) if ep > 1 else rank_world()  # blocks go to groups (ep > 1) or to ranks
     n = len(dataset) if max_sentences is None else min(len(dataset), max_sentences)
-    starts = range(rank * BLEU_BATCH, n, world * BLEU_BATCH)
+    starts = range(part * BLEU_BATCH, n, parts * BLEU_BATCH)
     mine = [i for start in starts for i in range(start, min(n, start + BLEU_BATCH))]
     hyps, refs = ev.translate_pairs(model, dataset, mine, cfg, device, BLEU_BATCH)
     all_hyps, all_refs = [""] * n, [""] * n
@@ -365,20 +365,18 @@ def prepare(args: argparse.Namespace) -> Job:
 
 
 def build_model(ck: Checkpoint, ep: int) -> torch.nn.Module:
-    """The checkpoint's model in eval mode on the CPU: whole (ep 1), or this rank's share of the
-    experts of groups of `ep` ranks (module docstring). Collective when ep > 1."""
-    from meo_ds.export.exporter import model_of
-
-    if ep == 1:
-        return model_of(ck.consolidated)[0]
+    """The checkpoint's model (its weights checked by load_checkpoint) in eval mode on the CPU:
+    whole (ep 1), or this rank's share of the experts of groups of `ep` ranks (module docstring).
+    Collective when ep > 1."""
     from meo_ds import models
     from meo_ds.moe.experts import deferred_experts
     from meo_ds.parallel import parallelize, shard_state_dict
 
-    with deferred_experts():
+    with deferred_experts() if ep > 1 else contextlib.nullcontext():
         model = models.build_model(ck.cfg.model)
-    parallelize(model, ep)
-    model.load_state_dict(shard_state_dict(model, ck.consolidated.state_dict))
+    if ep > 1:
+        parallelize(model, ep)
+    model.load_state_dict(shard_state_dict(model, ck.consolidated.state_dict))  # all of it when unsharded
     return model.eval()
 
 

@@ -112,7 +112,8 @@ def shard_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor]) -> dict
     """This rank's entries of `full`, a parallelism-free state dict of `model`'s architecture (every
     expert under its global id, as export.consolidate returns a checkpoint), under the names of the
     parallelized `model`: local expert i of a layer sharded at ep rank r is global expert r*El + i.
-    Only those entries are read (a memory-mapped `full` stays on disk otherwise). For
+    Only those entries are read (a memory-mapped `full` stays on disk otherwise); for a model with
+    no sharded layer that is all of them, under their own names. For
     model.load_state_dict(..., strict=True)."""
     names = {id(module): name for name, module in model.named_modules()}
     offsets = {}  # key prefix of a sharded layer's local experts -> its first global expert
