@@ -84,17 +84,21 @@ def run_ranks(
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        tail = (stdout + "\n" + stderr)[-8000:]
         raise AssertionError(f"{num_ranks}-rank run of {script} did not end within {timeout} s; every rank was "
-                             f"killed:\n{tail}") from None
+                             f"killed:\n{_tail(stdout, stderr)}") from None
     except BaseException:  # interrupted: the ranks go too
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        tail = (proc.stdout + "\n" + proc.stderr)[-8000:]
-        raise AssertionError(f"{num_ranks}-rank run of {script} failed (exit {proc.returncode}):\n{tail}")
+        raise AssertionError(f"{num_ranks}-rank run of {script} failed (exit {proc.returncode}):\n"
+                             f"{_tail(stdout, stderr)}")
     return proc
+
+
+def _tail(stdout: str, stderr: str) -> str:
+    """The end of a launch's output, for a failure message."""
+    return (stdout + "\n" + stderr)[-8000:]
 
 
 def run_ranks_without_launcher(argv: Sequence[str], num_ranks: int, timeout: float = 120,
